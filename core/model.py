@@ -1,0 +1,183 @@
+"""The decoder-only transformer shared by Llama, Mistral and Qwen2.
+
+Module names mirror the HF checkpoints (`model.layers.N.self_attn.q_proj`, ...)
+so a safetensors key is also the path of the parameter it fills, for dense and
+quantized files alike.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .config import ModelConfig
+from .linear import DenseLinear
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(size, device=device, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 whatever the storage dtype: fp16 sums of squares overflow.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling or {}
+    if config.rope_type == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif config.rope_type == "llama3":
+        inv_freq = _llama3_scaled(inv_freq, scaling)
+    return inv_freq
+
+
+def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    # Llama 3.1 stretches only the long wavelengths (those longer than the original
+    # context / low_freq_factor) by `factor`, keeps the short ones, and blends between.
+    factor = float(scaling["factor"])
+    low = float(scaling.get("low_freq_factor", 1.0))
+    high = float(scaling.get("high_freq_factor", 4.0))
+    original = float(scaling.get("original_max_position_embeddings", 8192))
+    wavelength = 2 * math.pi / inv_freq
+    blend = ((original / wavelength - low) / (high - low)).clamp(0.0, 1.0)
+    return (1 - blend) * inv_freq / factor + blend * inv_freq
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int, device=None, dtype=None):
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.sliding_window = config.sliding_window
+        qkv_bias = config.attention_bias or config.qkv_bias
+        hidden, q_size, kv_size = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        self.q_proj = DenseLinear(hidden, q_size, qkv_bias, device, dtype)
+        self.k_proj = DenseLinear(hidden, kv_size, qkv_bias, device, dtype)
+        self.v_proj = DenseLinear(hidden, kv_size, qkv_bias, device, dtype)
+        self.o_proj = DenseLinear(q_size, hidden, config.attention_bias, device, dtype)
+
+    def forward(self, x, cos, sin, cache: KVCache | None, position: int) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(self.layer_index, position, k, v)
+        mask = attention_mask(seq, k.shape[2], position, self.sliding_window, x.device)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=self.num_heads != self.num_kv_heads
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+def attention_mask(queries: int, keys: int, position: int, sliding_window: int | None, device) -> torch.Tensor | None:
+    """Boolean [queries, keys] mask (True = may attend), or None when nothing is masked."""
+    if queries == 1 and (not sliding_window or keys <= sliding_window):
+        return None
+    query_pos = torch.arange(position, position + queries, device=device)[:, None]
+    key_pos = torch.arange(keys, device=device)[None, :]
+    allowed = key_pos <= query_pos
+    if sliding_window:
+        allowed &= key_pos > query_pos - sliding_window
+    return allowed
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        hidden, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = DenseLinear(hidden, inner, bias, device, dtype)
+        self.up_proj = DenseLinear(hidden, inner, bias, device, dtype)
+        self.down_proj = DenseLinear(inner, hidden, bias, device, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int, device=None, dtype=None):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
+        self.self_attn = Attention(config, layer_index, device, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
+        self.mlp = MLP(config, device, dtype)
+
+    def forward(self, x, cos, sin, cache, position):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, position)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderStack(nn.Module):
+    """Everything below the head; named `model` in the checkpoint."""
+
+    def __init__(self, config: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, device=device, dtype=dtype)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, device, dtype) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.model = DecoderStack(config, device, dtype)
+        self.lm_head = DenseLinear(config.hidden_size, config.vocab_size, False, device, dtype)
+        self.register_buffer("inv_freq", rope_inverse_frequencies(config).to(device), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def rotary(self, position: int, seq: int, dtype: torch.dtype):
+        positions = torch.arange(position, position + seq, device=self.inv_freq.device, dtype=torch.float32)
+        angles = torch.outer(positions, self.inv_freq.float())
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None, position: int = 0) -> torch.Tensor:
+        """Final-norm hidden states [B, T, hidden] for tokens placed at `position`."""
+        seq = input_ids.shape[1]
+        if cache is not None:
+            cache.check_room(position + seq)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary(position, seq, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, position)
+        if cache is not None:
+            cache.length = position + seq
+        return self.model.norm(x)
+
+    def forward(
+        self, input_ids: torch.Tensor, cache: KVCache | None = None, position: int = 0, last_only: bool = False
+    ) -> torch.Tensor:
+        """float32 logits [B, T, vocab] (or [B, 1, vocab] with last_only)."""
+        x = self.hidden_states(input_ids, cache, position)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x).float()
