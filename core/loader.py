@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import torch
 
 from .config import ModelConfig
 from .model import CausalLM, rope_inverse_frequencies
 from .weights import WeightsError, iter_tensors
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
 
 # Tensors some checkpoints carry that the model derives itself.
 _DERIVED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -48,3 +56,58 @@ def _set_parameter(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> N
     if tensor.shape != expected_shape:
         raise WeightsError(f"{name} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected_shape)}")
     setattr(module, leaf, torch.nn.Parameter(tensor, requires_grad=False))
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to chat: weights, tokenizer, and the ids that end an answer."""
+
+    name: str
+    folder: Path
+    model: CausalLM
+    tokenizer: "Tokenizer"
+    stop_token_ids: frozenset[int]
+    sampling_defaults: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load(spec: str, device: str | None = None, dtype: torch.dtype | None = None, token: str | None = None) -> LoadedModel:
+    """Load `demo`, a folder, a GGUF file or a Hub id."""
+    from .sources import resolve_model_source
+    from .tokenizer import Tokenizer
+
+    folder = resolve_model_source(spec, token=token)
+    device = device or default_device()
+    model = load_model(folder, device=device, dtype=dtype)
+    tokenizer = Tokenizer.from_folder(folder)
+    generation_config = _read_json(folder / "generation_config.json")
+    stop_ids = set(model.config.eos_token_ids)
+    stop_ids.update(_as_ids(generation_config.get("eos_token_id")))
+    if tokenizer.eos_token_id is not None:
+        stop_ids.add(tokenizer.eos_token_id)
+    defaults = {k: generation_config[k] for k in _SAMPLING_KEYS if k in generation_config}
+    return LoadedModel(spec, Path(folder), model, tokenizer, frozenset(stop_ids), defaults)
+
+
+# generation_config.json keys that mean the same as our SamplingSettings fields.
+_SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+
+
+def _as_ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else [int(v) for v in value]

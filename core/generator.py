@@ -1,0 +1,197 @@
+"""Token generation over a preallocated cache, streamed as text deltas.
+
+The cache survives between calls: a chat's next prompt usually starts with the
+previous prompt and answer, so only the new tail is prefilled.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import ContextOverflowError, KVCache
+from .model import CausalLM
+from .sampling import SamplingSettings, sample_token
+
+DEFAULT_CONTEXT = 4096
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens reused from the previous call's cache
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0  # time after the first new token
+    stop_reason: str = ""  # eos, stop_string, length, cancelled
+
+    @property
+    def time_to_first_token_s(self) -> float:
+        return self.prefill_s
+
+    @property
+    def prompt_tok_s(self) -> float:
+        processed = self.prompt_tokens - self.cached_tokens
+        return processed / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def generation_tok_s(self) -> float:
+        return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"prompt {self.prompt_tokens} tokens ({self.cached_tokens} cached), "
+            f"first token {self.time_to_first_token_s * 1000:.0f} ms, "
+            f"prompt {self.prompt_tok_s:.1f} tok/s, "
+            f"generation {self.new_tokens} tokens at {self.generation_tok_s:.1f} tok/s"
+        )
+
+
+@dataclass
+class GenerationChunk:
+    text: str  # new text since the previous chunk
+    token_ids: list[int] = field(default_factory=list)
+    stats: GenerationStats | None = None
+    done: bool = False
+
+
+class Generator:
+    """Owns one KV cache for one model; not for use from two threads at once."""
+
+    def __init__(self, model: CausalLM, tokenizer, max_seq_len: int | None = None, prefill_chunk: int = 512):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_seq_len = max_seq_len or min(model.config.max_position_embeddings, DEFAULT_CONTEXT)
+        self.prefill_chunk = prefill_chunk
+        self.cache = KVCache(model.config, self.max_seq_len, device=model.device, dtype=model.dtype)
+        self._cached_ids: list[int] = []
+
+    def reset(self) -> None:
+        self.cache.reset()
+        self._cached_ids = []
+
+    @torch.inference_mode()
+    def _prefill(self, prompt_ids: list[int]) -> tuple[torch.Tensor, int]:
+        reuse = _common_prefix(self._cached_ids, prompt_ids)
+        # At least one token must run through the model to produce the next logits.
+        reuse = min(reuse, len(prompt_ids) - 1)
+        # Track what the cache really holds as chunks land, so an interrupted prefill
+        # is never mistaken for a complete one by the next call.
+        self._cached_ids = prompt_ids[:reuse]
+        logits = None
+        while len(self._cached_ids) < len(prompt_ids):
+            position = len(self._cached_ids)
+            chunk = prompt_ids[position : position + self.prefill_chunk]
+            ids = torch.tensor([chunk], device=self.model.device)
+            logits = self.model(ids, self.cache, position, last_only=True)
+            self._cached_ids += chunk
+        return logits[0, -1], reuse
+
+    @torch.inference_mode()
+    def _decode_one(self, token: int) -> torch.Tensor:
+        position = len(self._cached_ids)
+        ids = torch.tensor([[token]], device=self.model.device)
+        logits = self.model(ids, self.cache, position)
+        self._cached_ids.append(token)
+        return logits[0, -1]
+
+    def stream(
+        self,
+        prompt_ids: list[int],
+        settings: SamplingSettings | None = None,
+        max_new_tokens: int = 256,
+        stop_token_ids: Iterable[int] = (),
+        stop_strings: Iterable[str] = (),
+        cancel: threading.Event | None = None,
+    ) -> Iterator[GenerationChunk]:
+        """Yield text deltas; the last chunk has done=True and the final stats."""
+        settings = settings or SamplingSettings()
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) >= self.max_seq_len:
+            raise ContextOverflowError(
+                f"the prompt has {len(prompt_ids)} tokens but the context holds {self.max_seq_len}; "
+                "shorten the conversation or load the model with a longer context"
+            )
+        max_new_tokens = min(max_new_tokens, self.max_seq_len - len(prompt_ids))
+        stop_ids = set(stop_token_ids)
+        stop_strings = [s for s in stop_strings if s]
+        rng = None
+        if settings.seed is not None:
+            rng = torch.Generator(device=self.model.device).manual_seed(settings.seed)
+        stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        decoder = self.tokenizer.stream_decoder(skip_special_tokens=True)
+        pending_text = ""  # held back while it could be the start of a stop string
+        new_ids: list[int] = []
+        history = torch.tensor(prompt_ids, device=self.model.device)
+
+        start = time.perf_counter()
+        logits, stats.cached_tokens = self._prefill(prompt_ids)
+        first_token_time = None
+        while True:
+            if cancel is not None and cancel.is_set():
+                stats.stop_reason = "cancelled"
+                break
+            token = sample_token(logits, settings, history, rng)
+            if first_token_time is None:
+                first_token_time = time.perf_counter()
+                stats.prefill_s = first_token_time - start
+            if token in stop_ids:
+                stats.stop_reason = "eos"
+                break
+            new_ids.append(token)
+            stats.new_tokens = len(new_ids)
+            history = torch.cat((history, torch.tensor([token], device=history.device)))
+            pending_text += decoder.push(token)
+            emit, pending_text, hit = _split_at_stop(pending_text, stop_strings)
+            if emit:
+                yield GenerationChunk(emit, [token])
+            if hit:
+                stats.stop_reason = "stop_string"
+                pending_text = ""
+                break
+            if len(new_ids) >= max_new_tokens:
+                stats.stop_reason = "length"
+                break
+            logits = self._decode_one(token)
+        if stats.stop_reason != "stop_string":
+            pending_text += decoder.finish()
+        if first_token_time is not None:
+            stats.decode_s = time.perf_counter() - first_token_time
+        yield GenerationChunk(pending_text, [], stats, done=True)
+
+    def generate(self, prompt_ids: list[int], **kwargs) -> tuple[str, GenerationStats]:
+        text, stats = [], None
+        for chunk in self.stream(prompt_ids, **kwargs):
+            text.append(chunk.text)
+            stats = chunk.stats or stats
+        return "".join(text), stats
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _split_at_stop(text: str, stop_strings: list[str]) -> tuple[str, str, bool]:
+    """(text safe to emit, text to hold back, whether a stop string was found)."""
+    if not stop_strings:
+        return text, "", False
+    first = min((text.find(s) for s in stop_strings if s in text), default=-1)
+    if first >= 0:
+        return text[:first], "", True
+    # Hold back the longest tail that is a prefix of some stop string.
+    hold = 0
+    for s in stop_strings:
+        for length in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:length]):
+                hold = max(hold, length)
+                break
+    return text[: len(text) - hold], text[len(text) - hold :], False

@@ -1,0 +1,72 @@
+import pytest
+import torch
+from transformers.generation import logits_process as hf
+
+from core.sampling import SamplingSettings, apply_repetition_penalty, filter_logits, sample_token
+
+
+def hf_filtered(logits, previous, s: SamplingSettings):
+    """transformers' processors in transformers' order, as the reference."""
+    scores = logits[None].clone()
+    ids = previous[None]
+    if s.repetition_penalty != 1.0:
+        scores = hf.RepetitionPenaltyLogitsProcessor(s.repetition_penalty)(ids, scores)
+    scores = hf.TemperatureLogitsWarper(s.temperature)(ids, scores)
+    if s.top_k:
+        scores = hf.TopKLogitsWarper(s.top_k)(ids, scores)
+    if s.top_p < 1.0:
+        scores = hf.TopPLogitsWarper(s.top_p)(ids, scores)
+    if s.min_p > 0.0:
+        scores = hf.MinPLogitsWarper(s.min_p)(ids, scores)
+    return scores[0]
+
+
+SETTINGS = [
+    SamplingSettings(temperature=0.7, top_k=0, top_p=1.0),
+    SamplingSettings(temperature=1.0, top_k=20, top_p=1.0),
+    SamplingSettings(temperature=0.9, top_k=0, top_p=0.8),
+    SamplingSettings(temperature=1.3, top_k=0, top_p=1.0, min_p=0.05),
+    SamplingSettings(temperature=0.8, top_k=40, top_p=0.95, min_p=0.02, repetition_penalty=1.3),
+]
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=str)
+def test_filters_keep_the_same_tokens_as_transformers(settings):
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        logits = torch.randn(1000, generator=gen) * 3
+        previous = torch.randint(0, 1000, (30,), generator=gen)
+        penalised = apply_repetition_penalty(logits, previous, settings.repetition_penalty)
+        ours = filter_logits(penalised, settings)
+        reference = hf_filtered(logits, previous, settings)
+        assert torch.equal(torch.isinf(ours), torch.isinf(reference))
+        kept = ~torch.isinf(reference)
+        assert torch.allclose(ours[kept], reference[kept], rtol=1e-6)
+
+
+def test_greedy_picks_the_argmax_after_repetition_penalty():
+    logits = torch.tensor([0.0, 5.0, 4.9, -1.0])
+    assert sample_token(logits, SamplingSettings.greedy(), torch.tensor([], dtype=torch.long), None) == 1
+    penalised = SamplingSettings(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.5)
+    assert sample_token(logits, penalised, torch.tensor([1]), None) == 2
+
+
+def test_same_seed_same_tokens_and_samples_follow_the_distribution():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.2]))
+    settings = SamplingSettings(temperature=1.0, top_k=0, top_p=1.0)
+    none = torch.tensor([], dtype=torch.long)
+    draws = lambda seed: [sample_token(logits, settings, none, torch.Generator().manual_seed(seed)) for _ in range(1)]
+    assert draws(3) == draws(3)
+    rng = torch.Generator().manual_seed(0)
+    counts = torch.bincount(torch.tensor([sample_token(logits, settings, none, rng) for _ in range(4000)]), minlength=3)
+    assert torch.allclose(counts / 4000, torch.tensor([0.5, 0.3, 0.2]), atol=0.03)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [(dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(min_p=2), "min_p"),
+     (dict(top_k=-3), "top_k"), (dict(repetition_penalty=0), "repetition_penalty")],
+)
+def test_bad_settings_are_rejected_with_the_field_named(bad, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingSettings(**bad)
