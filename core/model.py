@@ -74,7 +74,7 @@ class Attention(nn.Module):
         self.v_proj = DenseLinear(hidden, kv_size, qkv_bias, device, dtype)
         self.o_proj = DenseLinear(q_size, hidden, config.attention_bias, device, dtype)
 
-    def forward(self, x, cos, sin, cache: KVCache | None, position: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, cache: KVCache | None, position: int, key_mask=None) -> torch.Tensor:
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -83,23 +83,32 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(self.layer_index, position, k, v)
-        mask = attention_mask(seq, k.shape[2], position, self.sliding_window, x.device)
+        mask = attention_mask(seq, k.shape[2], position, self.sliding_window, x.device, key_mask)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, enable_gqa=self.num_heads != self.num_kv_heads
         )
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
-def attention_mask(queries: int, keys: int, position: int, sliding_window: int | None, device) -> torch.Tensor | None:
-    """Boolean [queries, keys] mask (True = may attend), or None when nothing is masked."""
-    if queries == 1 and (not sliding_window or keys <= sliding_window):
+def attention_mask(
+    queries: int, keys: int, position: int, sliding_window: int | None, device, key_mask: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """Boolean [queries, keys] mask (True = may attend), or None when nothing is masked.
+
+    key_mask [B, keys] marks real tokens in left-padded batches; with it the mask is [B, 1, queries, keys].
+    """
+    if key_mask is None and queries == 1 and (not sliding_window or keys <= sliding_window):
         return None
     query_pos = torch.arange(position, position + queries, device=device)[:, None]
     key_pos = torch.arange(keys, device=device)[None, :]
     allowed = key_pos <= query_pos
     if sliding_window:
         allowed &= key_pos > query_pos - sliding_window
-    return allowed
+    if key_mask is None:
+        return allowed
+    # A padding query would see no key at all and turn into NaN, which then leaks
+    # through its value vector; letting it see itself keeps everything finite.
+    return (allowed & key_mask[:, None, None, :keys]) | (key_pos == query_pos)
 
 
 class MLP(nn.Module):
@@ -122,8 +131,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
         self.mlp = MLP(config, device, dtype)
 
-    def forward(self, x, cos, sin, cache, position):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, position)
+    def forward(self, x, cos, sin, cache, position, key_mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, position, key_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -160,24 +169,29 @@ class CausalLM(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None, position: int = 0) -> torch.Tensor:
-        """Final-norm hidden states [B, T, hidden] for tokens placed at `position`."""
+    def hidden_states(
+        self, input_ids: torch.Tensor, cache: KVCache | None = None, position: int = 0, key_mask=None
+    ) -> torch.Tensor:
+        """Final-norm hidden states [B, T, hidden] for tokens placed at `position`.
+
+        key_mask [B, position + T] (True = real token) lets a left-padded batch ignore its padding."""
         seq = input_ids.shape[1]
         if cache is not None:
             cache.check_room(position + seq)
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(position, seq, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, position)
+            x = layer(x, cos, sin, cache, position, key_mask)
         if cache is not None:
             cache.length = position + seq
         return self.model.norm(x)
 
     def forward(
-        self, input_ids: torch.Tensor, cache: KVCache | None = None, position: int = 0, last_only: bool = False
+        self, input_ids: torch.Tensor, cache: KVCache | None = None, position: int = 0, last_only: bool = False,
+        key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """float32 logits [B, T, vocab] (or [B, 1, vocab] with last_only)."""
-        x = self.hidden_states(input_ids, cache, position)
+        x = self.hidden_states(input_ids, cache, position, key_mask)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(x).float()

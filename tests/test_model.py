@@ -131,3 +131,24 @@ def test_logits_match_transformers_on_cuda_in_fp16(variant):
         expected = reference(ids).logits
         ours = model(ids.cuda()).cpu()
     assert relative_error(ours, expected) < 1e-2, name
+
+
+def test_left_padded_batch_matches_each_row_alone(tmp_path):
+    """Calibration generates many prompts at once; padding must not change any row's logits."""
+    save_hf_model("llama3-rope-tied", tmp_path)
+    model = load_model(tmp_path)
+    prompts = [torch.randint(3, 256, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 11, 8)]
+    longest = 11
+    ids = torch.zeros(3, longest, dtype=torch.long)
+    key_mask = torch.zeros(3, longest + 1, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, longest - len(prompt):] = prompt
+        key_mask[row, longest - len(prompt):] = True
+    cache = KVCache(model.config, 16, batch_size=3)
+    with torch.no_grad():
+        batched = model(ids, cache, 0, last_only=True, key_mask=key_mask[:, :longest])[:, -1]
+        step = model(torch.tensor([[7], [7], [7]]), cache, longest, key_mask=key_mask)[:, -1]
+        for row, prompt in enumerate(prompts):
+            alone = model(torch.cat((prompt, torch.tensor([7])))[None])[0]
+            assert relative_error(batched[row], alone[-2]) < 1e-5
+            assert relative_error(step[row], alone[-1]) < 1e-5

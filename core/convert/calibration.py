@@ -1,0 +1,199 @@
+"""Calibration rows: the token sequences whose activations steer measurement and GPTQ.
+
+Sources, in the order a user reaches for them: a local file (.txt, .jsonl with
+a "text" field, .parquet with a text column), a Hub dataset file, or, offline
+and with nothing given, text the model writes itself from a fixed set of varied
+prompts. Self-generated text matches the model's own distribution (what it will
+see in chat) and needs no download; it is generated once per work dir.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..cache import KVCache
+from ..model import CausalLM
+
+# Varied on purpose: prose, dialogue, code, numbers, lists, markup, other languages.
+# Never the evaluation text (the quality bench scores Shakespeare).
+CALIBRATION_PROMPTS = (
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how vaccines train the immune system, for a high-school student.",
+    "Write a Python function that parses a CSV file and returns the average of each numeric column, with comments.",
+    "What are the main differences between TCP and UDP? Answer with a table.",
+    "Solve step by step: a train leaves at 9:40 and travels 210 km at 84 km/h. When does it arrive?",
+    "Write a polite email asking a landlord to fix a broken heater.",
+    "Describe the water cycle in five numbered steps.",
+    "Write a SQL query that finds the top three customers by total order value, and explain it.",
+    "Give me a recipe for a vegetarian lasagna with a shopping list.",
+    "Summarize the causes of the First World War in two paragraphs.",
+    "Écris un court paragraphe sur la ville de Lyon et sa cuisine.",
+    "Escribe una breve descripción de las montañas de los Andes.",
+    "Schreibe eine kurze Anleitung, wie man ein Fahrrad repariert.",
+    "用简单的中文介绍一下太阳系的行星。",
+    "Write a JSON object describing a fictional book with title, author, year, genres and a short summary.",
+    "Write a dialogue between a customer and a barista about choosing a coffee.",
+    "Explain what a hash table is and how collisions are handled, with a small C example.",
+    "List ten tips for improving sleep quality.",
+    "Write a haiku sequence about autumn in the city.",
+    "Explain the Pythagorean theorem and prove it.",
+    "Write a bash script that backs up a folder to a dated tar.gz archive and deletes backups older than a week.",
+    "Describe how a bill becomes a law in a parliamentary democracy.",
+    "Write a product review of a pair of running shoes, with pros and cons.",
+    "Explain gradient descent with an analogy and then with the equations.",
+    "Write a news report about a new species of frog discovered in a rainforest.",
+    "Translate into English and explain the grammar: 'Je me suis levé tôt ce matin.'",
+    "Write a JavaScript function that debounces another function, and show how to use it.",
+    "What should I pack for a week-long hiking trip in the mountains?",
+    "Write a formal letter of recommendation for a former colleague.",
+    "Explain the difference between weather and climate, with examples.",
+    "Write an HTML page with a form that asks for a name and an email address.",
+    "Describe the plot of a mystery novel set on a train, in the style of a book blurb.",
+)
+
+
+class CalibrationError(ValueError):
+    """The calibration source cannot give the rows asked for."""
+
+
+def read_text_file(path: str | Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationError(f"calibration file {path} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            texts = []
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip():
+                    record = json.loads(line)
+                    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                        raise CalibrationError(f"{path}:{number} has no string field 'text'")
+                    texts.append(record["text"])
+            return "\n\n".join(texts)
+        if suffix == ".parquet":
+            return "\n\n".join(_parquet_texts(path))
+        return path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CalibrationError(f"cannot read calibration file {path}: {error}") from None
+
+
+def _parquet_texts(path: Path) -> list[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise CalibrationError("reading .parquet calibration files needs pyarrow: pip install pyarrow") from None
+    table = pq.read_table(path)
+    column = "text" if "text" in table.column_names else next(
+        (name for name in table.column_names if str(table.schema.field(name).type) in ("string", "large_string")), None
+    )
+    if column is None:
+        raise CalibrationError(f"{path} has no text column")
+    return [t for t in table.column(column).to_pylist() if t]
+
+
+def hub_dataset_file(repo_id: str, filename: str, token: str | None = None) -> Path:
+    """Download one file of a Hub dataset repo (a .txt, .jsonl or .parquet)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id, filename, repo_type="dataset", token=token))
+    except LocalEntryNotFoundError:
+        raise CalibrationError(f"dataset {repo_id} file {filename} is not cached and the Hub cannot be reached") from None
+    except HfHubHTTPError as error:
+        raise CalibrationError(f"cannot download {filename} from dataset {repo_id}: {error}") from None
+
+
+def rows_from_tokens(token_ids: list[int], rows: int, length: int) -> torch.Tensor:
+    """`rows` windows of `length` tokens spread evenly over the text."""
+    if len(token_ids) < length:
+        raise CalibrationError(f"the calibration text has {len(token_ids)} tokens, fewer than one row of {length}")
+    ids = torch.tensor(token_ids, dtype=torch.long)
+    starts = torch.linspace(0, len(token_ids) - length, rows).long()
+    return torch.stack([ids[s : s + length] for s in starts.tolist()])
+
+
+@torch.inference_mode()
+def generate_texts(
+    model: CausalLM, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int], seed: int,
+    temperature: float = 0.8, top_k: int = 50,
+) -> list[list[int]]:
+    """Sample continuations of a batch of prompts at once (left-padded), returning prompt+answer ids."""
+    batch, longest = len(prompts), max(len(p) for p in prompts)
+    total = longest + max_new_tokens
+    ids = torch.zeros(batch, longest, dtype=torch.long)
+    key_mask = torch.zeros(batch, total, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, longest - len(prompt) :] = torch.tensor(prompt)
+        key_mask[row, longest - len(prompt) :] = True
+    device = model.device
+    ids, key_mask = ids.to(device), key_mask.to(device)
+    rng = torch.Generator(device=device).manual_seed(seed)
+    cache = KVCache(model.config, total, batch_size=batch, device=device, dtype=model.dtype)
+    logits = model(ids, cache, 0, last_only=True, key_mask=key_mask[:, :longest])[:, -1]
+    answers = [[] for _ in range(batch)]
+    alive = torch.ones(batch, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        scores = logits / temperature
+        kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+        tokens = torch.multinomial(scores.softmax(-1), 1, generator=rng)[:, 0]
+        for row, token in enumerate(tokens.tolist()):
+            if alive[row]:
+                if token in stop_ids:
+                    alive[row] = False
+                else:
+                    answers[row].append(token)
+        if not alive.any() or step == max_new_tokens - 1:
+            break
+        logits = model(tokens[:, None], cache, longest + step, key_mask=key_mask[:, : longest + step + 1])[:, -1]
+    return [prompt + answer for prompt, answer in zip(prompts, answers)]
+
+
+def self_generated_rows(
+    model: CausalLM, tokenizer, rows: int, length: int, stop_ids: set[int], seed: int = 0, batch: int = 32,
+    progress=None,
+) -> torch.Tensor:
+    """Rows of text the model writes from CALIBRATION_PROMPTS, answers joined by EOS into one stream."""
+    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stream: list[int] = []
+    needed = rows * length
+    round_index = 0
+    while len(stream) < needed:
+        prompts = [
+            tokenizer.encode_chat([{"role": "user", "content": p}], add_generation_prompt=True)
+            for p in CALIBRATION_PROMPTS
+        ]
+        for start in range(0, len(prompts), batch):
+            for text in generate_texts(model, prompts[start : start + batch], max(64, length), stop_ids,
+                                       seed + 1000 * round_index + start):
+                stream += text + separator
+            if progress:
+                progress(min(len(stream), needed), needed)
+            if len(stream) >= needed:
+                break
+        round_index += 1
+    return torch.tensor(stream[:needed], dtype=torch.long).view(rows, length)
+
+
+def load_or_make_rows(cache_file: Path, signature: dict, make) -> torch.Tensor:
+    """Rows cached in the work dir as safetensors, keyed by what produced them."""
+    key = json.dumps(signature, sort_keys=True)
+    if cache_file.is_file():
+        try:
+            with safe_open(str(cache_file), framework="pt") as handle:
+                if (handle.metadata() or {}).get("signature") == key:
+                    return handle.get_tensor("rows")
+        except (SafetensorError, OSError):
+            pass  # a damaged cache is simply made again
+    rows = make()
+    temporary = cache_file.with_suffix(".tmp")
+    save_file({"rows": rows.contiguous()}, str(temporary), metadata={"signature": key})
+    temporary.replace(cache_file)
+    return rows
