@@ -24,3 +24,43 @@ class DenseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+
+# Tensor names (after the layer's prefix) of an EXL2 layer, as ExLlamaV2 writes them.
+EXL2_TENSORS = ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm")
+
+
+class EXL2Linear(nn.Module):
+    """A layer stored in ExLlamaV2's mixed-bit format.
+
+    The torch reference path dequantizes the weight once, on first use, and
+    keeps it: that is for checking and for small models on the CPU; the packed
+    tensors stay so the layer can be saved or handed to a kernel."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device=None, dtype=None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.compute_dtype = dtype or torch.float32
+        for name in EXL2_TENSORS:
+            self.register_buffer(name, None)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False)
+        else:
+            self.bias = None
+        self._dense: torch.Tensor | None = None
+
+    def quantized_tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in EXL2_TENSORS}
+
+    def dense_weight(self) -> torch.Tensor:
+        """[out_features, in_features] in the compute dtype, as nn.Linear would hold it."""
+        if self._dense is None:
+            from .exl2_format import dequantize_exl2
+
+            weight = dequantize_exl2(self.quantized_tensors(), self.out_features)
+            self._dense = weight.t().contiguous().to(self.compute_dtype)
+        return self._dense
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dense_weight(), self.bias)

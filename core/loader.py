@@ -11,7 +11,8 @@ import torch
 
 from .config import ModelConfig
 from .model import CausalLM, rope_inverse_frequencies
-from .weights import WeightsError, iter_tensors
+from .linear import EXL2_TENSORS, EXL2Linear
+from .weights import WeightsError, iter_tensors, tensor_names
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
@@ -29,17 +30,21 @@ def load_model(folder, device="cpu", dtype: torch.dtype | None = None) -> Causal
     config = ModelConfig.from_folder(folder)
     dtype = dtype or default_dtype(device)
     with torch.device("meta"):
-        model = CausalLM(config)
+        model = CausalLM(config, dtype=dtype)
+    _use_quantized_layers(model, tensor_names(folder), dtype)
     expected = {name for name, _ in model.named_parameters()}
+    expected |= {name for name, _ in model.named_buffers() if name != "inv_freq"}
     filled = set()
     for name, tensor in iter_tensors(folder):
         if name.endswith(_DERIVED_SUFFIXES):
             continue
         if name not in expected:
             raise WeightsError(f"unexpected tensor {name!r} in {folder}; is config.json the model's own?")
-        _set_parameter(model, name, tensor.to(device=device, dtype=dtype))
+        # Packed integer codes and their fp16 scales keep the dtype the format fixes.
+        tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() and not _is_quantized(name) else None)
+        _set_tensor(model, name, tensor)
         filled.add(name)
-    if "lm_head.weight" not in filled and config.tie_word_embeddings:
+    if "lm_head.weight" in expected and "lm_head.weight" not in filled and config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
         filled.add("lm_head.weight")
     missing = sorted(expected - filled)
@@ -49,9 +54,29 @@ def load_model(folder, device="cpu", dtype: torch.dtype | None = None) -> Causal
     return model.eval()
 
 
-def _set_parameter(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+def _is_quantized(name: str) -> bool:
+    return name.rpartition(".")[2] in EXL2_TENSORS
+
+
+def _use_quantized_layers(model: CausalLM, names: list[str], dtype: torch.dtype) -> None:
+    """Swap each dense layer whose checkpoint tensors are EXL2 for an EXL2Linear."""
+    prefixes = {name.rpartition(".")[0] for name in names if name.endswith(".q_weight")}
+    for prefix in sorted(prefixes):
+        parent_path, _, leaf = prefix.rpartition(".")
+        try:
+            dense = model.get_submodule(prefix)
+        except AttributeError:
+            raise WeightsError(f"quantized tensors for {prefix}, which this model does not have") from None
+        quantized = EXL2Linear(dense.in_features, dense.out_features, dense.bias is not None, "meta", dtype)
+        setattr(model.get_submodule(parent_path), leaf, quantized)
+
+
+def _set_tensor(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
     module_path, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_path)
+    if leaf in module._buffers:
+        module._buffers[leaf] = tensor
+        return
     expected_shape = getattr(module, leaf).shape
     if tensor.shape != expected_shape:
         raise WeightsError(f"{name} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected_shape)}")

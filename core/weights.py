@@ -55,3 +55,15 @@ def iter_tensors(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
                     yield name, handle.get_tensor(name)
         except (SafetensorError, OSError, RuntimeError) as error:
             raise WeightsError(f"{path} could not be read (corrupt or truncated?): {error}") from None
+
+
+def tensor_names(folder: str | Path) -> list[str]:
+    """All tensor names, read from the headers only."""
+    names = []
+    for path in weight_files(folder):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                names += list(handle.keys())
+        except (SafetensorError, OSError) as error:
+            raise WeightsError(f"{path} could not be read (corrupt or truncated?): {error}") from None
+    return names
