@@ -1,0 +1,206 @@
+"""Where a model comes from: one spec string in, one Hugging Face model folder out.
+
+A spec is "demo", a local model folder, a .gguf file, or a Hub id ("owner/name").
+Everything downstream (loader, converter, chat) only ever sees the folder, and every
+way of failing to get one ends in a `ModelSourceError` that says what to do next.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from contextlib import contextmanager
+from pathlib import Path
+
+import huggingface_hub
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HFValidationError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
+
+from core.config import ModelConfig
+
+
+class ModelSourceError(ValueError):
+    """The model could not be found, fetched or read; the message says what to do about it."""
+
+
+# What a model folder needs from a Hub repo. Pickled weights (.bin, .pt, .pth) are never
+# fetched: unpickling runs code from the file.
+HUB_FILES = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+]
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+_PICKLE_REFUSAL = (
+    "we never load pickle files because they can run code; look for a safetensors version "
+    "of this model (many repos have one, or a copy under another owner)"
+)
+
+
+def cache_dir() -> Path:
+    """quantlab's own cache: `$QUANTLAB_HOME`, else ~/.cache/quantlab."""
+    home = os.environ.get("QUANTLAB_HOME")
+    return Path(home).expanduser() if home else Path.home() / ".cache" / "quantlab"
+
+
+def is_hub_id(spec: str) -> bool:
+    """True for a well-formed Hub model id: "name" or "owner/name"."""
+    if spec.count("/") > 1 or spec.endswith(".gguf"):
+        return False
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        return False
+    return True
+
+
+def resolve_model_source(spec: str, token: str | None = None) -> Path:
+    """The HF-layout folder for `spec`: "demo", a model folder, a .gguf file, or a Hub id."""
+    spec = spec.strip()
+    if not spec:
+        raise ModelSourceError('no model given: name a model folder, a .gguf file, a Hub id like "owner/name", or "demo"')
+    if spec == "demo":
+        from core.demo import demo_model_folder  # demo builds on this module, so it is imported late
+
+        return demo_model_folder()
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _model_folder(path)
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return _imported_gguf(path)
+        raise ModelSourceError(f"{spec} is a file; give the model folder that holds config.json, or a .gguf file")
+    if _looks_like_path(spec):
+        raise ModelSourceError(f"{spec} does not exist; check the path (a Hub id looks like owner/name)")
+    if not is_hub_id(spec):
+        raise ModelSourceError(
+            f"{spec!r} is not a folder, a .gguf file or a Hugging Face model id; "
+            'a Hub id looks like "owner/name": letters, digits, "-", "_" and "." only'
+        )
+    return _hub_snapshot(spec, token or os.environ.get("HF_TOKEN") or None)
+
+
+# ---------------------------------------------------------------- local
+
+
+def _looks_like_path(spec: str) -> bool:
+    return (
+        spec.startswith(("/", ".", "~", "\\"))
+        or spec.count("/") > 1
+        or "\\" in spec
+        or re.match(r"^[A-Za-z]:", spec) is not None
+        or spec.lower().endswith((".gguf", ".safetensors", *PICKLE_SUFFIXES))
+    )
+
+
+def _model_folder(folder: Path) -> Path:
+    if not (folder / "config.json").is_file():
+        gguf_files = sorted(folder.glob("*.gguf"))
+        hint = f"; to use a GGUF, give the file itself, e.g. {gguf_files[0]}" if gguf_files else ""
+        raise ModelSourceError(
+            f"{folder} has no config.json; give the Hugging Face model folder that holds "
+            f"config.json and *.safetensors{hint}"
+        )
+    _require_safetensors(str(folder), [p.name for p in folder.iterdir()])
+    ModelConfig.from_folder(folder)
+    return folder
+
+
+def _require_safetensors(label: str, file_names: list[str]) -> None:
+    if any(name.endswith(".safetensors") for name in file_names):
+        return
+    if any(name.endswith(PICKLE_SUFFIXES) for name in file_names):
+        raise ModelSourceError(f"{label} has its weights only as PyTorch pickle files (.bin/.pt/.pth): {_PICKLE_REFUSAL}")
+    if any(name.endswith(".gguf") for name in file_names):
+        raise ModelSourceError(f"{label} has GGUF weights only; download one .gguf file and give its path instead")
+    raise ModelSourceError(f"{label} has no .safetensors weights")
+
+
+def _imported_gguf(gguf_path: Path) -> Path:
+    from core.gguf_import import import_gguf, is_complete_import  # it raises ModelSourceError from here
+
+    folder = cache_dir() / "models" / f"gguf-{gguf_path.stem}-{_gguf_fingerprint(gguf_path)}"
+    if is_complete_import(folder):
+        return folder
+    return import_gguf(gguf_path, folder)
+
+
+def _gguf_fingerprint(gguf_path: Path) -> str:
+    # Hashing a multi-GB file on every start would take longer than loading it; size, mtime
+    # and the metadata at the head of the file tell apart any two files a user really has.
+    stat = gguf_path.stat()
+    digest = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}:".encode())
+    with open(gguf_path, "rb") as head:
+        digest.update(head.read(1 << 20))
+    return digest.hexdigest()[:12]
+
+
+# ---------------------------------------------------------------- Hub
+
+
+def _hub_snapshot(repo_id: str, token: str | None) -> Path:
+    with _readable_hub_errors(repo_id):
+        config_path = huggingface_hub.hf_hub_download(repo_id, "config.json", token=token)
+    # Checked before the weights come down, so an unsupported model costs one small file.
+    ModelConfig.from_folder(Path(config_path).parent)
+    with _readable_hub_errors(repo_id):
+        folder = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_FILES, token=token))
+
+    file_names = [str(p.relative_to(folder)) for p in folder.rglob("*")]
+    if not any(name.endswith(".safetensors") for name in file_names) and not huggingface_hub.is_offline_mode():
+        # The pickles were filtered out of the download; only the Hub's listing shows them.
+        with _readable_hub_errors(repo_id):
+            file_names = huggingface_hub.list_repo_files(repo_id, token=token)
+    _require_safetensors(f"The Hub repo {repo_id}", file_names)
+    return folder
+
+
+@contextmanager
+def _readable_hub_errors(repo_id: str):
+    offline = huggingface_hub.is_offline_mode()
+    try:
+        yield
+    except GatedRepoError:
+        raise ModelSourceError(
+            f"{repo_id} is a gated model: accept its license on https://huggingface.co/{repo_id}, "
+            "then log in with `hf auth login` or pass an access token"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelSourceError(
+            f"{repo_id} was not found on the Hugging Face Hub: check the spelling; private repos need a token"
+        ) from None
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:
+        if offline:
+            raise ModelSourceError(
+                f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                "unset HF_HUB_OFFLINE to download it, or give a local folder"
+            ) from None
+        raise ModelSourceError(
+            f"could not reach the Hugging Face Hub and {repo_id} is not in the local cache; "
+            f"check the network connection ({error})"
+        ) from None
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else None
+        if status in (401, 403):
+            raise ModelSourceError(
+                f"the Hub refused access to {repo_id} (HTTP {status}); check that your token is valid "
+                "and may read this repo"
+            ) from None
+        raise ModelSourceError(f"downloading {repo_id} from the Hugging Face Hub failed: {error}") from None
