@@ -33,7 +33,9 @@ def load_model(folder, device="cpu", dtype: torch.dtype | None = None) -> Causal
         model = CausalLM(config, dtype=dtype)
     _use_quantized_layers(model, tensor_names(folder), dtype)
     expected = {name for name, _ in model.named_parameters()}
-    expected |= {name for name, _ in model.named_buffers() if name != "inv_freq"}
+    # Quantized layers' buffers are still empty (None) here, which named_buffers() skips.
+    expected |= {f"{path}.{name}" for path, module in model.named_modules() if isinstance(module, EXL2Linear)
+                 for name in EXL2_TENSORS}
     filled = set()
     for name, tensor in iter_tensors(folder):
         if name.endswith(_DERIVED_SUFFIXES):

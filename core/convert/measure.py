@@ -1,0 +1,74 @@
+"""Measurement pass: how much each candidate setting hurts each module's output.
+
+Layer by layer, with only that layer's weights on the compute device: run the
+calibration states through it, collect each linear's input Hessian, quantize
+the module group with every candidate of its list and record the relative
+error of the group's output (`accuracy` = 1 - error) and its exact bits. The
+states then move on through the unquantized layer, as in ExLlamaV2.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ..exl2_format import dequantize_exl2
+from ..model import CausalLM
+from .gptq import quantize_matrix
+from .layers import MODULE_GROUPS, collect_hessians, linears, relative_output_error, rotary_for, run_block, substituted_weights
+from .progress import ProgressCallback, ProgressEvent, check_cancel
+from .qparams import ATTENTION_CANDIDATES, MLP_CANDIDATES, QuantSetting, setting_bits
+
+CANDIDATES = {"self_attn": ATTENTION_CANDIDATES, "mlp": MLP_CANDIDATES}
+
+
+def dequantized(weight: torch.Tensor, hessian: torch.Tensor, setting: QuantSetting) -> torch.Tensor:
+    """GPTQ-quantize a weight [out, in] and return what the files would give back, [out, in]."""
+    return dequantized_from(quantize_matrix(weight, hessian, setting), weight.shape[0])
+
+
+def dequantized_from(stored: dict[str, torch.Tensor], out_features: int) -> torch.Tensor:
+    return dequantize_exl2(stored, out_features).T.to(torch.float32)
+
+
+def measure_layer(
+    model: CausalLM, index: int, states: torch.Tensor, device, eval_rows: int, on_event: ProgressCallback, cancel=None
+) -> tuple[dict[str, list[dict]], torch.Tensor]:
+    """Candidates' results for this layer's module groups, and the states entering the next layer."""
+    layer = copy.deepcopy(model.model.layers[index]).to(device=device, dtype=torch.float32)
+    rotary = rotary_for(model, states.shape[1], device)
+    results: dict[str, list[dict]] = {}
+    for group in MODULE_GROUPS:
+        modules = linears(layer, group)
+        with collect_hessians(modules) as hessians:
+            reference = run_block(layer, group, states, rotary)
+        eval_states, eval_reference = states[:eval_rows], reference[:eval_rows]
+        quantized: dict[tuple[str, QuantSetting], torch.Tensor] = {}
+        entries = []
+        key = f"model.layers.{index}.{group}"
+        weights_count = sum(m.weight.numel() for m in modules.values())
+        for candidate in CANDIDATES[group]:
+            check_cancel(cancel)
+            weights, total_bits = {}, 0
+            for name, setting in candidate.items():
+                if (name, setting) not in quantized:
+                    quantized[name, setting] = dequantized(modules[name].weight, hessians[name], setting)
+                weights[name] = quantized[name, setting]
+                total_bits += setting_bits(setting, modules[name].in_features, modules[name].out_features)
+            with substituted_weights(modules, weights):
+                output = run_block(layer, group, eval_states, rotary)
+            error = relative_output_error(output, eval_reference)
+            entries.append(
+                {"accuracy": 1.0 - error, "total_bits": total_bits,
+                 **{name: setting.to_dict() for name, setting in candidate.items()}}
+            )
+        results[key] = entries
+        on_event(ProgressEvent(
+            "measure", (index + (0.5 if group == "self_attn" else 1.0)) / model.config.num_layers,
+            f"measured {key}", index, model.config.num_layers, key,
+            [{"bpw": e["total_bits"] / weights_count, "error": 1.0 - e["accuracy"]} for e in entries],
+        ))
+        states = states + reference
+        del hessians, quantized
+    return results, states
