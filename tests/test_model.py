@@ -39,7 +39,7 @@ def test_logits_match_transformers_in_fp32(variant, config_style):
     if config_style == "legacy":
         as_legacy_config(folder)
     model = load_model(folder)
-    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = reference(ids).logits
         ours = model(ids)
@@ -49,7 +49,7 @@ def test_logits_match_transformers_in_fp32(variant, config_style):
 def test_cached_chunks_give_the_same_logits_as_one_pass(variant):
     _, folder, reference = variant
     model = load_model(folder)
-    ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, 320, (1, 30), generator=torch.Generator().manual_seed(2))
     cache = KVCache(model.config, max_seq_len=64)
     with torch.no_grad():
         expected = reference(ids).logits
@@ -126,7 +126,7 @@ def test_missing_tensor_and_wrong_config_are_reported(tmp_path):
 def test_logits_match_transformers_on_cuda_in_fp16(variant):
     name, folder, reference = variant
     model = load_model(folder, device="cuda", dtype=torch.float16)
-    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = reference(ids).logits
         ours = model(ids.cuda()).cpu()
@@ -137,7 +137,7 @@ def test_left_padded_batch_matches_each_row_alone(tmp_path):
     """Calibration generates many prompts at once; padding must not change any row's logits."""
     save_hf_model("llama3-rope-tied", tmp_path)
     model = load_model(tmp_path)
-    prompts = [torch.randint(3, 256, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 11, 8)]
+    prompts = [torch.randint(3, 320, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 11, 8)]
     longest = 11
     ids = torch.zeros(3, longest, dtype=torch.long)
     key_mask = torch.zeros(3, longest + 1, dtype=torch.bool)

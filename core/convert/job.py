@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import threading
 import time
@@ -39,9 +40,9 @@ from ..weights import weight_files
 from . import calibration
 from .allocate import DEFAULT_OBJECTIVE, allocate_bits
 from .layers import MODULE_GROUPS
-from .measure import measure_layer
+from .measure import CANDIDATES, measure_layer
 from .progress import ProgressCallback, ProgressEvent, check_cancel, no_progress
-from .qparams import HEAD_OPTIONS, QuantSetting
+from .qparams import HEAD_OPTIONS, QuantSetting, setting_bits
 from .quantize import quantize_head, quantize_layer
 from .writer import folder_size, write_model_folder
 
@@ -85,6 +86,16 @@ class ConversionResult:
     seconds: float
     layer_bits: list[float] = field(default_factory=list)  # bpw of each decoder layer
     layer_errors: list[float] = field(default_factory=list)  # relative output error of each quantized layer
+
+
+def quantized_weight_count(model) -> int:
+    """Weights of every linear that the bpw target covers (the head is counted apart)."""
+    return sum(
+        linear.weight.numel()
+        for layer in model.model.layers
+        for group in MODULE_GROUPS
+        for linear in getattr(layer, group).children()
+    )
 
 
 def model_fingerprint(folder: Path) -> str:
@@ -232,13 +243,25 @@ class ConversionJob:
         states_path.unlink(missing_ok=True)
         return partial["measurement"]
 
+    def _check_reachable(self, model) -> None:
+        """Refuse a target below every module's cheapest candidate before spending time measuring."""
+        cheapest = 0
+        for layer in model.model.layers:
+            for group, names in MODULE_GROUPS.items():
+                modules = {name: getattr(getattr(layer, group), name) for name in names}
+                cheapest += min(
+                    sum(setting_bits(setting, modules[n].in_features, modules[n].out_features) for n, setting in c.items())
+                    for c in CANDIDATES[group]
+                )
+        lowest = math.ceil(cheapest / quantized_weight_count(model) * 1000) / 1000
+        if self.settings.bpw < lowest:
+            raise ConversionError(
+                f"target {self.settings.bpw} bpw is below {lowest:.3f} bpw, the lowest this model can reach "
+                "(scales and the act-order permutation cost bits on top of 2-bit codes, more so for narrow layers)"
+            )
+
     def _allocate(self, model, measurement: dict):
-        total_weights = sum(
-            linear.weight.numel()
-            for layer in model.model.layers
-            for group in MODULE_GROUPS
-            for linear in getattr(layer, group).children()
-        )
+        total_weights = quantized_weight_count(model)
         allocation = allocate_bits(measurement, total_weights, self.settings.bpw, self.settings.objective)
         self.emit("optimize", 1.0, f"allocated {allocation.bpw:.3f} bpw for a target of {self.settings.bpw}")
         settings = []
@@ -309,6 +332,7 @@ class ConversionJob:
         tokenizer = Tokenizer.from_folder(folder)
         stop_ids = set(config.eos_token_ids) | ({tokenizer.eos_token_id} - {None})
         rows = self._calibration_rows(folder, tokenizer, stop_ids)
+        self._check_reachable(model)
         measurement = self._measure(model, rows)
         allocation, layer_settings = self._allocate(model, measurement)
         errors, states = self._quantize(model, rows, allocation, layer_settings)

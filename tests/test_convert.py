@@ -1,0 +1,218 @@
+"""The converter end to end on a tiny random model: files, resume, and every bad input a user can give."""
+
+import json
+import os
+import shutil
+import threading
+
+import pytest
+import torch
+
+from core.config import UnsupportedModelError
+from core.convert import job as job_module
+from core.convert.job import ConversionError, ConversionJob, ConversionSettings
+from core.convert.progress import ConversionCancelled
+from core.convert.writer import OutputError
+from core.loader import load_model
+from core.sources import ModelSourceError
+from tests.tiny_models import sample_text, save_tiny_chat_model
+
+SETTINGS = dict(rows=8, length=128, measurement_rows=4, measurement_eval_rows=4)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    base = tmp_path_factory.mktemp("tiny")
+    reference = save_tiny_chat_model("llama-gqa", base / "model")
+    calibration = base / "calibration.txt"
+    calibration.write_text(sample_text(300))
+    return base / "model", calibration, reference
+
+
+def settings(calibration, **overrides):
+    return ConversionSettings(calibration=str(calibration), **{**SETTINGS, **overrides})
+
+
+def convert(model, work, output, calibration, **kwargs):
+    return ConversionJob(str(model), work, output, settings(calibration, bpw=kwargs.pop("bpw", 4.0)), device="cpu",
+                         **kwargs).run()
+
+
+@pytest.fixture(scope="module")
+def finished(tiny, tmp_path_factory):
+    model, calibration, _ = tiny
+    base = tmp_path_factory.mktemp("finished")
+    events = []
+    result = convert(model, base / "work", base / "out", calibration, on_event=events.append)
+    return base, result, events
+
+
+def logits_error(folder, reference) -> float:
+    """Relative logit error of a converted model against the original, on text like its calibration."""
+    from core.tokenizer import Tokenizer
+
+    ids = torch.tensor([Tokenizer.from_folder(folder).encode(sample_text(30, seed=5))[:120]])
+    with torch.no_grad():
+        expected, ours = reference(ids).logits, load_model(folder)(ids)
+    return float((ours - expected).norm() / expected.norm())
+
+
+def test_output_loads_and_stays_close_to_the_original(tiny, finished):
+    _, _, reference = tiny
+    base, result, _ = finished
+    # 64-wide random matrices spend a large share of 4.0 bpw on scales and the permutation;
+    # a broken pack or permutation gives errors near or above 1.
+    assert logits_error(result.output_dir, reference) < 0.4
+    config = json.loads((result.output_dir / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "exl2"
+    assert config["quantization_config"]["bits"] == 4.0
+    for name in ("tokenizer.json", "tokenizer_config.json", "output.safetensors"):
+        assert (result.output_dir / name).is_file()
+
+
+def test_real_bpw_never_exceeds_the_target(finished):
+    _, result, _ = finished
+    assert result.bpw <= 4.0
+    assert len(result.layer_bits) == 2 and len(result.layer_errors) == 2
+
+
+def test_progress_reports_every_module_with_its_candidates(finished):
+    _, _, events = finished
+    measured = [e for e in events if e.stage == "measure"]
+    assert [e.module for e in measured] == [
+        "model.layers.0.self_attn", "model.layers.0.mlp", "model.layers.1.self_attn", "model.layers.1.mlp"]
+    assert all(len(e.candidates) > 10 and all(c["error"] >= 0 for c in e.candidates) for e in measured)
+    assert [e.layer for e in events if e.stage == "quantize"] == [0, 1]
+    assert events[-1].stage == "done"
+
+
+def test_resume_after_a_crash_is_byte_identical(tiny, finished, tmp_path, monkeypatch):
+    model, calibration, _ = tiny
+    base, result, _ = finished
+    real_quantize_layer = job_module.quantize_layer
+
+    def crash_on_second_layer(model_, index, *args):
+        if index == 1:
+            raise RuntimeError("simulated crash")
+        return real_quantize_layer(model_, index, *args)
+
+    monkeypatch.setattr(job_module, "quantize_layer", crash_on_second_layer)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        convert(model, tmp_path / "work", tmp_path / "out", calibration)
+    assert not (tmp_path / "out").exists()
+    assert json.loads((tmp_path / "work" / "quant_progress.json").read_text())["next_layer"] == 1
+    monkeypatch.setattr(job_module, "quantize_layer", real_quantize_layer)
+    resumed = convert(model, tmp_path / "work", tmp_path / "out", calibration)
+    for path in sorted(result.output_dir.iterdir()):
+        assert (resumed.output_dir / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_cancel_mid_measurement_then_resume(tiny, finished, tmp_path):
+    model, calibration, _ = tiny
+    base, result, _ = finished
+    cancel = threading.Event()
+
+    def stop_after_first_layer(event):
+        if event.stage == "measure" and event.module == "model.layers.0.mlp":
+            cancel.set()
+
+    with pytest.raises(ConversionCancelled, match="resume"):
+        convert(model, tmp_path / "work", tmp_path / "out", calibration, on_event=stop_after_first_layer, cancel=cancel)
+    partial = json.loads((tmp_path / "work" / "measurement.partial.json").read_text())
+    assert partial["next_layer"] == 1
+    resumed = convert(model, tmp_path / "work", tmp_path / "out", calibration)
+    assert (resumed.output_dir / "output.safetensors").read_bytes() == (result.output_dir / "output.safetensors").read_bytes()
+
+
+def test_measurement_is_reused_for_another_size(tiny, finished, tmp_path):
+    model, calibration, reference = tiny
+    base, result, _ = finished
+    events = []
+    larger = convert(model, tmp_path / "work", tmp_path / "out", calibration, bpw=5.5,
+                     measurement_file=base / "work" / "measurement.json", on_event=events.append)
+    assert not any(e.stage == "measure" for e in events)
+    assert result.bpw < larger.bpw <= 5.5
+    assert larger.size_bytes > result.size_bytes
+    assert logits_error(larger.output_dir, reference) < logits_error(result.output_dir, reference)
+
+
+def test_target_below_what_the_format_can_reach_is_refused_before_measuring(tiny, tmp_path):
+    model, calibration, _ = tiny
+    events = []
+    # Tiny 64-wide matrices pay so much for scales and the permutation that 2.5 bpw is out of reach.
+    with pytest.raises(ConversionError, match="below 3.5.* the lowest this model can reach"):
+        convert(model, tmp_path / "work", tmp_path / "out", calibration, bpw=2.5, on_event=events.append)
+    assert not any(e.stage == "measure" for e in events)
+
+
+@pytest.mark.parametrize("bpw", [1.5, 8.5])
+def test_bpw_outside_2_to_8_is_refused(tiny, tmp_path, bpw):
+    _, calibration, _ = tiny
+    with pytest.raises(ConversionError, match="between 2.0 and 8.0"):
+        ConversionJob("demo", tmp_path / "w", None, settings(calibration, bpw=bpw))
+
+
+def test_unsupported_architecture_is_refused_before_any_work(tiny, tmp_path):
+    model, calibration, _ = tiny
+    other = tmp_path / "gpt2"
+    shutil.copytree(model, other)
+    config = json.loads((other / "config.json").read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM"):
+        convert(other, tmp_path / "work", tmp_path / "out", calibration)
+    assert not (tmp_path / "work").exists()
+
+
+def test_missing_and_corrupt_inputs_are_named(tiny, tmp_path):
+    model, calibration, _ = tiny
+    with pytest.raises(ModelSourceError):
+        convert(tmp_path / "no-such-model", tmp_path / "work", tmp_path / "out", calibration)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(model, corrupt)
+    weights = corrupt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4000])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        convert(corrupt, tmp_path / "work2", tmp_path / "out", calibration)
+    with pytest.raises(ValueError, match="does not exist"):
+        convert(model, tmp_path / "work3", tmp_path / "out", tmp_path / "missing.txt")
+
+
+def test_work_dir_of_another_model_or_settings_is_refused(tiny, finished, tmp_path):
+    model, calibration, _ = tiny
+    base, _, _ = finished
+    work = tmp_path / "work"
+    shutil.copytree(base / "work", work)
+    with pytest.raises(ConversionError, match="other settings \\(bpw\\).*-m .*measurement.json"):
+        convert(model, work, tmp_path / "out", calibration, bpw=3.5)
+    other = tmp_path / "other-model"
+    save_tiny_chat_model("qwen2-bias", other)
+    with pytest.raises(ConversionError, match="belongs to another model"):
+        convert(other, work, tmp_path / "out", calibration)
+
+
+def test_full_disk_is_reported_before_writing(tiny, finished, tmp_path, monkeypatch):
+    model, calibration, _ = tiny
+    base, _, _ = finished
+    work = tmp_path / "work"
+    shutil.copytree(base / "work", work)
+
+    class Usage:
+        total, used, free = 10**9, 10**9 - 1000, 1000
+
+    monkeypatch.setattr("core.convert.writer.shutil.disk_usage", lambda path: Usage)
+    with pytest.raises(OutputError, match="not enough disk space"):
+        convert(model, work, tmp_path / "out", calibration)
+    assert not (tmp_path / "out").exists()
+    assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+
+
+def test_output_folder_that_is_not_ours_is_not_overwritten(tiny, finished, tmp_path):
+    model, calibration, _ = tiny
+    base, _, _ = finished
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="not a quantized model folder"):
+        convert(model, base / "work", precious, calibration)
+    assert (precious / "notes.txt").read_text() == "mine"
