@@ -163,7 +163,12 @@ _5_4_g32 = _setting((5, 0.1, 32), (4, 0.9, 32))
 _6_5_g128 = _setting((6, 0.1, 128), (5, 0.9, 128))
 _6_5_g32 = _setting((6, 0.1, 32), (5, 0.9, 32))
 
+# Beyond ExLlamaV2's lists: one all-2-bit, 128-row-group floor per module group, so
+# targets down to about 2.1 bpw stay reachable (2.08 on the demo model; ExLlamaV2 stops near 2.3 there).
+_2_g128 = _uniform(2, 128)
+
 ATTENTION_CANDIDATES: tuple[dict[str, QuantSetting], ...] = (
+    _attention(_2_g128, _2_g128, _2_g128, _2_g128),
     _attention(_3_2_05, _3_2_05, _3_2_05, _3_2_05),
     _attention(_3_2_10, _3_2_10, _3_2_25, _3_2_10),
     _attention(_3_2_10, _3_2_10, _4_3_g128, _3_2_10),
@@ -196,6 +201,7 @@ _down_8_6_5_g32 = _setting((8, 0.05, 32), (6, 0.1, 32), (5, 0.85, 32))
 _8_6_10 = _setting((8, 0.1, 128), (6, 0.9, 128))
 
 MLP_CANDIDATES: tuple[dict[str, QuantSetting], ...] = (
+    _mlp(_2_g128, _2_g128, _2_g128),
     _mlp(_3_2_05, _3_2_05, _down_6_3_2),
     _mlp(_3_2_10, _3_2_25, _down_6_3_2),
     _mlp(_3_2_10, _3_2_30, _setting((5, 0.05, 32), (3, 0.95, 32))),
