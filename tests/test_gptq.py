@@ -287,3 +287,16 @@ def test_setting_dict_has_exllamav2_measurement_shape_and_survives_json():
 def test_invalid_settings_are_refused(parts):
     with pytest.raises(ValueError):
         QuantSetting(parts)
+
+
+def test_all_settings_at_once_give_what_each_gives_alone(hessian):
+    # The measurement pass quantizes every candidate of a matrix in one walk
+    # over its rows; the files must not depend on which candidates ran beside.
+    weight = random_weight(seed=7)
+    settings = list(dict.fromkeys(candidate["q_proj"] for candidate in ATTENTION_CANDIDATES))
+    together = gptq.quantize_matrix_multi(weight, hessian, settings)
+    for setting, stored in zip(settings, together):
+        alone = quantize_matrix(weight, hessian, setting)
+        assert stored.keys() == alone.keys()
+        for name in alone:
+            assert torch.equal(stored[name], alone[name]), (setting, name)

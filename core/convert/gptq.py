@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -59,56 +61,79 @@ def _grid_scales(scale_codes: torch.Tensor, scale_max: torch.Tensor) -> torch.Te
     return _fp16((scale_codes.to(torch.float32) + 1) ** 2 * _fp16(scale_max / 256))
 
 
-def _choose_scales(block: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scale codes (0..15) per column, the group's fp16 maximum scale and the decoded scales."""
-    maxq = (1 << bits) - 1
-    zero = 1 << (bits - 1)
-    column_max = block.abs().amax(dim=0) + 1e-12
+def _stretch_grid(device) -> torch.Tensor:
+    stretch = torch.linspace(0, 1, SCALE_SEARCH_STEPS + 1, dtype=torch.float64, device=device)
+    return (SCALE_SEARCH_MIN * (1 - stretch) + SCALE_SEARCH_MAX * stretch).to(torch.float32)
+
+
+def _choose_scales(
+    blocks: torch.Tensor, maxq: torch.Tensor, stretch: torch.Tensor, coarse: torch.Tensor, offsets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scale codes (0..15) [k, cols], fp16 maximum scales [k] and decoded scales [k, cols]
+    for k groups at once: blocks [k, rows, cols], maxq [k, 1] (2^bits - 1 of each group).
+
+    `coarse` indexes the stretch grid; `offsets` are the steps around the best
+    coarse point that are searched next (see _COARSE_STEP)."""
+    k, _, cols = blocks.shape
+    column_max = blocks.abs().amax(dim=1) + 1e-12
     base = column_max / (maxq / 2)
-    base_max = base.max()
+    base_max = base.amax(dim=1, keepdim=True)
     fraction = torch.sqrt(base / base_max) * 16
-    code_plus_one = torch.clamp(torch.round(fraction), 1, 16)
-    codes = (code_plus_one - 1).to(torch.uint8)
+    codes = (torch.clamp(torch.round(fraction), 1, 16) - 1).to(torch.uint8)
 
     # |error|^3.5 summed over the group for each stretch of the grid, measured
     # with the scales as the kernels will decode them (fp16 maximum, fp16
     # prescale), so the choice accounts for fp16 rounding of small scales.
     # ExLlamaV2 searches with unrounded scales and rounds afterwards.
-    stretch = torch.linspace(0, 1, SCALE_SEARCH_STEPS + 1, dtype=torch.float64, device=block.device)
-    stretch = (SCALE_SEARCH_MIN * (1 - stretch) + SCALE_SEARCH_MAX * stretch).to(torch.float32)
     scale_max_grid = torch.clamp(base_max * stretch, max=_FP16_MAX).to(torch.float16)
-    decoded = _grid_scales(codes.unsqueeze(0), scale_max_grid.to(torch.float32).unsqueeze(1))
-    errors = torch.full((len(stretch),), math.inf, dtype=torch.float64, device=block.device)
+    decoded = _grid_scales(codes.unsqueeze(1), scale_max_grid.to(torch.float32).unsqueeze(2))
+    errors = torch.full(scale_max_grid.shape, math.inf, dtype=torch.float64, device=blocks.device)
+    zero = (maxq + 1) / 2
+    low, high = (-zero).view(k, 1, 1, 1), (maxq - zero).view(k, 1, 1, 1)
 
-    def measure(indices: list[int]) -> None:
-        for start in range(0, len(indices), 8):
-            chosen = torch.tensor(indices[start : start + 8], device=block.device)
-            scales = decoded[chosen].unsqueeze(1)
-            safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-            steps = torch.clamp(torch.round(block / safe), -zero, maxq - zero)
-            err = (steps * scales).sub_(block).abs_()
-            # |e|^3.5 as e·e·e·√e: several times faster than pow on CPU.
-            errors[chosen] = (err * err * err * err.sqrt()).sum(dim=(1, 2), dtype=torch.float64)
+    def measure(chosen: torch.Tensor) -> None:
+        scales = decoded.gather(1, chosen.unsqueeze(2).expand(-1, -1, cols))
+        errors.scatter_(1, chosen, _stretch_errors(blocks, scales, low, high))
 
     # Every 8th point, then the neighbourhood of the best: the error is smooth
     # enough in the stretch that this finds the full grid's minimum (checked on
     # random and outlier-heavy groups at every width) at a quarter of the cost.
-    coarse = list(range(0, len(stretch), _COARSE_STEP))
-    measure(coarse)
-    centre = int(torch.argmin(errors))
-    measure([i for i in range(centre - _COARSE_STEP + 1, centre + _COARSE_STEP) if 0 <= i < len(stretch) and i not in coarse])
-    best = int(torch.argmin(errors))
-    return codes, scale_max_grid[best], decoded[best]
+    # The neighbourhood is indexed on the device, so no value comes back to the
+    # host; past the grid's ends it repeats an end point, which changes nothing.
+    measure(coarse.expand(k, -1))
+    if len(offsets):
+        centre = torch.argmin(errors, dim=1, keepdim=True)
+        measure(torch.clamp(centre + offsets, 0, len(stretch) - 1))
+    best = torch.argmin(errors, dim=1, keepdim=True)
+    return codes, scale_max_grid.gather(1, best).squeeze(1), decoded.gather(1, best.unsqueeze(2).expand(-1, -1, cols)).squeeze(1)
 
 
-def _quantize_rows(rows: torch.Tensor, scales: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes and their fp16-rounded dequantized values (what the kernel reconstructs)."""
-    maxq = (1 << bits) - 1
-    zero = 1 << (bits - 1)
-    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    steps = torch.where(scales > 0, torch.round(rows / safe), torch.zeros_like(rows))
-    codes = torch.clamp(steps + zero, 0, maxq)
-    return codes, _fp16((codes - zero) * scales)
+def _stretch_errors(blocks: torch.Tensor, scales: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Σ|error|^3.5 [k, n] of blocks [k, rows, cols] rounded with each of n scale rows [k, n, cols]."""
+    k, rows, cols = blocks.shape
+    n = scales.shape[1]
+    sums = torch.empty(k, n, dtype=torch.float64, device=blocks.device)
+    # Temporaries of about _SEARCH_CHUNK_ELEMENTS: on CPU they stay in cache
+    # (half the time of whole-batch ones), on CUDA each op is still plenty of work.
+    per_group = max(1, _SEARCH_CHUNK_ELEMENTS // (rows * cols))
+    for first_group in range(0, k, per_group):
+        groups = slice(first_group, first_group + per_group)
+        target = blocks[groups].unsqueeze(1)
+        per_scale = max(1, _SEARCH_CHUNK_ELEMENTS // target.numel())
+        for first in range(0, n, per_scale):
+            s = scales[groups, first : first + per_scale].unsqueeze(2)
+            safe = torch.where(s > 0, s, torch.ones_like(s))
+            steps = torch.div(target, safe).round_()
+            # maximum/minimum: clamp_ with tensor bounds is several times slower on CPU.
+            torch.minimum(torch.maximum(steps, low[groups], out=steps), high[groups], out=steps)
+            err = steps.mul_(s).sub_(target).abs_()
+            # |e|^3.5 as e·e·e·√e: several times faster than pow on CPU.
+            power = err * err
+            power.mul_(err).mul_(err.sqrt_())
+            # float32 over a group's rows (at most 128 positive terms), float64 over
+            # columns: five times faster than a float64 sum of every element.
+            sums[groups, first : first + per_scale] = power.sum(dim=2).sum(dim=2, dtype=torch.float64)
+    return sums
 
 
 def _prepare_hessian(hessian: torch.Tensor) -> torch.Tensor:
@@ -173,42 +198,209 @@ def quantize_matrix(
     (ExLlamaV2 uses 0.12; raised automatically when H is not positive definite).
     Runs on the Hessian's device; the tensors come back on it.
     """
+    return quantize_matrix_multi(weight, hessian, [setting], damp, act_order)[0]
+
+
+def quantize_matrix_multi(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    settings: list[QuantSetting],
+    damp: float = 0.01,
+    act_order: bool = True,
+) -> list[dict[str, torch.Tensor]]:
+    """`quantize_matrix` with each of `settings`, in one pass over the input rows.
+
+    The act-order permutation and the inverse Cholesky factor depend on the
+    Hessian alone, and GPTQ's row steps are the same small ops for every
+    setting, so all settings walk the rows together: one op per step covers
+    them all. Each setting's result is the one it gets alone (the arithmetic
+    per setting does not depend on the others; tests/test_gptq.py checks it).
+    """
     out_features, in_features = weight.shape
     if hessian.shape != (in_features, in_features):
         raise ValueError(f"Hessian {tuple(hessian.shape)} does not match {in_features} inputs")
+    # Settings that cut the rows into the same groups (3 bits for 5% or for 10%
+    # of 576 rows is one 64-row group either way) give the same tensors.
+    layouts = [tuple(group_layout(setting, in_features)) for setting in settings]
+    distinct = list(dict.fromkeys(layouts))
+    if not distinct:
+        return []
+    with _torch_threads(_CPU_THREADS if hessian.device.type == "cpu" else None):
+        stored = dict(zip(distinct, _quantize_layouts(weight, hessian, distinct, damp, act_order)))
+    return [dict(stored[layout]) for layout in layouts]
+
+
+def _quantize_layouts(
+    weight: torch.Tensor, hessian: torch.Tensor, layouts: list[tuple[tuple[int, int], ...]], damp: float, act_order: bool
+) -> list[dict[str, torch.Tensor]]:
+    out_features, in_features = weight.shape
     h = _prepare_hessian(hessian)
+    device = h.device
     if act_order:
         perm = torch.argsort(torch.diagonal(hessian).to(torch.float32), descending=True, stable=True)
     else:
-        perm = torch.arange(in_features, device=h.device)
+        perm = torch.arange(in_features, device=device)
     h = h[perm][:, perm]
     inverse_factor = _inverse_cholesky(h, damp)
+    plan = _plan_rows(layouts, in_features, device)
 
-    # Rows = inputs in act-order, columns = outputs: the orientation of q_weight.
-    w = weight.to(device=h.device, dtype=torch.float32).T[perm].contiguous()
-    codes = torch.empty(in_features, out_features, dtype=torch.uint8, device=h.device)
-    layout = group_layout(setting, in_features)
-    scale_codes, scale_maxes = [], []
-    start = 0
-    for bits, rows in layout:
-        end = start + rows
-        block = w[start:end]
-        group_codes, scale_max, scales = _choose_scales(block, bits)
-        scale_codes.append(group_codes)
-        scale_maxes.append(scale_max)
-        errors = torch.empty_like(block)
-        u = inverse_factor[start:end, start:end]
-        for i in range(rows):
-            q, dequantized = _quantize_rows(block[i], scales, bits)
-            codes[start + i] = q.to(torch.uint8)
-            errors[i] = (block[i] - dequantized) / u[i, i]
-            if i + 1 < rows:
-                block[i + 1 :].sub_(torch.outer(u[i, i + 1 :], errors[i]))
+    # Rows = inputs in act-order, then settings, then outputs (the orientation
+    # of q_weight): one row step is one contiguous [settings, out] slice, and
+    # the update of all later rows after a block is one matrix product.
+    count = len(layouts)
+    w = weight.to(device=device, dtype=torch.float32).T[perm]
+    work = w.unsqueeze(1).repeat(1, count, 1)
+    steps = torch.empty_like(work)
+    scale_codes = torch.empty(plan.groups, out_features, dtype=torch.uint8, device=device)
+    scale_maxes = torch.empty(plan.groups, dtype=torch.float16, device=device)
+    _gptq_rows(work, steps, inverse_factor, plan, scale_codes, scale_maxes)
+
+    codes = steps.add_(plan.zero).to(torch.uint8)
+    invperm = torch.argsort(perm)
+    return [
+        pack_exl2(codes[:, index], scale_codes[slots], scale_maxes[slots], list(layout), invperm)
+        for index, (layout, slots) in enumerate(zip(layouts, plan.slots))
+    ]
+
+
+# Rows per lazy update: a row's error reaches the rest of its block at once,
+# the rows beyond in one matrix product per block. Every group of every valid
+# setting starts on a multiple of 32 rows, or (16-row 2-bit groups, a last
+# group cut at the matrix edge) ends inside the block it starts in, so a
+# setting's arithmetic never depends on which other settings run beside it.
+_BLOCK_ROWS = 32
+# torch threads for GPTQ on CPU (None: leave the count alone). Two threads
+# spin-wait for each other between GPTQ's thousands of small ops; on two cores
+# shared with other work that made one matrix several times slower than one
+# thread (bench/gptq_speed.py --gptq-threads measures it).
+_CPU_THREADS: int | None = 1
+# Elements of one temporary of the scale search.
+_SEARCH_CHUNK_ELEMENTS = 1 << 18
+
+
+@dataclass
+class _GroupStarts:
+    """Groups of equal rows that start on the same input row, one per setting in `settings`."""
+
+    rows: int
+    settings: torch.Tensor  # setting indices
+    slots: torch.Tensor  # where their scales go in the stacked scale tensors
+    maxq: torch.Tensor  # [k, 1] 2^bits - 1
+
+
+@dataclass
+class _RowPlan:
+    blocks: list[tuple[int, int]]
+    starts: dict[int, list[_GroupStarts]]
+    low: torch.Tensor  # [in, settings, 1] lowest code - zero point of each row's group
+    high: torch.Tensor  # [in, settings, 1] highest code - zero point
+    zero: torch.Tensor  # [in, settings, 1]
+    slots: list[torch.Tensor]  # per setting, its groups' slots in order
+    groups: int
+    stretch: torch.Tensor
+    coarse: torch.Tensor
+    offsets: torch.Tensor
+
+
+def _plan_rows(layouts: list[tuple[tuple[int, int], ...]], in_features: int, device) -> _RowPlan:
+    """Everything the row walk needs, made before it starts so that it creates no host tensors."""
+    bits = torch.empty(in_features, len(layouts), dtype=torch.float32)
+    by_start: dict[int, dict[tuple[int, int], list[tuple[int, int]]]] = {}
+    slots, slot = [], 0
+    boundaries = set(range(0, in_features, _BLOCK_ROWS))
+    for index, layout in enumerate(layouts):
+        row, own = 0, []
+        for width, rows in layout:
+            bits[row : row + rows, index] = width
+            by_start.setdefault(row, {}).setdefault((rows, width), []).append((index, slot))
+            block_end = (row // _BLOCK_ROWS + 1) * _BLOCK_ROWS
+            if row % _BLOCK_ROWS and row + rows > block_end:
+                boundaries.add(row)  # unreachable with valid settings; kept correct anyway
+            own.append(slot)
+            row, slot = row + rows, slot + 1
+        slots.append(torch.tensor(own, device=device))
+    edges = sorted(boundaries) + [in_features]
+    starts = {}
+    for row, kinds in by_start.items():
+        merged: dict[int, list[tuple[int, int, int]]] = {}
+        for (rows, width), members in kinds.items():
+            merged.setdefault(rows, []).extend((index, slot, width) for index, slot in members)
+        starts[row] = [
+            _GroupStarts(
+                rows,
+                torch.tensor([m[0] for m in members], device=device),
+                torch.tensor([m[1] for m in members], device=device),
+                torch.tensor([[float((1 << m[2]) - 1)] for m in members], device=device),
+            )
+            for rows, members in merged.items()
+        ]
+    maxq = (2**bits - 1).unsqueeze(2)
+    zero = (maxq + 1) / 2
+    step = _COARSE_STEP
+    grid = SCALE_SEARCH_STEPS + 1
+    return _RowPlan(
+        blocks=list(zip(edges[:-1], edges[1:])),
+        starts=starts,
+        low=(-zero).to(device),
+        high=(maxq - zero).to(device),
+        zero=zero.to(device),
+        slots=slots,
+        groups=slot,
+        stretch=_stretch_grid(device),
+        coarse=torch.arange(0, grid, step, device=device).unsqueeze(0),
+        offsets=torch.tensor([o for o in range(1 - step, step) if o], dtype=torch.int64, device=device),
+    )
+
+
+def _gptq_rows(
+    work: torch.Tensor,
+    steps: torch.Tensor,
+    inverse_factor: torch.Tensor,
+    plan: _RowPlan,
+    scale_codes: torch.Tensor,
+    scale_maxes: torch.Tensor,
+) -> None:
+    """Quantize work [in, settings, out] row by row in place; codes minus zero point go to `steps`."""
+    in_features, count, out_features = work.shape
+    flat = work.view(in_features, count * out_features)
+    diagonal = torch.diagonal(inverse_factor)
+    scales = torch.zeros(count, out_features, dtype=torch.float32, device=work.device)
+    # Dividing by inf where a scale is zero rounds those weights to code zero
+    # (as a zero scale must) without a branch in the row step.
+    safe = torch.zeros_like(scales)
+    errors = torch.empty(_BLOCK_ROWS, count, out_features, dtype=torch.float32, device=work.device)
+    for first, end in plan.blocks:
+        for i in range(first, end):
+            for group in plan.starts.get(i, ()):
+                blocks = work[i : i + group.rows].index_select(1, group.settings).transpose(0, 1)
+                codes, scale_max, decoded = _choose_scales(blocks, group.maxq, plan.stretch, plan.coarse, plan.offsets)
+                scale_codes.index_copy_(0, group.slots, codes)
+                scale_maxes.index_copy_(0, group.slots, scale_max)
+                scales.index_copy_(0, group.settings, decoded)
+                safe.index_copy_(0, group.settings, torch.where(decoded > 0, decoded, math.inf))
+            row, step, error = work[i], steps[i], errors[i - first]
+            torch.div(row, safe, out=step).round_()
+            torch.minimum(torch.maximum(step, plan.low[i], out=step), plan.high[i], out=step)
+            torch.sub(row, _fp16(step * scales), out=error).div_(diagonal[i])
+            if i + 1 < end:
+                flat[i + 1 : end].addr_(inverse_factor[i, i + 1 : end], error.view(-1), alpha=-1)
         if end < in_features:
-            w[end:].sub_(inverse_factor[start:end, end:].T @ errors)
-        start = end
+            rows = end - first
+            flat[end:].addmm_(inverse_factor[first:end, end:].T, errors[:rows].view(rows, -1), alpha=-1)
 
-    return pack_exl2(codes, torch.stack(scale_codes), torch.stack(scale_maxes), layout, torch.argsort(perm))
+
+@contextmanager
+def _torch_threads(threads: int | None):
+    """Run with `threads` torch threads (None: unchanged), restoring the count after."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 
 from ..exl2_format import dequantize_exl2
 from ..model import CausalLM
-from .gptq import quantize_matrix
+from .gptq import quantize_matrix_multi
 from .layers import MODULE_GROUPS, collect_hessians, linears, relative_output_error, rotary_for, run_block, substituted_weights
 from .progress import ProgressCallback, ProgressEvent, check_cancel
 from .qparams import ATTENTION_CANDIDATES, MLP_CANDIDATES, QuantSetting, setting_bits
@@ -23,9 +23,11 @@ from .qparams import ATTENTION_CANDIDATES, MLP_CANDIDATES, QuantSetting, setting
 CANDIDATES = {"self_attn": ATTENTION_CANDIDATES, "mlp": MLP_CANDIDATES}
 
 
-def dequantized(weight: torch.Tensor, hessian: torch.Tensor, setting: QuantSetting) -> torch.Tensor:
-    """GPTQ-quantize a weight [out, in] and return what the files would give back, [out, in]."""
-    return dequantized_from(quantize_matrix(weight, hessian, setting), weight.shape[0])
+def dequantized(weight: torch.Tensor, hessian: torch.Tensor, settings: list[QuantSetting]) -> dict[QuantSetting, torch.Tensor]:
+    """GPTQ-quantize a weight [out, in] with each setting (in one pass) and return
+    what the files would give back, [out, in], per setting."""
+    stored = quantize_matrix_multi(weight, hessian, settings)
+    return {setting: dequantized_from(tensors, weight.shape[0]) for setting, tensors in zip(settings, stored)}
 
 
 def dequantized_from(stored: dict[str, torch.Tensor], out_features: int) -> torch.Tensor:
@@ -44,7 +46,11 @@ def measure_layer(
         with collect_hessians(modules) as hessians:
             reference = run_block(layer, group, states, rotary)
         eval_states, eval_reference = states[:eval_rows], reference[:eval_rows]
-        quantized: dict[tuple[str, QuantSetting], torch.Tensor] = {}
+        quantized: dict[str, dict[QuantSetting, torch.Tensor]] = {}
+        for name, module in modules.items():
+            check_cancel(cancel)
+            settings = list(dict.fromkeys(candidate[name] for candidate in CANDIDATES[group]))
+            quantized[name] = dequantized(module.weight, hessians[name], settings)
         entries = []
         key = f"model.layers.{index}.{group}"
         weights_count = sum(m.weight.numel() for m in modules.values())
@@ -52,9 +58,7 @@ def measure_layer(
             check_cancel(cancel)
             weights, total_bits = {}, 0
             for name, setting in candidate.items():
-                if (name, setting) not in quantized:
-                    quantized[name, setting] = dequantized(modules[name].weight, hessians[name], setting)
-                weights[name] = quantized[name, setting]
+                weights[name] = quantized[name][setting]
                 total_bits += setting_bits(setting, modules[name].in_features, modules[name].out_features)
             with substituted_weights(modules, weights):
                 output = run_block(layer, group, eval_states, rotary)
