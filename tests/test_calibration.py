@@ -1,0 +1,94 @@
+"""Calibration rows: from the files a user gives, and from text the model writes itself."""
+
+import json
+
+import pytest
+import torch
+
+from core.convert import calibration
+from core.convert.calibration import CalibrationError, generate_texts, read_text_file, rows_from_tokens
+from core.loader import load
+from tests.tiny_models import sample_text, save_tiny_chat_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("calibration") / "model"
+    save_tiny_chat_model("llama-gqa", folder)
+    return load(str(folder), device="cpu")
+
+
+def test_batched_generation_gives_each_prompt_what_it_gets_alone(tiny):
+    # top_k=1 makes sampling greedy, so a row's text must not depend on its batch:
+    # not on the left padding of shorter prompts, nor on rows that stop early and leave.
+    encode = tiny.tokenizer.encode
+    prompts = [encode("The river carries"), encode("My neighbour explains the weights with great care and"),
+               encode("Every student")]
+    first_alone = generate_texts(tiny.model, prompts[:1], 12, set(), seed=0, top_k=1)[0]
+    stop = {first_alone[len(prompts[0]) + 2]}  # the first row stops early
+    alone = [generate_texts(tiny.model, [prompt], 12, stop, seed=0, top_k=1)[0] for prompt in prompts]
+    together = generate_texts(tiny.model, prompts, 12, stop, seed=0, top_k=1)
+    assert together == alone
+    assert len(alone[0]) < len(prompts[0]) + 12  # the early stop did happen
+
+
+def test_self_generated_rows_fill_the_shape_and_repeat_with_the_seed(tiny):
+    stop = set(tiny.stop_token_ids)
+    reports = []
+    make = lambda seed: calibration.self_generated_rows(tiny.model, tiny.tokenizer, 3, 32, stop, seed=seed, batch=8,
+                                                        progress=lambda done, total: reports.append((done, total)))
+    rows = make(0)
+    assert rows.shape == (3, 32) and rows.dtype == torch.long
+    assert torch.equal(rows, make(0))
+    assert not torch.equal(rows, make(1))
+    assert reports and reports[-1][1] == 96 and all(done <= total for done, total in reports)
+
+
+def test_rows_are_cached_and_made_again_when_the_source_changes(tmp_path):
+    calls = []
+
+    def make():
+        calls.append(1)
+        return torch.arange(12).view(3, 4)
+
+    cache = tmp_path / "calibration.safetensors"
+    first = calibration.load_or_make_rows(cache, {"source": "a"}, make)
+    again = calibration.load_or_make_rows(cache, {"source": "a"}, make)
+    assert torch.equal(first, again) and len(calls) == 1
+    calibration.load_or_make_rows(cache, {"source": "b"}, make)
+    assert len(calls) == 2
+    cache.write_bytes(b"not safetensors")
+    calibration.load_or_make_rows(cache, {"source": "b"}, make)
+    assert len(calls) == 3
+
+
+def test_text_jsonl_and_parquet_files_give_their_text(tmp_path):
+    texts = [sample_text(5, seed=1), sample_text(5, seed=2)]
+    (tmp_path / "a.txt").write_text(texts[0])
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(texts)))
+    assert read_text_file(tmp_path / "a.txt") == texts[0]
+    assert read_text_file(tmp_path / "a.jsonl") == "\n\n".join(texts)
+    pyarrow = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pyarrow.table({"id": [0, 1], "content": texts}), tmp_path / "a.parquet")
+    assert read_text_file(tmp_path / "a.parquet") == "\n\n".join(texts)
+
+
+def test_bad_calibration_files_are_named_in_the_error(tmp_path):
+    with pytest.raises(CalibrationError, match="does not exist"):
+        read_text_file(tmp_path / "missing.txt")
+    (tmp_path / "b.jsonl").write_text('{"text": "fine"}\n{"body": "no text here"}\n')
+    with pytest.raises(CalibrationError, match=r"b\.jsonl:2 has no string field 'text'"):
+        read_text_file(tmp_path / "b.jsonl")
+    (tmp_path / "c.txt").write_bytes(b"\xff\xfe\x00broken")
+    with pytest.raises(CalibrationError, match="cannot read"):
+        read_text_file(tmp_path / "c.txt")
+    with pytest.raises(CalibrationError, match="fewer than one row of 64"):
+        rows_from_tokens(list(range(10)), 4, 64)
+
+
+def test_rows_spread_over_the_whole_text():
+    rows = rows_from_tokens(list(range(1000)), 4, 100)
+    assert rows[:, 0].tolist() == [0, 300, 600, 900]
+    assert torch.equal(rows[1], torch.arange(300, 400))
