@@ -1,0 +1,97 @@
+"""Named endpoints for scripts (gradio_client): /models, /chat and /quantize.
+
+    from gradio_client import Client
+    client = Client("http://127.0.0.1:7860/")
+    client.predict(api_name="/models")
+    client.predict("What is the capital of France?", "demo", api_name="/chat")
+    client.predict("demo", 4.0, api_name="/quantize")
+
+They run on the same queue, model cache and chat sessions as the page. A mistake
+comes back as an error whose message says what to change.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import gradio as gr
+
+from core.convert.allocate import DEFAULT_OBJECTIVE
+from core.convert.job import ConversionSettings
+
+from .chat_tab import CHAT_CONCURRENCY, CHAT_CONCURRENCY_LIMIT, answer_stream, session_id
+from .common import history_messages, readable
+from .jobs import DEMO, DONE, ConversionTask, local_models
+from .quantize_tab import POLL_SECONDS, chosen_source, conversion_request
+from .services import Services
+
+
+def task_status(task: ConversionTask, position: int) -> dict:
+    event = task.last_event
+    status = {
+        "state": task.state,
+        "queue_position": position,
+        "stage": event.stage if event else None,
+        "layer": event.layer if event else None,
+        "layers": event.layers if event else None,
+        "fraction": round(task.overall_fraction(), 4),
+        "message": task.message or (event.message if event else ""),
+        "resumed_from": task.resumed_from,
+    }
+    if task.state == DONE and task.result is not None:
+        status["model"] = task.output_dir.name
+        status["result"] = {"folder": str(task.result.output_dir), "bpw": task.result.bpw,
+                            "head_bpw": task.result.head_bpw, "size_bytes": task.result.size_bytes,
+                            "seconds": task.result.seconds, "layer_bits": task.result.layer_bits}
+    return status
+
+
+def register(services: Services) -> None:
+    """Declare the endpoints; call inside the app's Blocks."""
+
+    def models() -> list[dict]:
+        """Every model the app can chat with: name (what /chat takes), folder, bits per weight
+        (null when unquantized)."""
+        return [{"name": m.name, "folder": m.spec, "bpw": m.bpw, "quantized": m.bpw is not None}
+                for m in local_models(services.conversions.models_folder)]
+
+    def chat(message: str, model: str = DEMO, system: str = "", history: list[dict] | None = None,
+             temperature: float = 0.0, top_k: int = 50, top_p: float = 1.0, min_p: float = 0.0,
+             repetition_penalty: float = 1.0, max_new_tokens: int = 256, seed: int = -1,
+             request: gr.Request = None) -> Iterator[dict]:
+        """Stream an answer: {"answer": text so far, "done": false}, then the whole answer with
+        "done": true and "speed" (prompt tokens, time to first token, tok/s, memory, device).
+        history: earlier turns as [{"role": "user"|"assistant", "content": text}]. Greedy by default."""
+        messages = history_messages(list(history or []) + [{"role": "user", "content": message or ""}], system)
+        try:
+            for answer, speed in answer_stream(services, session_id(request, "api"), model, messages, temperature,
+                                               top_k, top_p, min_p, repetition_penalty, max_new_tokens, seed):
+                yield {"answer": answer, "done": speed is not None, "speed": speed or ""}
+        except Exception as error:  # noqa: BLE001 - the client reads the message, the server keeps serving
+            raise gr.Error(readable(error), print_exception=False) from None
+
+    def quantize(source: str = DEMO, bpw: float = 4.0, head_bits: int = ConversionSettings.head_bits,
+                 rows: int = ConversionSettings.rows, length: int = ConversionSettings.length,
+                 measurement_rows: int = ConversionSettings.measurement_rows, calibration: str = "",
+                 objective: str = DEFAULT_OBJECTIVE) -> Iterator[dict]:
+        """Convert `source` (demo, a Hub id, a local folder or .gguf path) to EXL2 at `bpw`; streams
+        the job's status and ends with its result ("model" is the name /chat takes). Asking again for
+        the same conversion resumes it. calibration: a file path or hf:<dataset>:<file>; empty for
+        text the model writes itself."""
+        try:
+            request = conversion_request(chosen_source(source, None), bpw, head_bits, calibration.strip() or None,
+                                         rows, length, measurement_rows, objective)
+            task = services.conversions.submit(request)
+        except Exception as error:  # noqa: BLE001
+            raise gr.Error(readable(error), print_exception=False) from None
+        while not task.finished:
+            yield task_status(task, services.conversions.position(task))
+            time.sleep(POLL_SECONDS)
+        if task.state != DONE:
+            raise gr.Error(f"the conversion {task.state}: {task.message}", print_exception=False)
+        yield task_status(task, 0)
+
+    gr.api(models, api_name="models")
+    gr.api(chat, api_name="chat", concurrency_id=CHAT_CONCURRENCY, concurrency_limit=CHAT_CONCURRENCY_LIMIT)
+    gr.api(quantize, api_name="quantize", concurrency_limit=None)
