@@ -300,3 +300,61 @@ def test_all_settings_at_once_give_what_each_gives_alone(hessian):
         assert stored.keys() == alone.keys()
         for name in alone:
             assert torch.equal(stored[name], alone[name]), (setting, name)
+
+
+def _walk_case(seed, in_features=80, settings=3, out_features=70):
+    """Random GPTQ walk inputs shaped as _gptq_rows holds them, on the GPU."""
+    g = torch.Generator().manual_seed(seed)
+    work = torch.randn(in_features, settings, out_features, generator=g)
+    a = torch.randn(in_features, in_features, generator=g) / in_features**0.5
+    factor = torch.linalg.cholesky(a @ a.T + torch.eye(in_features), upper=True)
+    scales = torch.rand(settings, out_features, generator=g) * 0.3 + 0.05
+    scales[0, :5] = 0.0  # zero scales: their weights round to code zero
+    safe = torch.where(scales > 0, scales, math.inf)
+    bits = torch.randint(2, 9, (in_features, settings, 1), generator=g).float()
+    zero = 2 ** (bits - 1)
+    tensors = dict(work=work, factor=factor, scales=scales, safe=safe, low=-zero, high=zero - 1)
+    return {k: v.cuda().contiguous() for k, v in tensors.items()}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("first,end,start,stop", [(0, 32, 0, 32), (32, 64, 32, 45), (32, 64, 45, 64), (64, 80, 70, 80)])
+def test_gptq_block_kernel_matches_the_float64_reference_walk(first, end, start, stop):
+    from core.kernels.build import kernels
+
+    kernel = kernels()
+    assert kernel is not None, "the CUDA kernels did not build"
+    case = _walk_case(seed=first + start)
+    plan = gptq._RowPlan([], {}, case["low"].double(), case["high"].double(), None, [], 0, None, None, None)
+    expected = {"work": case["work"].double().clone(), "steps": torch.zeros_like(case["work"], dtype=torch.float64)}
+    expected["errors"] = torch.zeros(32, *case["work"].shape[1:], dtype=torch.float64, device="cuda")
+    gptq._walk(None, expected["work"], expected["steps"], expected["errors"], case["factor"].double(), plan,
+               case["scales"].double(), case["safe"].double(), first, end, start, stop)
+
+    work, steps = case["work"].clone(), torch.zeros_like(case["work"])
+    errors = torch.zeros(32, *work.shape[1:], device="cuda")
+    kernel.gptq_block(work, steps, errors, case["factor"], case["scales"], case["safe"], case["low"], case["high"],
+                      first, end, start, stop)
+    rows = slice(start, stop)
+    # fp32 against fp64: a code may differ only where the weight sat on a rounding edge.
+    assert (steps[rows] != expected["steps"][rows]).float().mean() < 2e-3
+    same = (steps[rows] == expected["steps"][rows]).all(dim=0)
+    torch.testing.assert_close(errors[start - first : stop - first][:, same], expected["errors"][start - first : stop - first][:, same].float(), rtol=1e-4, atol=1e-4)
+    later = slice(stop, end)
+    torch.testing.assert_close(work[later][:, same], expected["work"][later][:, same].float(), rtol=1e-4, atol=1e-4)
+    assert torch.equal(work[:start], case["work"][:start]) and torch.equal(work[end:], case["work"][end:])
+
+
+@pytest.mark.cuda
+def test_gptq_on_cuda_with_the_kernel_matches_the_reference_path(hessian, monkeypatch):
+    # A whole matrix: the kernel's walk and the torch walk give the same codes
+    # (bar rare rounding-edge flips) and the same output error.
+    weight, h = random_weight(seed=3).cuda(), hessian.cuda()
+    setting = ATTENTION_CANDIDATES[0]["q_proj"]
+    error, with_kernel = gptq_error(weight, h, setting)
+    monkeypatch.setattr(gptq, "kernels", lambda: None)
+    error_ref, reference = gptq_error(weight, h, setting)
+    codes = unpack_q_weight(with_kernel["q_weight"], with_kernel["q_groups"], IN_FEATURES)
+    expected = unpack_q_weight(reference["q_weight"], reference["q_groups"], IN_FEATURES)
+    assert (codes != expected).float().mean() < 1e-3
+    assert abs(error - error_ref) <= 0.01 * error_ref

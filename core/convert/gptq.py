@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from core.exl2_format import pack_exl2
+from core.kernels.build import kernels
 from core.convert.qparams import QuantSetting, group_layout
 
 # Scale search of AdaptiveQuantizer.find_params (adaptivegptq.py): every column's
@@ -113,13 +114,15 @@ def _stretch_errors(blocks: torch.Tensor, scales: torch.Tensor, low: torch.Tenso
     k, rows, cols = blocks.shape
     n = scales.shape[1]
     sums = torch.empty(k, n, dtype=torch.float64, device=blocks.device)
-    # Temporaries of about _SEARCH_CHUNK_ELEMENTS: on CPU they stay in cache
-    # (half the time of whole-batch ones), on CUDA each op is still plenty of work.
-    per_group = max(1, _SEARCH_CHUNK_ELEMENTS // (rows * cols))
+    # Temporaries of about this many elements: on CPU they stay in cache (half
+    # the time of whole-batch ones); on CUDA each op is launch overhead first,
+    # so as few and as large as memory comfortably allows.
+    chunk = _SEARCH_CHUNK_ELEMENTS_CUDA if blocks.is_cuda else _SEARCH_CHUNK_ELEMENTS
+    per_group = max(1, chunk // (rows * cols))
     for first_group in range(0, k, per_group):
         groups = slice(first_group, first_group + per_group)
         target = blocks[groups].unsqueeze(1)
-        per_scale = max(1, _SEARCH_CHUNK_ELEMENTS // target.numel())
+        per_scale = max(1, chunk // target.numel())
         for first in range(0, n, per_scale):
             s = scales[groups, first : first + per_scale].unsqueeze(2)
             safe = torch.where(s > 0, s, torch.ones_like(s))
@@ -241,7 +244,7 @@ def _quantize_layouts(
     else:
         perm = torch.arange(in_features, device=device)
     h = h[perm][:, perm]
-    inverse_factor = _inverse_cholesky(h, damp)
+    inverse_factor = _inverse_cholesky(h, damp).contiguous()
     plan = _plan_rows(layouts, in_features, device)
 
     # Rows = inputs in act-order, then settings, then outputs (the orientation
@@ -276,6 +279,7 @@ _BLOCK_ROWS = 32
 _CPU_THREADS: int | None = 1
 # Elements of one temporary of the scale search.
 _SEARCH_CHUNK_ELEMENTS = 1 << 18
+_SEARCH_CHUNK_ELEMENTS_CUDA = 1 << 25
 
 
 @dataclass
@@ -363,30 +367,50 @@ def _gptq_rows(
     """Quantize work [in, settings, out] row by row in place; codes minus zero point go to `steps`."""
     in_features, count, out_features = work.shape
     flat = work.view(in_features, count * out_features)
-    diagonal = torch.diagonal(inverse_factor)
     scales = torch.zeros(count, out_features, dtype=torch.float32, device=work.device)
     # Dividing by inf where a scale is zero rounds those weights to code zero
     # (as a zero scale must) without a branch in the row step.
     safe = torch.zeros_like(scales)
     errors = torch.empty(_BLOCK_ROWS, count, out_features, dtype=torch.float32, device=work.device)
+    kernel = kernels() if work.is_cuda else None
     for first, end in plan.blocks:
+        # A walk runs from one group start to the next: new scales need the
+        # rows as the walk so far left them.
+        segment = first
         for i in range(first, end):
-            for group in plan.starts.get(i, ()):
+            if i not in plan.starts:
+                continue
+            if i > segment:
+                _walk(kernel, work, steps, errors, inverse_factor, plan, scales, safe, first, end, segment, i)
+            for group in plan.starts[i]:
                 blocks = work[i : i + group.rows].index_select(1, group.settings).transpose(0, 1)
                 codes, scale_max, decoded = _choose_scales(blocks, group.maxq, plan.stretch, plan.coarse, plan.offsets)
                 scale_codes.index_copy_(0, group.slots, codes)
                 scale_maxes.index_copy_(0, group.slots, scale_max)
                 scales.index_copy_(0, group.settings, decoded)
                 safe.index_copy_(0, group.settings, torch.where(decoded > 0, decoded, math.inf))
-            row, step, error = work[i], steps[i], errors[i - first]
-            torch.div(row, safe, out=step).round_()
-            torch.minimum(torch.maximum(step, plan.low[i], out=step), plan.high[i], out=step)
-            torch.sub(row, _fp16(step * scales), out=error).div_(diagonal[i])
-            if i + 1 < end:
-                flat[i + 1 : end].addr_(inverse_factor[i, i + 1 : end], error.view(-1), alpha=-1)
+            segment = i
+        _walk(kernel, work, steps, errors, inverse_factor, plan, scales, safe, first, end, segment, end)
         if end < in_features:
             rows = end - first
             flat[end:].addmm_(inverse_factor[first:end, end:].T, errors[:rows].view(rows, -1), alpha=-1)
+
+
+def _walk(kernel, work, steps, errors, inverse_factor, plan, scales, safe, first, end, start, stop) -> None:
+    """Quantize rows [start, stop) of the block [first, end), each row's error
+    reaching the rest of the block; errors[i - first] keeps row i's error."""
+    if kernel is not None:
+        kernel.gptq_block(work, steps, errors, inverse_factor, scales, safe, plan.low, plan.high, first, end, start, stop)
+        return
+    # The torch reference of core/kernels/gptq.cu: the same arithmetic, one row at a time.
+    flat = work.view(work.shape[0], -1)
+    for i in range(start, stop):
+        row, step, error = work[i], steps[i], errors[i - first]
+        torch.div(row, safe, out=step).round_()
+        torch.minimum(torch.maximum(step, plan.low[i], out=step), plan.high[i], out=step)
+        torch.sub(row, _fp16(step * scales), out=error).div_(inverse_factor[i, i])
+        if i + 1 < end:
+            flat[i + 1 : end].addr_(inverse_factor[i, i + 1 : end], error.view(-1), alpha=-1)
 
 
 @contextmanager
