@@ -33,9 +33,10 @@ EXL2_TENSORS = ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm")
 class EXL2Linear(nn.Module):
     """A layer stored in ExLlamaV2's mixed-bit format.
 
-    The torch reference path dequantizes the weight once, on first use, and
-    keeps it: that is for checking and for small models on the CPU; the packed
-    tensors stay so the layer can be saved or handed to a kernel."""
+    On a GPU with the kernels built, the packed tensors are all it keeps: a few
+    rows read them directly, a prefill dequantizes a transient fp16 tile
+    (core/kernels/exl2.py). Elsewhere (the CPU, or no kernels) the torch
+    reference dequantizes the weight once, on first use, and keeps it."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, device=None, dtype=None):
         super().__init__()
@@ -49,6 +50,7 @@ class EXL2Linear(nn.Module):
         else:
             self.bias = None
         self._dense: torch.Tensor | None = None
+        self._plan = None  # kernel tables, made on first use on the GPU
 
     def quantized_tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in EXL2_TENSORS}
@@ -62,5 +64,21 @@ class EXL2Linear(nn.Module):
             self._dense = weight.t().contiguous().to(self.compute_dtype)
         return self._dense
 
+    def kernel_plan(self):
+        """The kernels' per-layer tables, or None where the torch reference runs."""
+        from .kernels import exl2
+
+        if not exl2.enabled(self.q_weight.device):
+            return None
+        if self._plan is None or self._plan.perm.device != self.q_weight.device:
+            self._plan = exl2.plan_layer(self.quantized_tensors(), self.out_features)
+            self._dense = None
+        return self._plan
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self.kernel_plan() if x.is_cuda else None
+        if plan is not None:
+            from .kernels import exl2
+
+            return exl2.matmul(x, self.quantized_tensors(), plan, self.bias)
         return F.linear(x, self.dense_weight(), self.bias)
