@@ -1,0 +1,160 @@
+"""The CUDA kernels against their torch reference (run on the device machine; skipped elsewhere).
+
+Every check draws fresh random packed weights and inputs; the reference is the
+float32 product on the dequantized fp16 weights. Outputs are poisoned first: the
+block the kernel's output will take from the caching allocator is filled with
+NaN, so an element the kernel forgets to write shows up as NaN.
+"""
+
+import pytest
+import torch
+
+from bench.exl2_random import MIXES, layout_for, llama_config, random_exl2_tensors, random_model
+from core.cache import KVCache
+from core.exl2_format import dequantize_exl2
+from core.kernels import exl2, reference
+from core.kernels.build import kernels
+
+pytestmark = pytest.mark.cuda
+
+# fp16 output of an fp32-accumulated product: about 2^-11 relative per element.
+TOLERANCE = 2e-3
+BITS = (2, 3, 4, 5, 6, 8)
+# (in_features, out_features): the demo model's odd widths, and a last group ending mid-word.
+SHAPES = [(576, 576), (576, 1536), (1536, 576), (532, 202)]
+_seed = iter(range(10**6))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    assert kernels() is not None, "the kernels must build on the device machine"
+
+
+def poison(numel: int) -> None:
+    torch.full((numel,), float("nan"), dtype=torch.float16, device="cuda")
+
+
+def layer(in_features, out_features, mix):
+    tensors = random_exl2_tensors(in_features, out_features, layout_for(in_features, mix, 32 if in_features == 532 else 128),
+                                  "cuda", next(_seed))
+    return tensors, exl2.plan_layer(tensors, out_features)
+
+
+def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
+    assert not out.isnan().any(), "an output element was never written"
+    return float((out.float() - expected).norm() / expected.norm())
+
+
+def expected_product(x, tensors, out_features, bias=None):
+    out = x.float() @ dequantize_exl2(tensors, out_features).float()
+    return out + bias.float() if bias is not None else out
+
+
+def check_small(tensors, plan, rows, bias=None):
+    x = torch.randn(rows, plan.in_features, device="cuda").half()
+    poison(rows * plan.out_features)
+    out = exl2.gemm_small(x, tensors, plan, bias)
+    assert out.shape == (rows, plan.out_features) and out.dtype == torch.float16
+    error = relative_error(out, expected_product(x, tensors, plan.out_features, bias))
+    assert error < TOLERANCE, f"{rows} rows: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_exl2_small_batch_matches_reference_at_each_width(bits, shape):
+    tensors, plan = layer(*shape, [(bits, 1.0)])
+    for rows in range(1, 17):
+        check_small(tensors, plan, rows)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_exl2_small_batch_mixed_widths_in_one_matrix(shape):
+    # Every width in one matrix, highest first as act-order places them, with a bias.
+    mix = [(8, 0.1), (6, 0.15), (5, 0.15), (4, 0.2), (3, 0.2), (2, 0.2)]
+    tensors, plan = layer(*shape, mix)
+    bias = torch.randn(shape[1], device="cuda").half()
+    for rows in (1, 2, 3, 5, 8, 9, 16):
+        check_small(tensors, plan, rows, bias)
+
+
+@pytest.mark.parametrize("bpw", [2.5, 4.0, 6.0])
+def test_exl2_small_batch_llama_mlp_shape(bpw):
+    for shape in ((4096, 11008), (11008, 4096)):
+        tensors, plan = layer(*shape, MIXES[bpw])
+        for rows in (1, 4, 16):
+            check_small(tensors, plan, rows)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("shape", SHAPES[:2] + [(4096, 11008)])
+def test_exl2_dequant_is_bit_exact(bits, shape):
+    tensors, plan = layer(*shape, [(bits, 0.5), (2 if bits != 2 else 3, 0.5)])
+    poison(shape[0] * shape[1])
+    tile = exl2.dequant(tensors, plan)
+    assert not tile.isnan().any()
+    assert torch.equal(tile, reference.exl2_dequant(tensors, shape[1]))
+
+
+@pytest.mark.parametrize("rows", [17, 300, 2048])
+def test_exl2_prefill_product_matches_reference(rows):
+    tensors, plan = layer(1536, 576, [(6, 0.3), (4, 0.4), (3, 0.3)])
+    x = torch.randn(2, rows, 1536, device="cuda").half()
+    poison(2 * rows * 576)
+    out = exl2.matmul(x, tensors, plan)
+    assert out.shape == (2, rows, 576)
+    assert relative_error(out, expected_product(x, tensors, 576)) < TOLERANCE
+
+
+def test_small_batch_leaves_its_scratch_zeroed_for_the_next_layer():
+    tensors, plan = layer(576, 1536, [(4, 1.0)])
+    x = torch.randn(16, 576, device="cuda").half()
+    exl2.gemm_small(x, tensors, plan)
+    assert int(exl2._scratch.buffers[x.device].count_nonzero()) == 0
+
+
+def greedy(model, prompt, steps):
+    cache = KVCache(model.config, 256, device="cuda", dtype=torch.float16)
+    ids = torch.tensor([prompt], device="cuda")
+    tokens, logits_seen = [], []
+    with torch.inference_mode():
+        logits = model(ids, cache, 0, last_only=True)[0, -1]
+        for step in range(steps):
+            logits_seen.append(logits)
+            token = int(logits.argmax())
+            tokens.append(token)
+            logits = model(torch.tensor([[token]], device="cuda"), cache, len(prompt) + step)[0, -1]
+    return tokens, torch.stack(logits_seen)
+
+
+@pytest.mark.parametrize("bpw", [2.5, 4.0])
+def test_greedy_generation_with_kernels_matches_reference_path(bpw):
+    model = random_model(llama_config("small", layers=4), bpw, "cuda", torch.float16, seed=3)
+    prompt = torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    ours, our_logits = greedy(model, prompt, 32)
+    # The kernel path keeps no dense copy of any weight on the GPU.
+    assert all(module._dense is None for module in model.modules() if hasattr(module, "_dense"))
+    with exl2.reference_only():
+        expected, expected_logits = greedy(model, prompt, 32)
+    assert float((our_logits - expected_logits).norm() / expected_logits.norm()) < 1e-2
+    assert ours == expected
+
+
+@pytest.mark.parametrize("bpw", [None, 4.0])
+def test_graph_decode_matches_plain_decode_across_a_bucket_edge(bpw):
+    from core.graph_decode import BUCKET, GraphDecoder
+
+    model = random_model(llama_config("small", layers=2), bpw, "cuda", torch.float16, seed=5)
+    prompt = torch.randint(0, model.config.vocab_size, (1, BUCKET - 4), device="cuda")
+    plain_cache = KVCache(model.config, 2 * BUCKET, device="cuda", dtype=torch.float16)
+    graph_cache = KVCache(model.config, 2 * BUCKET, device="cuda", dtype=torch.float16)
+    decoder = GraphDecoder(model, graph_cache)
+    with torch.inference_mode():
+        model(prompt, plain_cache, 0)
+        model(prompt, graph_cache, 0)
+        token = 7
+        for position in range(BUCKET - 4, BUCKET + 4):
+            expected = model(torch.tensor([[token]], device="cuda"), plain_cache, position)[0, -1]
+            ours = decoder.step(token, position)
+            assert float((ours - expected).norm() / expected.norm()) < 5e-3
+            token = int(expected.argmax())
+    assert len(decoder.graphs) == 2
