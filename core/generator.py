@@ -6,6 +6,7 @@ previous prompt and answer, so only the new tail is prefilled.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -18,6 +19,8 @@ from .model import CausalLM
 from .sampling import SamplingSettings, sample_token
 
 DEFAULT_CONTEXT = 4096
+# QUANTLAB_CUDA_GRAPHS=0 decodes with plain launches, to bisect a wrong answer.
+GRAPHS_SWITCH = "QUANTLAB_CUDA_GRAPHS"
 
 
 @dataclass
@@ -69,6 +72,12 @@ class Generator:
         self.prefill_chunk = prefill_chunk
         self.cache = KVCache(model.config, self.max_seq_len, device=model.device, dtype=model.dtype)
         self._cached_ids: list[int] = []
+        # On a GPU each decode step replays a captured graph instead of launching kernels one by one.
+        self._graphs = None
+        if model.device.type == "cuda" and os.environ.get(GRAPHS_SWITCH, "1") != "0":
+            from .graph_decode import GraphDecoder
+
+            self._graphs = GraphDecoder(model, self.cache)
 
     def reset(self) -> None:
         self.cache.reset()
@@ -94,6 +103,10 @@ class Generator:
     @torch.inference_mode()
     def _decode_one(self, token: int) -> torch.Tensor:
         position = len(self._cached_ids)
+        if self._graphs is not None:
+            logits = self._graphs.step(token, position)
+            self._cached_ids.append(token)
+            return logits
         ids = torch.tensor([[token]], device=self.model.device)
         logits = self.model(ids, self.cache, position)
         self._cached_ids.append(token)
