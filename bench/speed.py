@@ -1,0 +1,237 @@
+"""GPU speed of the engine on Llama-2-7B- and Llama-3-8B-shaped models with random weights.
+
+    python -m bench.speed [--models llama2-7b,llama3-8b] [--bpw 2.5,3.0,4.0,5.0,6.0,fp16]
+                          [--layers N] [--decode-tokens 64] [--prefill 2048] [--no-hf] [--quick]
+
+EXL2 models are written directly in the stored layout (bench/exl2_random.py), so
+no conversion runs. For each model and bpw: batch-1 decode (CUDA graph replay,
+as the chat generator does), prefill of `--prefill` tokens, peak GPU memory, and
+the ratio of decode speed to its roofline = copy bandwidth / bytes read per
+token (every weight once, plus the KV cache so far). In the same run: the
+device's copy bandwidth, HF transformers fp16 on the same shapes, and the
+small-batch kernel's bandwidth on one 4096x11008 matrix per width. Prints a
+markdown table and writes bench/results/speed-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from bench.exl2_random import MIXES, layout_for, llama_config, quantized_bits, random_exl2_tensors, random_model
+from core.cache import KVCache
+from core.exl2_format import stored_bits
+from core.graph_decode import GraphDecoder
+from core.kernels import exl2
+from core.kernels.build import kernels
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name().replace("NVIDIA ", "").replace(" ", "-")
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of fn() over `repeats`, timed with device events after a warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Bytes read plus written per second by a 2 GiB device-to-device copy."""
+    source = torch.randn(256 << 20, device="cuda")
+    target = torch.empty_like(source)
+    seconds = timed(lambda: target.copy_(source), 20)
+    return 2 * source.numel() * 4 / seconds
+
+
+def kernel_bandwidth(bits_list, copies: int = 6) -> list[dict]:
+    """Batch-1 product on 4096x11008 (in x out) at each width, over several copies so L2 holds none."""
+    rows = []
+    for bits in bits_list:
+        layers = []
+        for i in range(copies):
+            tensors = random_exl2_tensors(4096, 11008, layout_for(4096, [(bits, 1.0)]), "cuda", seed=i)
+            layers.append((tensors, exl2.plan_layer(tensors, 11008)))
+        x = torch.randn(1, 4096, device="cuda").half()
+        exl2.reserve_scratch(x.device, 1, 11008)
+        graph = torch.cuda.CUDAGraph()
+        exl2.gemm_small(x, *layers[0])
+        with torch.cuda.graph(graph):
+            for tensors, plan in layers * 4:
+                exl2.gemm_small(x, tensors, plan)
+        seconds = timed(graph.replay, 20) / (4 * copies)
+        stored = stored_bits(layers[0][0]) / 8
+        rows.append({"bits": bits, "us": seconds * 1e6, "bytes": stored, "gb_s": stored / seconds / 1e9})
+        del layers, graph
+    return rows
+
+
+def model_bytes_per_token(model) -> int:
+    """Bytes a decode step must read: every linear layer's stored tensors, norms, one embedding row."""
+    total = 0
+    for name, module in model.named_modules():
+        if hasattr(module, "quantized_tensors"):
+            total += stored_bits(module.quantized_tensors()) // 8
+        elif hasattr(module, "weight") and module.weight is not None and "embed" not in name:
+            total += module.weight.numel() * module.weight.element_size()
+    return total
+
+
+def kv_bytes(config, length: int) -> int:
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * length * 2
+
+
+@torch.inference_mode()
+def run_ours(config, bpw, prefill: int, decode_tokens: int, bandwidth: float) -> dict:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model = random_model(config, bpw, "cuda", torch.float16)
+    cache = KVCache(config, prefill + decode_tokens + 8, device="cuda", dtype=torch.float16)
+    prompt = torch.randint(0, config.vocab_size, (1, prefill), device="cuda")
+    # Prefill: the whole prompt in one forward, as a long chat turn would be.
+    prefill_s = timed(lambda: model(prompt, cache, 0, last_only=True), 3)
+    decoder = GraphDecoder(model, cache)
+    start_position = 128  # a short chat turn: decode right after a 128-token prompt
+    model(prompt[:, :start_position], cache, 0, last_only=True)
+    decoder.step(1, start_position)  # capture
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    token = 1
+    for i in range(decode_tokens):
+        token = int(decoder.step(token, start_position + i).argmax())
+    decode_s = (time.perf_counter() - start) / decode_tokens
+    # Plain launches, no graph: what the step costs from Python on this host.
+    ids = torch.tensor([[token]], device="cuda")
+    eager_s = timed(lambda: model(ids, cache, start_position), 5)
+    weight_bytes = model_bytes_per_token(model)
+    bytes_per_token = weight_bytes + kv_bytes(config, start_position + decode_tokens // 2)
+    floor_s = bytes_per_token / bandwidth
+    bits, weights = quantized_bits(model)
+    record = {
+        "bpw": bpw if bpw is not None else 16.0,
+        "real_bpw": bits / weights if weights else 16.0,
+        "engine": "quantlab",
+        "decode_tok_s": 1 / decode_s,
+        "decode_eager_tok_s": 1 / eager_s,
+        "prefill_tok_s": prefill / prefill_s,
+        "roofline_tok_s": 1 / floor_s,
+        "roofline_ratio": floor_s / decode_s,
+        "weight_gb": weight_bytes / 1e9,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+    }
+    del model, cache, decoder
+    gc.collect()
+    return record
+
+
+@torch.inference_mode()
+def run_transformers(config, prefill: int, decode_tokens: int, bandwidth: float) -> dict:
+    import transformers
+
+    torch.cuda.empty_cache()
+    hf_config = transformers.LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads, rope_theta=config.rope_theta, max_position_embeddings=4096)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        with torch.device("cuda"):
+            model = transformers.LlamaForCausalLM(hf_config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    torch.cuda.reset_peak_memory_stats()
+    prompt = torch.randint(0, config.vocab_size, (1, prefill), device="cuda")
+    prefill_s = timed(lambda: model(prompt, use_cache=True, logits_to_keep=1), 3)
+    out = model(prompt[:, :128], use_cache=True, logits_to_keep=1)
+    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(decode_tokens):
+        out = model(token, past_key_values=past, use_cache=True)
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        int(token)
+    decode_s = (time.perf_counter() - start) / decode_tokens
+    weight_bytes = sum(p.numel() * 2 for n, p in model.named_parameters() if "embed" not in n)
+    floor_s = (weight_bytes + kv_bytes(config, 128 + decode_tokens // 2)) / bandwidth
+    record = {
+        "bpw": 16.0, "real_bpw": 16.0, "engine": "transformers",
+        "decode_tok_s": 1 / decode_s, "prefill_tok_s": prefill / prefill_s,
+        "roofline_tok_s": 1 / floor_s, "roofline_ratio": floor_s / decode_s, "weight_gb": weight_bytes / 1e9,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+    }
+    del model, past, out
+    gc.collect()
+    return record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="llama2-7b,llama3-8b")
+    parser.add_argument("--bpw", default="2.5,3.0,4.0,5.0,6.0,fp16")
+    parser.add_argument("--layers", type=int, default=None, help="fewer layers than the real model, for a short run")
+    parser.add_argument("--prefill", type=int, default=2048)
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--no-hf", action="store_true", help="skip HF transformers")
+    parser.add_argument("--quick", action="store_true", help="llama2-7b, 4 layers, 4.0 bpw and fp16")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if args.quick:
+        args.models, args.bpw, args.layers = "llama2-7b", "4.0,fp16", args.layers or 4
+    assert kernels() is not None, "the CUDA kernels did not build"
+    device = device_name()
+    bandwidth = copy_bandwidth()
+    print(f"device {device}, copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    matrix = kernel_bandwidth((2, 3, 4, 5, 6, 8))
+    for row in matrix:
+        print(f"4096x11008 {row['bits']}-bit batch 1: {row['us']:.1f} us, {row['gb_s']:.0f} GB/s "
+              f"({row['gb_s'] * 1e9 / bandwidth:.0%} of copy)", flush=True)
+    records = []
+    for name in args.models.split(","):
+        config = llama_config(name, layers=args.layers)
+        for spec in args.bpw.split(","):
+            bpw = None if spec == "fp16" else float(spec)
+            record = {"model": name, "layers": config.num_layers, "batch": 1, "device": device,
+                      **run_ours(config, bpw, args.prefill, args.decode_tokens, bandwidth)}
+            records.append(record)
+            print(json.dumps(record), flush=True)
+        if not args.no_hf:
+            record = {"model": name, "layers": config.num_layers, "batch": 1, "device": device,
+                      **run_transformers(config, args.prefill, args.decode_tokens, bandwidth)}
+            records.append(record)
+            print(json.dumps(record), flush=True)
+    out = args.out or RESULTS / f"speed-{device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": device, "copy_bandwidth_gb_s": bandwidth / 1e9,
+                               "matrix_4096x11008": matrix, "rows": records}, indent=1))
+    print(f"\n{device}, copy {bandwidth / 1e12:.2f} TB/s, prefill {args.prefill} tokens, batch-1 decode after 128\n")
+    print("| model | layers | engine | bpw (real) | decode tok/s | eager tok/s | roofline tok/s | ratio | "
+          "prefill tok/s | peak GiB |\n|---|---|---|---|---|---|---|---|---|---|")
+    for r in records:
+        print(f"| {r['model']} | {r['layers']} | {r['engine']} | {r['bpw']:g} ({r['real_bpw']:.2f}) | "
+              f"{r['decode_tok_s']:.0f} | {r.get('decode_eager_tok_s', float('nan')):.0f} | {r['roofline_tok_s']:.0f} | "
+              f"{r['roofline_ratio']:.0%} | {r['prefill_tok_s']:.0f} | {r['peak_mem_gib']:.1f} |")
+    print("\n| 4096x11008 bits | us | GB/s | of copy |\n|---|---|---|---|")
+    for row in matrix:
+        print(f"| {row['bits']} | {row['us']:.1f} | {row['gb_s']:.0f} | {row['gb_s'] * 1e9 / bandwidth:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
