@@ -302,6 +302,17 @@ def test_all_settings_at_once_give_what_each_gives_alone(hessian):
             assert torch.equal(stored[name], alone[name]), (setting, name)
 
 
+def test_unpacked_results_are_what_the_files_give_back(hessian):
+    # The measurement pass skips packing; its weights must be the ones the
+    # written files decode to, or it would measure a different model.
+    weight = random_weight(seed=8)
+    settings = list(dict.fromkeys(candidate["down_proj"] for candidate in MLP_CANDIDATES))
+    packed = gptq.quantize_matrix_multi(weight, hessian, settings)
+    dense = gptq.quantize_matrix_multi(weight, hessian, settings, packed=False)
+    for setting, tensors, weights in zip(settings, packed, dense):
+        assert torch.equal(weights, dequantize_exl2(tensors, OUT_FEATURES).T.float()), setting
+
+
 def _walk_case(seed, in_features=80, settings=3, out_features=70):
     """Random GPTQ walk inputs shaped as _gptq_rows holds them, on the GPU."""
     g = torch.Generator().manual_seed(seed)

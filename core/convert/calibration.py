@@ -122,16 +122,18 @@ def rows_from_tokens(token_ids: list[int], rows: int, length: int) -> torch.Tens
 @torch.inference_mode()
 def generate_texts(
     model: CausalLM, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int], seed: int,
-    temperature: float = 0.8, top_k: int = 50, progress=None,
+    temperature: float = 0.8, top_k: int = 50, progress=None, budget: int | None = None,
 ) -> list[list[int]]:
     """Sample continuations of a batch of prompts at once (left-padded), returning prompt+answer ids.
 
     Rows that finish leave the batch (answers differ in length by 10x, so most of
-    the compute would otherwise go to rows already done). `progress(tokens)` is
-    called after each step with the answer tokens so far.
+    the compute would otherwise go to rows already done). Sampling stops early
+    once prompts and answers hold `budget` tokens. `progress(tokens)` is called
+    after each step with the answer tokens so far.
     """
     batch, longest = len(prompts), max(len(p) for p in prompts)
     total = longest + max_new_tokens
+    prompt_tokens = sum(len(p) for p in prompts)
     ids = torch.zeros(batch, longest, dtype=torch.long)
     key_mask = torch.zeros(batch, total, dtype=torch.bool)
     for row, prompt in enumerate(prompts):
@@ -160,6 +162,8 @@ def generate_texts(
             progress(written)
         if not keep or step == max_new_tokens - 1:
             break
+        if budget is not None and prompt_tokens + written >= budget:
+            break
         if len(keep) < len(rows):
             index = torch.tensor(keep, device=device)
             cache.keep_rows(index)
@@ -169,29 +173,51 @@ def generate_texts(
     return [prompt + answer for prompt, answer in zip(prompts, answers)]
 
 
+# Sampling is one decode step per token for the whole batch, and on a GPU a
+# step costs about the same for 8 rows as for 128: the wider the batch, the
+# fewer steps. Its KV cache is what limits the width.
+SAMPLING_CACHE_BYTES = 2 << 30
+MAX_SAMPLING_ROWS = 128
+
+
+def sampling_rows(model: CausalLM, sequence_length: int, limit: int = MAX_SAMPLING_ROWS) -> int:
+    """How many answers to sample side by side within SAMPLING_CACHE_BYTES of KV cache."""
+    config = model.config
+    per_row = 2 * config.num_layers * config.num_kv_heads * config.head_dim * sequence_length
+    per_row *= torch.empty((), dtype=model.dtype).element_size()
+    return max(1, min(limit, SAMPLING_CACHE_BYTES // per_row))
+
+
 def self_generated_rows(
-    model: CausalLM, tokenizer, rows: int, length: int, stop_ids: set[int], seed: int = 0, batch: int = 32,
-    progress=None,
+    model: CausalLM, tokenizer, rows: int, length: int, stop_ids: set[int], seed: int = 0,
+    batch: int | None = None, progress=None,
 ) -> torch.Tensor:
-    """Rows of text the model writes from CALIBRATION_PROMPTS, answers joined by EOS into one stream."""
+    """Rows of text the model writes from CALIBRATION_PROMPTS, answers joined by EOS into one stream.
+
+    Each prompt is answered several times over (different samples) in one wide
+    batch that stops as soon as the rows are full, so a long answer may end
+    mid-sentence; the next round, if one is needed, samples with a new seed.
+    """
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    stream: list[int] = []
+    prompts = [
+        tokenizer.encode_chat([{"role": "user", "content": p}], add_generation_prompt=True) for p in CALIBRATION_PROMPTS
+    ]
     needed = rows * length
+    new_tokens = max(64, length)
+    width = batch or sampling_rows(model, max(len(p) for p in prompts) + new_tokens)
+    # No wider than the text needs with answers about half their room on average:
+    # wider would cut every answer short and fill the rows with beginnings.
+    width = max(1, min(width, 2 * needed // new_tokens + 1))
+    stream: list[int] = []
     round_index = 0
     while len(stream) < needed:
-        prompts = [
-            tokenizer.encode_chat([{"role": "user", "content": p}], add_generation_prompt=True)
-            for p in CALIBRATION_PROMPTS
-        ]
-        for start in range(0, len(prompts), batch):
-            chunk = prompts[start : start + batch]
-            before = len(stream) + sum(len(p) + len(separator) for p in chunk)
-            report = (lambda written: progress(min(before + written, needed), needed)) if progress else None
-            for text in generate_texts(model, chunk, max(64, length), stop_ids,
-                                       seed + 1000 * round_index + start, progress=report):
-                stream += text + separator
-            if len(stream) >= needed:
-                break
+        chunk = [prompts[(round_index * width + i) % len(prompts)] for i in range(width)]
+        before = len(stream)
+        report = (lambda written: progress(min(before + written + sum(map(len, chunk)), needed), needed)) if progress else None
+        budget = needed - len(stream) + len(separator) * width
+        for text in generate_texts(model, chunk, new_tokens, stop_ids, seed + 1000 * round_index, progress=report,
+                                   budget=budget):
+            stream += text + separator
         round_index += 1
     return torch.tensor(stream[:needed], dtype=torch.long).view(rows, length)
 

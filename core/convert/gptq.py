@@ -210,8 +210,13 @@ def quantize_matrix_multi(
     settings: list[QuantSetting],
     damp: float = 0.01,
     act_order: bool = True,
-) -> list[dict[str, torch.Tensor]]:
+    packed: bool = True,
+) -> list[dict[str, torch.Tensor]] | list[torch.Tensor]:
     """`quantize_matrix` with each of `settings`, in one pass over the input rows.
+
+    With packed=False each setting gives the dequantized weight [out, in] in
+    float32 instead, equal to dequantize_exl2 of its tensors, without packing
+    and unpacking them (the measurement pass needs only that, for ~20 settings).
 
     The act-order permutation and the inverse Cholesky factor depend on the
     Hessian alone, and GPTQ's row steps are the same small ops for every
@@ -229,13 +234,14 @@ def quantize_matrix_multi(
     if not distinct:
         return []
     with _torch_threads(_CPU_THREADS if hessian.device.type == "cpu" else None):
-        stored = dict(zip(distinct, _quantize_layouts(weight, hessian, distinct, damp, act_order)))
-    return [dict(stored[layout]) for layout in layouts]
+        stored = dict(zip(distinct, _quantize_layouts(weight, hessian, distinct, damp, act_order, packed)))
+    return [stored[layout] if not packed else dict(stored[layout]) for layout in layouts]
 
 
 def _quantize_layouts(
-    weight: torch.Tensor, hessian: torch.Tensor, layouts: list[tuple[tuple[int, int], ...]], damp: float, act_order: bool
-) -> list[dict[str, torch.Tensor]]:
+    weight: torch.Tensor, hessian: torch.Tensor, layouts: list[tuple[tuple[int, int], ...]], damp: float, act_order: bool,
+    packed: bool = True,
+) -> list[dict[str, torch.Tensor]] | list[torch.Tensor]:
     out_features, in_features = weight.shape
     h = _prepare_hessian(hessian)
     device = h.device
@@ -256,10 +262,18 @@ def _quantize_layouts(
     steps = torch.empty_like(work)
     scale_codes = torch.empty(plan.groups, out_features, dtype=torch.uint8, device=device)
     scale_maxes = torch.empty(plan.groups, dtype=torch.float16, device=device)
-    _gptq_rows(work, steps, inverse_factor, plan, scale_codes, scale_maxes)
+    slot_scales = None if packed else torch.empty(plan.groups, out_features, dtype=torch.float32, device=device)
+    _gptq_rows(work, steps, inverse_factor, plan, scale_codes, scale_maxes, slot_scales)
 
-    codes = steps.add_(plan.zero).to(torch.uint8)
     invperm = torch.argsort(perm)
+    if not packed:
+        # Each row's decoded scale is its group's; one fp16 rounding of the
+        # product, as the kernels dequantize.
+        return [
+            _fp16(steps[:, index] * slot_scales[_row_slots(layout, slots)])[invperm].T.contiguous()
+            for index, (layout, slots) in enumerate(zip(layouts, plan.slots))
+        ]
+    codes = steps.add_(plan.zero).to(torch.uint8)
     return [
         pack_exl2(codes[:, index], scale_codes[slots], scale_maxes[slots], list(layout), invperm)
         for index, (layout, slots) in enumerate(zip(layouts, plan.slots))
@@ -356,6 +370,12 @@ def _plan_rows(layouts: list[tuple[tuple[int, int], ...]], in_features: int, dev
     )
 
 
+def _row_slots(layout: tuple[tuple[int, int], ...], slots: torch.Tensor) -> torch.Tensor:
+    """The scale slot of every (act-ordered) input row of one setting."""
+    rows = torch.tensor([rows for _, rows in layout], device=slots.device)
+    return torch.repeat_interleave(slots, rows)
+
+
 def _gptq_rows(
     work: torch.Tensor,
     steps: torch.Tensor,
@@ -363,6 +383,7 @@ def _gptq_rows(
     plan: _RowPlan,
     scale_codes: torch.Tensor,
     scale_maxes: torch.Tensor,
+    slot_scales: torch.Tensor | None = None,
 ) -> None:
     """Quantize work [in, settings, out] row by row in place; codes minus zero point go to `steps`."""
     in_features, count, out_features = work.shape
@@ -388,6 +409,8 @@ def _gptq_rows(
                 scale_codes.index_copy_(0, group.slots, codes)
                 scale_maxes.index_copy_(0, group.slots, scale_max)
                 scales.index_copy_(0, group.settings, decoded)
+                if slot_scales is not None:
+                    slot_scales.index_copy_(0, group.slots, decoded)
                 safe.index_copy_(0, group.settings, torch.where(decoded > 0, decoded, math.inf))
             segment = i
         _walk(kernel, work, steps, errors, inverse_factor, plan, scales, safe, first, end, segment, end)

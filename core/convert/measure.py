@@ -26,8 +26,7 @@ CANDIDATES = {"self_attn": ATTENTION_CANDIDATES, "mlp": MLP_CANDIDATES}
 def dequantized(weight: torch.Tensor, hessian: torch.Tensor, settings: list[QuantSetting]) -> dict[QuantSetting, torch.Tensor]:
     """GPTQ-quantize a weight [out, in] with each setting (in one pass) and return
     what the files would give back, [out, in], per setting."""
-    stored = quantize_matrix_multi(weight, hessian, settings)
-    return {setting: dequantized_from(tensors, weight.shape[0]) for setting, tensors in zip(settings, stored)}
+    return dict(zip(settings, quantize_matrix_multi(weight, hessian, settings, packed=False)))
 
 
 def dequantized_from(stored: dict[str, torch.Tensor], out_features: int) -> torch.Tensor:
