@@ -216,3 +216,24 @@ def test_output_folder_that_is_not_ours_is_not_overwritten(tiny, finished, tmp_p
     with pytest.raises(OutputError, match="not a quantized model folder"):
         convert(model, base / "work", precious, calibration)
     assert (precious / "notes.txt").read_text() == "mine"
+
+
+def test_the_models_own_calibration_text_is_written_once_per_model(tiny, tmp_path, monkeypatch):
+    # Converting one model to several sizes (the web app's perplexity-vs-bpw
+    # chart, a user trying 3.0 then 4.0) must not pay minutes of sampling each time.
+    from core.convert import calibration as calibration_module
+
+    model, _, _ = tiny
+    monkeypatch.setenv("QUANTLAB_HOME", str(tmp_path / "home"))
+    calls = []
+    real = calibration_module.self_generated_rows
+    monkeypatch.setattr(calibration_module, "self_generated_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    small = dict(rows=2, length=32, measurement_rows=2, measurement_eval_rows=2)
+    first = ConversionJob(str(model), tmp_path / "w1", tmp_path / "o1", ConversionSettings(**small), device="cpu").run()
+    second = ConversionJob(str(model), tmp_path / "w2", tmp_path / "o2", ConversionSettings(**small, bpw=5.0),
+                           device="cpu").run()
+    assert len(calls) == 1
+    from safetensors.torch import load_file
+
+    assert torch.equal(*(load_file(w / "calibration.safetensors")["rows"] for w in (tmp_path / "w1", tmp_path / "w2")))
+    assert first.bpw < second.bpw

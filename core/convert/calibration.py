@@ -10,6 +10,7 @@ see in chat) and needs no download; it is generated once per work dir.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -233,7 +234,8 @@ def load_or_make_rows(cache_file: Path, signature: dict, make) -> torch.Tensor:
         except (SafetensorError, OSError):
             pass  # a damaged cache is simply made again
     rows = make()
-    temporary = cache_file.with_suffix(".tmp")
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    temporary = cache_file.with_suffix(f".{os.getpid()}.tmp")
     save_file({"rows": rows.contiguous()}, str(temporary), metadata={"signature": key})
     temporary.replace(cache_file)
     return rows

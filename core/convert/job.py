@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from ..config import ModelConfig
 from ..exl2_format import stored_bits
 from ..loader import load_model
-from ..sources import resolve_model_source
+from ..sources import cache_dir, resolve_model_source
 from ..tokenizer import Tokenizer
 from ..weights import weight_files
 from . import calibration
@@ -199,7 +199,14 @@ class ConversionJob:
                 text = calibration.read_text_file(s.calibration)
             return calibration.rows_from_tokens(tokenizer.encode(text, add_special_tokens=False), s.rows, s.length)
 
-        rows = calibration.load_or_make_rows(self.work_dir / "calibration.safetensors", signature, make)
+        source = make
+        if s.calibration is None:
+            # The model's own text costs minutes to write and serves every size
+            # converted from it, so it is also kept beside the model cache.
+            key = json.dumps({**signature, "model": model_fingerprint(folder)}, sort_keys=True)
+            shared = cache_dir() / "calibration" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors"
+            source = lambda: calibration.load_or_make_rows(shared, signature, make)  # noqa: E731
+        rows = calibration.load_or_make_rows(self.work_dir / "calibration.safetensors", signature, source)
         self.emit("calibration", 1.0, f"{rows.shape[0]} rows of {rows.shape[1]} tokens")
         return rows
 
