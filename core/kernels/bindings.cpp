@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "exl2.h"
+#include "fused.h"
 #include "gptq.h"
 
 namespace {
@@ -46,9 +47,11 @@ torch::Tensor exl2_gemm_small(torch::Tensor x, torch::Tensor perm, torch::Tensor
     check(slices, torch::kInt32, "slices");
     check(partial, torch::kFloat, "partial");
     TORCH_CHECK(x.dim() == 2 && perm.numel() == x.size(1), "x: [M, K] with K = the layer's inputs");
-    TORCH_CHECK(partial.numel() >= x.size(0) * n, "partial: fp32 scratch of at least M * n");
     TORCH_CHECK(threads % 32 == 0 && threads <= 1024, "threads: a multiple of 32");
+    TORCH_CHECK(slices.dim() == 2 && slices.size(1) == 4 && slices.size(0) > 0, "slices: [S, 4]");
     Exl2Layer layer = layer_view(q_weight, n, q_scale, q_scale_max, groups, &slices, &perm);
+    TORCH_CHECK(partial.numel() >= x.size(0) * n + exl2_gemm_small_tiles(layer, threads),
+                "partial: fp32 zeros for M * n sums and one count per column tile");
     const void* bias_ptr = nullptr;
     if (bias.has_value()) {
         check(*bias, torch::kHalf, "bias");
@@ -57,7 +60,7 @@ torch::Tensor exl2_gemm_small(torch::Tensor x, torch::Tensor perm, torch::Tensor
     const c10::cuda::CUDAGuard guard(x.device());
     auto out = torch::empty({x.size(0), n}, x.options());
     if (x.size(0) == 0) return out;
-    exl2_gemm_small_launch(layer, x.data_ptr<at::Half>(), x.size(0), x.size(1), max_slice_rows, slices.numel() - 1,
+    exl2_gemm_small_launch(layer, x.data_ptr<at::Half>(), x.size(0), x.size(1), max_slice_rows, slices.size(0),
                            threads, partial.data_ptr<float>(), bias_ptr, out.data_ptr<at::Half>(),
                            c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -96,10 +99,68 @@ void gptq_block(torch::Tensor work, torch::Tensor steps, torch::Tensor errors, t
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps, c10::optional<torch::Tensor> residual) {
+    check(x, torch::kHalf, "x");
+    check(weight, torch::kHalf, "weight");
+    const int64_t hidden = x.size(-1);
+    TORCH_CHECK(weight.numel() == hidden && hidden <= 16 * 1024, "rms_norm: weight [hidden], hidden <= 16384");
+    const void* residual_ptr = nullptr;
+    if (residual.has_value()) {
+        check(*residual, torch::kHalf, "residual");
+        TORCH_CHECK(residual->sizes() == x.sizes(), "rms_norm: residual shaped like x");
+        residual_ptr = residual->data_ptr<at::Half>();
+    }
+    const c10::cuda::CUDAGuard guard(x.device());
+    auto out = torch::empty_like(x);
+    const int64_t rows = x.numel() / hidden;
+    if (rows == 0) return out;
+    rms_norm_launch(x.data_ptr<at::Half>(), residual_ptr, weight.data_ptr<at::Half>(), out.data_ptr<at::Half>(),
+                    rows, hidden, eps, c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return out;
+}
+
+void rope_cache(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos_table, torch::Tensor sin_table,
+                torch::Tensor position, torch::Tensor key_cache, torch::Tensor value_cache) {
+    for (const auto* t : {&q, &k, &v, &cos_table, &sin_table, &key_cache, &value_cache}) check(*t, torch::kHalf, "rope_cache");
+    check(position, torch::kLong, "position");
+    TORCH_CHECK(key_cache.dim() == 4 && key_cache.size(0) == 1 && value_cache.sizes() == key_cache.sizes(),
+                "rope_cache: caches [1, kv_heads, max_seq, dim]");
+    const int64_t kv_heads = key_cache.size(1), max_seq = key_cache.size(2), dim = key_cache.size(3);
+    TORCH_CHECK(dim % 2 == 0 && dim <= 1024 && k.numel() == kv_heads * dim && v.numel() == k.numel() &&
+                q.numel() % dim == 0, "rope_cache: one token of q, k, v for the caches' heads");
+    TORCH_CHECK(cos_table.size(-1) == dim && sin_table.sizes() == cos_table.sizes() && cos_table.size(0) >= max_seq,
+                "rope_cache: cos and sin tables [max_seq, dim]");
+    TORCH_CHECK(position.numel() == 1, "rope_cache: one position");
+    const c10::cuda::CUDAGuard guard(q.device());
+    rope_cache_launch(q.data_ptr<at::Half>(), k.data_ptr<at::Half>(), v.data_ptr<at::Half>(),
+                      cos_table.data_ptr<at::Half>(), sin_table.data_ptr<at::Half>(), position.data_ptr<int64_t>(),
+                      key_cache.data_ptr<at::Half>(), value_cache.data_ptr<at::Half>(), q.numel() / dim, kv_heads, dim,
+                      max_seq, c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+torch::Tensor silu_mul(torch::Tensor gate, torch::Tensor up) {
+    check(gate, torch::kHalf, "gate");
+    check(up, torch::kHalf, "up");
+    TORCH_CHECK(gate.sizes() == up.sizes() && gate.numel() % 2 == 0, "silu_mul: gate and up of one even-sized shape");
+    const c10::cuda::CUDAGuard guard(gate.device());
+    auto out = torch::empty_like(gate);
+    if (gate.numel() == 0) return out;
+    silu_mul_launch(gate.data_ptr<at::Half>(), up.data_ptr<at::Half>(), out.data_ptr<at::Half>(), gate.numel(),
+                    c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("exl2_gemm_small", &exl2_gemm_small, "EXL2 product for a few input rows, reading the packed weights");
     m.def("exl2_dequant", &exl2_dequant, "EXL2 weight to fp16 [K, N], rows in act-order");
+    m.def("rms_norm", &rms_norm, "RMSNorm of fp16 rows, optionally after adding a residual into x",
+          py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("residual") = py::none());
+    m.def("rope_cache", &rope_cache, "Rotary embedding of one token's q (in place) and k, appended with v to the caches");
+    m.def("silu_mul", &silu_mul, "fp16(silu(gate)) * up");
     m.def("gptq_block", &gptq_block, "GPTQ's row walk inside one block of at most 32 input rows");
 }

@@ -8,7 +8,8 @@
 // once per block while it is staged in shared memory.
 //
 // The host hands over a group table (bits, first packed row, first act-order
-// row, rows) and a slice table (first group of each K slice): slices are whole
+// row, rows) and a slice table (first and end group, first row, rows of each K
+// slice; one read tells a block where its inputs are): slices are whole
 // groups of roughly equal bytes, chosen once per layer in Python.
 
 #include "exl2.h"
@@ -99,6 +100,19 @@ __device__ __forceinline__ void group_dot(const int4* q, int stride4, int qrow, 
         for (int c = 0; c < COLS_PER_THREAD; ++c) acc[m][c] = 0.f;
     }
     int r = 0;
+    if constexpr (M <= 2) {
+        // Few accumulators leave registers for 64 rows of loads in flight at once:
+        // a block's run through its slice is a chain of load latencies, and this halves it.
+        for (; r + 64 <= rows; r += 64, qrow += 2 * BITS) {
+            uint32_t wa[BITS][COLS_PER_THREAD], wb[BITS][COLS_PER_THREAD];
+#pragma unroll
+            for (int i = 0; i < BITS; ++i) load_quad(wa[i], q + (size_t)(qrow + i) * stride4, true);
+#pragma unroll
+            for (int i = 0; i < BITS; ++i) load_quad(wb[i], q + (size_t)(qrow + BITS + i) * stride4, true);
+            dot_rows<BITS, M, BITS, 32>(wa, xs + r, x_stride, acc, xsum);
+            dot_rows<BITS, M, BITS, 32>(wb, xs + r + 32, x_stride, acc, xsum);
+        }
+    }
     // 32 rows of any width are exactly BITS words: issue all loads, then decode.
     for (; r + 32 <= rows; r += 32, qrow += BITS) {
         uint32_t w[BITS][COLS_PER_THREAD];
@@ -133,21 +147,20 @@ __device__ __forceinline__ void group_scales(const int* q_scale, const __half* q
 }
 
 // grid (column tiles, K slices); block: threads over columns, four each.
-// Partial sums of every slice land in `partial` (fp32, zero on entry) by atomics;
-// `finish_kernel` turns them into fp16 and re-zeroes them.
+// Every slice adds its partial sums into `partial` (fp32, zero on entry) by
+// atomics; the last block of a column tile to finish (counted in `done`) turns
+// the sums into fp16 with the bias, and leaves `partial` and `done` zeroed.
 template <int M>
 __global__ void exl2_gemv_kernel(const __half* __restrict__ x, int x_rows, int k, const int* __restrict__ perm,
                                  const int4* __restrict__ q_weight, int packed_rows, int n_pad, int n,
                                  const int* __restrict__ q_scale, const __half* __restrict__ q_scale_max,
-                                 const int4* __restrict__ groups, const int* __restrict__ slices,
-                                 float* __restrict__ partial) {
+                                 const int4* __restrict__ groups, const int4* __restrict__ slices,
+                                 float* __restrict__ partial, int* __restrict__ done, const __half* __restrict__ bias,
+                                 __half* __restrict__ out) {
     extern __shared__ float xs[];
-    const int slice = blockIdx.y;
-    const int g_first = slices[slice], g_end = slices[slice + 1];
-    const int4 first = groups[g_first];
-    const int4 last = groups[g_end - 1];
-    const int row0 = first.z;
-    const int slice_rows = last.z + last.w - row0;
+    __shared__ bool last;
+    const int4 slice = slices[blockIdx.y];  // first group, end group, first row, rows
+    const int g_first = slice.x, g_end = slice.y, row0 = slice.z, slice_rows = slice.w;
     // Rounded to 4 so every row's float4 read stays aligned (group starts are multiples of 4 rows).
     const int x_stride = ((slice_rows + 3) & ~3) + X_PAD_ROWS;
 
@@ -160,7 +173,8 @@ __global__ void exl2_gemv_kernel(const __half* __restrict__ x, int x_rows, int k
     __syncthreads();
 
     const int col = (blockIdx.x * blockDim.x + threadIdx.x) * COLS_PER_THREAD;
-    if (col >= n_pad) return;
+    // Threads past the last column still take part in the barriers below.
+    const bool active = col < n_pad;
     const int stride4 = n_pad / COLS_PER_THREAD;
     const int4* q = q_weight + col / COLS_PER_THREAD;
 
@@ -170,7 +184,7 @@ __global__ void exl2_gemv_kernel(const __half* __restrict__ x, int x_rows, int k
 #pragma unroll
         for (int c = 0; c < COLS_PER_THREAD; ++c) acc[m][c] = 0.f;
 
-    for (int g = g_first; g < g_end; ++g) {
+    for (int g = g_first; active && g < g_end; ++g) {
         const int4 gi = groups[g];  // bits, first packed row, first row, rows
         const float* xg = xs + (gi.z - row0);
         float dot[M][COLS_PER_THREAD];
@@ -190,23 +204,36 @@ __global__ void exl2_gemv_kernel(const __half* __restrict__ x, int x_rows, int k
             for (int c = 0; c < COLS_PER_THREAD; ++c) acc[m][c] = fmaf(scale[c], dot[m][c], acc[m][c]);
     }
 
+    if (active) {
 #pragma unroll
-    for (int m = 0; m < M; ++m) {
-        if (m >= x_rows) break;
+        for (int m = 0; m < M; ++m) {
+            if (m >= x_rows) break;
 #pragma unroll
-        for (int c = 0; c < COLS_PER_THREAD; ++c)
-            if (col + c < n) atomicAdd(partial + (size_t)m * n + col + c, acc[m][c]);
+            for (int c = 0; c < COLS_PER_THREAD; ++c)
+                if (col + c < n) atomicAdd(partial + (size_t)m * n + col + c, acc[m][c]);
+        }
     }
-}
 
-__global__ void finish_kernel(float* __restrict__ partial, const __half* __restrict__ bias, __half* __restrict__ out,
-                              int total, int n) {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= total) return;
-    float v = partial[i];
-    partial[i] = 0.f;
-    if (bias) v += __half2float(bias[i % n]);
-    out[i] = __float2half(v);
+    // Each thread's fence makes its sums visible before the block is counted; the
+    // last block's fence after the count orders its reads after every other block's sums.
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(done + blockIdx.x, 1) == (int)gridDim.y - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    if (active) {
+        for (int m = 0; m < x_rows && m < M; ++m) {
+            for (int c = 0; c < COLS_PER_THREAD && col + c < n; ++c) {
+                float* p = partial + (size_t)m * n + col + c;
+                float v = __ldcg(p);
+                *p = 0.f;
+                if (bias) v += __half2float(bias[col + c]);
+                out[(size_t)m * n + col + c] = __float2half(v);
+            }
+        }
+    }
+    if (threadIdx.x == 0) done[blockIdx.x] = 0;
 }
 
 // grid (column tiles, groups): each thread writes four columns of one group's rows, in act-order.
@@ -266,7 +293,7 @@ __global__ void exl2_dequant_kernel(const int4* __restrict__ q_weight, int packe
 
 template <int M>
 void launch_gemv(const Exl2Layer& layer, const __half* x, int x_rows, int k, int max_slice_rows, int slices,
-                 int threads, float* partial, cudaStream_t stream) {
+                 int threads, float* partial, int* done, const __half* bias, __half* out, cudaStream_t stream) {
     const int tiles = (layer.n_pad / COLS_PER_THREAD + threads - 1) / threads;
     const dim3 grid(tiles, slices);
     const size_t smem = sizeof(float) * M * (((max_slice_rows + 3) & ~3) + X_PAD_ROWS);
@@ -275,29 +302,34 @@ void launch_gemv(const Exl2Layer& layer, const __half* x, int x_rows, int k, int
     kernel<<<grid, threads, smem, stream>>>(
         x, x_rows, k, layer.perm, reinterpret_cast<const int4*>(layer.q_weight), layer.packed_rows, layer.n_pad,
         layer.n, layer.q_scale, static_cast<const __half*>(layer.q_scale_max), reinterpret_cast<const int4*>(layer.groups),
-        layer.slices, partial);
+        reinterpret_cast<const int4*>(layer.slices), partial, done, bias, out);
 }
 
 }  // namespace
 
+int exl2_gemm_small_tiles(const Exl2Layer& layer, int threads) {
+    return (layer.n_pad / COLS_PER_THREAD + threads - 1) / threads;
+}
+
 void exl2_gemm_small_launch(const Exl2Layer& layer, const void* x, int x_rows, int k, int max_slice_rows, int slices,
                             int threads, float* partial, const void* bias, void* out, cudaStream_t stream) {
     const __half* xh = static_cast<const __half*>(x);
+    const __half* bh = static_cast<const __half*>(bias);
+    // The column tiles' completion counts sit right after the sums, zero like them between launches.
+    int* done = reinterpret_cast<int*>(partial + (size_t)x_rows * layer.n);
     // Up to 8 rows per pass keeps the accumulators in registers; more rows take more passes.
     for (int m0 = 0; m0 < x_rows; m0 += 8) {
         const int rows = std::min(8, x_rows - m0);
         const __half* xm = xh + (size_t)m0 * k;
         float* pm = partial + (size_t)m0 * layer.n;
+        __half* om = static_cast<__half*>(out) + (size_t)m0 * layer.n;
         switch (rows) {
-            case 1: launch_gemv<1>(layer, xm, rows, k, max_slice_rows, slices, threads, pm, stream); break;
-            case 2: launch_gemv<2>(layer, xm, rows, k, max_slice_rows, slices, threads, pm, stream); break;
-            case 3: case 4: launch_gemv<4>(layer, xm, rows, k, max_slice_rows, slices, threads, pm, stream); break;
-            default: launch_gemv<8>(layer, xm, rows, k, max_slice_rows, slices, threads, pm, stream); break;
+            case 1: launch_gemv<1>(layer, xm, rows, k, max_slice_rows, slices, threads, pm, done, bh, om, stream); break;
+            case 2: launch_gemv<2>(layer, xm, rows, k, max_slice_rows, slices, threads, pm, done, bh, om, stream); break;
+            case 3: case 4: launch_gemv<4>(layer, xm, rows, k, max_slice_rows, slices, threads, pm, done, bh, om, stream); break;
+            default: launch_gemv<8>(layer, xm, rows, k, max_slice_rows, slices, threads, pm, done, bh, om, stream); break;
         }
     }
-    const int total = x_rows * layer.n;
-    finish_kernel<<<(total + 255) / 256, 256, 0, stream>>>(partial, static_cast<const __half*>(bias),
-                                                          static_cast<__half*>(out), total, layer.n);
 }
 
 void exl2_dequant_launch(const Exl2Layer& layer, int groups, void* out, cudaStream_t stream) {

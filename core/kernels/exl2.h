@@ -9,7 +9,7 @@ struct Exl2Layer {
     const int* q_scale;         // int32 [groups, n_pad / 8]
     const void* q_scale_max;    // fp16 [groups]
     const int* groups;          // int32 [groups, 4]: bits, first packed row, first act-order row, rows
-    const int* slices;          // int32 [slices + 1]: first group of each K slice
+    const int* slices;          // int32 [slices, 4]: first group, end group, first act-order row, rows
     const int* perm;            // int32 [k]: input index of each act-order row
     int packed_rows;
     int n_pad;
@@ -17,7 +17,8 @@ struct Exl2Layer {
 };
 
 // out fp16 [x_rows, n] = x fp16 [x_rows, k] @ layer (+ bias fp16 [n] or null).
-// `partial` is fp32 scratch of x_rows * n zeros; it is left zeroed.
+// `partial` is fp32 scratch of x_rows * n + exl2_gemm_small_tiles() zeros; it is left zeroed.
+int exl2_gemm_small_tiles(const Exl2Layer& layer, int threads);
 void exl2_gemm_small_launch(const Exl2Layer& layer, const void* x, int x_rows, int k, int max_slice_rows, int slices,
                             int threads, float* partial, const void* bias, void* out, cudaStream_t stream);
 

@@ -54,9 +54,11 @@ class Exl2Plan:
     """What the kernels need besides the stored tensors, made once per layer."""
 
     groups: torch.Tensor  # int32 [G, 4]: bits, first packed row, first act-order row, rows
-    slices: torch.Tensor  # int32 [S + 1]: first group of each K slice, then G
+    slices: torch.Tensor  # int32 [S, 4]: first group, end group, first act-order row, rows
     perm: torch.Tensor  # int32 [K]: input index of each act-order row
     max_slice_rows: int
+    threads: int  # per block of the small-batch kernel, four columns each
+    tiles: int  # column tiles of its grid
     in_features: int
     out_features: int
 
@@ -74,13 +76,15 @@ def plan_layer(tensors: dict[str, torch.Tensor], out_features: int, multiprocess
     if multiprocessors is None:
         multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     tiles = -(-q_weight.shape[1] // 4 // THREADS)
-    slices = split_k(layout, max(1, -(-BLOCKS_PER_SM * multiprocessors // tiles)))
-    max_rows = max(sum(rows for _, rows in layout[a:b]) for a, b in zip(slices, slices[1:]))
+    cuts = split_k(layout, max(1, -(-BLOCKS_PER_SM * multiprocessors // tiles)))
+    slices = [(a, b, table[a][2], sum(rows for _, rows in layout[a:b])) for a, b in zip(cuts, cuts[1:])]
     return Exl2Plan(
         groups=torch.tensor(table, dtype=torch.int32, device=device),
         slices=torch.tensor(slices, dtype=torch.int32, device=device),
         perm=torch.argsort(invperm.to(torch.int64)).to(torch.int32),
-        max_slice_rows=max_rows,
+        max_slice_rows=max(rows for *_, rows in slices),
+        threads=THREADS,
+        tiles=tiles,
         in_features=in_features,
         out_features=out_features,
     )
@@ -125,18 +129,22 @@ class _Scratch:
 _scratch = _Scratch()
 
 
+# Room after the sums for the kernel's per-tile completion counts (tiles <= columns / 4 / THREADS).
+COUNT_ROOM = 4096
+
+
 def reserve_scratch(device: torch.device, rows: int, out_features: int) -> None:
     """Size the scratch before a CUDA graph is captured (capture must not allocate it)."""
-    _scratch.get(device, rows * out_features)
+    _scratch.get(device, rows * out_features + COUNT_ROOM)
 
 
 def gemm_small(x: torch.Tensor, tensors: dict[str, torch.Tensor], plan: Exl2Plan,
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """fp16 x [M <= SMALL_BATCH, K] @ weight -> fp16 [M, N], straight from the packed weights."""
-    partial = _scratch.get(x.device, x.shape[0] * plan.out_features)
+    partial = _scratch.get(x.device, x.shape[0] * plan.out_features + max(plan.tiles, COUNT_ROOM))
     return kernels().exl2_gemm_small(
         x, plan.perm, tensors["q_weight"], plan.out_features, tensors["q_scale"], tensors["q_scale_max"],
-        plan.groups, plan.slices, plan.max_slice_rows, THREADS, partial, bias)
+        plan.groups, plan.slices, plan.max_slice_rows, plan.threads, partial, bias)
 
 
 def dequant(tensors: dict[str, torch.Tensor], plan: Exl2Plan) -> torch.Tensor:
