@@ -6,18 +6,23 @@ captured once and replayed. A graph fixes every shape and address, so the step
 here reads the token and its position from device tensors: rope angles come
 from a table, the cache is written with index_copy_, and attention reads a
 fixed-length prefix of the cache (the bucket) with a mask that hides what lies
-past the position. The model's own modules (norms, linear layers) do the rest,
-so the graph computes what CausalLM.forward computes.
+past the position. The model's linear layers run as they are; norms, rope with
+the cache append, and SwiGLU run as fused kernels (core/kernels/fused.cu) or
+their torch twins, which compute what CausalLM.forward computes.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
 
 from .cache import KVCache
-from .model import CausalLM, rotate_half
+from .model import CausalLM
 
+# QUANTLAB_FUSED=0 takes the torch twins of the fused norm, rope and SwiGLU kernels.
+FUSED_SWITCH = "QUANTLAB_FUSED"
 # Attention reads the cache prefix rounded up to this many positions: few graphs, little wasted reading.
 BUCKET = 256
 
@@ -40,6 +45,14 @@ class GraphDecoder:
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
+        if cache.batch_size != 1:
+            raise ValueError("graph decoding runs batch 1")
+        # The fused kernels where they are built (fp16), else their torch twins: the same step either way.
+        from .kernels import reference
+        from .kernels.build import kernels
+
+        built = kernels() if dtype == torch.float16 and os.environ.get(FUSED_SWITCH, "1") != "0" else None
+        self.ops = built if built is not None else reference
 
     @torch.inference_mode()
     def step(self, token: int, position: int) -> torch.Tensor:
@@ -71,30 +84,30 @@ class GraphDecoder:
         return graph, logits
 
     def _forward(self, length: int) -> torch.Tensor:
-        model, cache = self.model, self.cache
-        x = model.model.embed_tokens(self.token)
-        cos = self.cos_table.index_select(0, self.position)
-        sin = self.sin_table.index_select(0, self.position)
+        model, cache, ops = self.model, self.cache, self.ops
+        heads, kv_heads, dim = model.config.num_heads, model.config.num_kv_heads, model.config.head_dim
         keys_seen = self.key_positions[:length]
         allowed = keys_seen <= self.position
         window = model.config.sliding_window
         if window:
             allowed = allowed & (keys_seen > self.position - window)
         mask = allowed.view(1, 1, 1, length)
-        for layer in model.model.layers:
+        layers = model.model.layers
+        x = model.model.embed_tokens(self.token)
+        h = ops.rms_norm(x, layers[0].input_layernorm.weight, layers[0].input_layernorm.eps)
+        for index, layer in enumerate(layers):
             attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(1, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(1, 1, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(1, 1, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-            key_buffer = cache.keys[attn.layer_index][:1]
-            value_buffer = cache.values[attn.layer_index][:1]
-            key_buffer.index_copy_(2, self.position, k)
-            value_buffer.index_copy_(2, self.position, v)
-            out = F.scaled_dot_product_attention(q, key_buffer[:, :, :length], value_buffer[:, :, :length],
-                                                 attn_mask=mask, enable_gqa=attn.num_heads != attn.num_kv_heads)
-            x = x + attn.o_proj(out.transpose(1, 2).reshape(1, 1, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return model.lm_head(model.model.norm(x)).float()
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+            key_buffer, value_buffer = cache.keys[attn.layer_index], cache.values[attn.layer_index]
+            ops.rope_cache(q, k, v, self.cos_table, self.sin_table, self.position, key_buffer, value_buffer)
+            out = F.scaled_dot_product_attention(q.view(1, 1, heads, dim).transpose(1, 2), key_buffer[:, :, :length],
+                                                 value_buffer[:, :, :length], attn_mask=mask,
+                                                 enable_gqa=heads != kv_heads)
+            o = attn.o_proj(out.transpose(1, 2).reshape(1, 1, -1))
+            norm = layer.post_attention_layernorm
+            h = ops.rms_norm(x, norm.weight, norm.eps, o)  # x += o, then the norm
+            mlp = layer.mlp
+            d = mlp.down_proj(ops.silu_mul(mlp.gate_proj(h), mlp.up_proj(h)))
+            norm = layers[index + 1].input_layernorm if index + 1 < len(layers) else model.model.norm
+            h = ops.rms_norm(x, norm.weight, norm.eps, d)
+        return model.lm_head(h).float()

@@ -158,3 +158,50 @@ def test_graph_decode_matches_plain_decode_across_a_bucket_edge(bpw):
             assert float((ours - expected).norm() / expected.norm()) < 5e-3
             token = int(expected.argmax())
     assert len(decoder.graphs) == 2
+
+
+def close(ours: torch.Tensor, expected: torch.Tensor, tolerance: float = 2e-3) -> bool:
+    assert not ours.isnan().any()
+    return float((ours.float() - expected.float()).norm() / expected.float().norm()) < tolerance
+
+
+@pytest.mark.parametrize("hidden", [576, 4096, 5120])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_fused_rms_norm_matches_reference(hidden, with_residual):
+    for rows in (1, 7):
+        x = torch.randn(rows, hidden, device="cuda").half()
+        weight = (1 + 0.1 * torch.randn(hidden, device="cuda")).half()
+        residual = torch.randn_like(x) if with_residual else None
+        x_ours, x_expected = x.clone(), x.clone()
+        poison(x.numel())
+        ours = kernels().rms_norm(x_ours, weight, 1e-5, residual)
+        expected = reference.rms_norm(x_expected, weight, 1e-5, residual)
+        assert close(ours, expected, 1e-3)
+        assert torch.equal(x_ours, x_expected)
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (32, 8, 128), (32, 32, 128)])
+def test_fused_rope_and_cache_append_match_reference(heads, kv_heads, dim):
+    max_seq = 300
+    angles = torch.rand(max_seq, dim // 2, device="cuda") * 100
+    angles = torch.cat((angles, angles), dim=-1)
+    cos, sin = angles.cos().half(), angles.sin().half()
+    position = torch.tensor([137], device="cuda")
+    q = torch.randn(1, 1, heads * dim, device="cuda").half()
+    k = torch.randn(1, 1, kv_heads * dim, device="cuda").half()
+    v = torch.randn(1, 1, kv_heads * dim, device="cuda").half()
+    caches = [torch.randn(1, kv_heads, max_seq, dim, device="cuda").half() for _ in range(2)]
+    ours_q, ours_caches = q.clone(), [c.clone() for c in caches]
+    kernels().rope_cache(ours_q, k, v, cos, sin, position, *ours_caches)
+    reference.rope_cache(q, k, v, cos, sin, position, *caches)
+    assert close(ours_q, q, 1e-3)
+    for ours, expected in zip(ours_caches, caches):
+        assert close(ours, expected, 1e-3)
+        # Nothing but the token's slot changed.
+        assert torch.equal(ours[:, :, :137], expected[:, :, :137]) and torch.equal(ours[:, :, 138:], expected[:, :, 138:])
+
+
+def test_fused_silu_mul_matches_reference():
+    gate, up = torch.randn(2, 11008, device="cuda").half() * 4, torch.randn(2, 11008, device="cuda").half()
+    poison(gate.numel())
+    assert close(kernels().silu_mul(gate, up), reference.silu_mul(gate, up))

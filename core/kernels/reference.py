@@ -24,3 +24,29 @@ def exl2_dequant(tensors: dict[str, torch.Tensor], out_features: int) -> torch.T
     """fp16 [in_features, out_features] with rows in act-order, as the dequant kernel writes it."""
     weight = dequantize_exl2(tensors, out_features)
     return weight[torch.argsort(tensors["q_invperm"].to(torch.int64))]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """weight * RMSNorm(x) as core.model.RMSNorm computes it; with `residual`, x += residual first (in place)."""
+    if residual is not None:
+        x.add_(residual)
+    x32 = x.float()
+    normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return weight * normed
+
+
+def rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
+               position: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
+    """One token, batch 1: rotate q in place; rotated k and v go into the caches [1, kv_heads, max_seq, dim] at position."""
+    from ..model import rotate_half
+
+    dim = key_cache.shape[-1]
+    cos, sin = cos_table.index_select(0, position), sin_table.index_select(0, position)
+    queries, keys = q.view(-1, dim), k.view(-1, dim)
+    queries.copy_(queries * cos + rotate_half(queries) * sin)
+    key_cache[0].index_copy_(1, position, (keys * cos + rotate_half(keys) * sin).unsqueeze(1))
+    value_cache[0].index_copy_(1, position, v.reshape(-1, 1, dim))
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(gate) * up

@@ -1,0 +1,122 @@
+// Fused pieces of a decode step: each replaces a run of small torch kernels
+// (RMSNorm is seven of them, rope and the cache append a dozen), which matters
+// when a step is a few hundred launches replayed from a CUDA graph. Each rounds
+// to fp16 where the torch reference (core/kernels/reference.py) rounds.
+
+#include "fused.h"
+
+#include <cuda_fp16.h>
+
+namespace {
+
+__device__ __forceinline__ float block_sum(float v, float* shared) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    const int warps = (blockDim.x + 31) >> 5;
+    v = lane < warps ? shared[lane] : 0.f;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+// One block per row. Rows up to MAX_PER_THREAD * blockDim values stay in registers between the two passes.
+constexpr int MAX_PER_THREAD = 16;
+
+__global__ void rms_norm_kernel(__half* __restrict__ x, const __half* __restrict__ residual,
+                                const __half* __restrict__ weight, __half* __restrict__ out, int hidden, float eps) {
+    __shared__ float shared[32];
+    const size_t base = (size_t)blockIdx.x * hidden;
+    float values[MAX_PER_THREAD];
+    float squares = 0.f;
+#pragma unroll
+    for (int j = 0; j < MAX_PER_THREAD; ++j) {
+        const int i = threadIdx.x + j * blockDim.x;
+        float v = 0.f;
+        if (i < hidden) {
+            v = __half2float(x[base + i]);
+            if (residual) {
+                const __half sum = __float2half(v + __half2float(residual[base + i]));
+                x[base + i] = sum;
+                v = __half2float(sum);
+            }
+        }
+        values[j] = v;
+        squares += v * v;
+    }
+    const float inverse_rms = rsqrtf(block_sum(squares, shared) / hidden + eps);
+#pragma unroll
+    for (int j = 0; j < MAX_PER_THREAD; ++j) {
+        const int i = threadIdx.x + j * blockDim.x;
+        if (i < hidden) {
+            const float normed = __half2float(__float2half(values[j] * inverse_rms));
+            out[base + i] = __float2half(normed * __half2float(weight[i]));
+        }
+    }
+}
+
+// One block per head (query heads first, then key/value heads), one thread per element.
+__global__ void rope_cache_kernel(__half* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
+                                  const __half* __restrict__ cos_table, const __half* __restrict__ sin_table,
+                                  const int64_t* __restrict__ position, __half* __restrict__ key_cache,
+                                  __half* __restrict__ value_cache, int heads, int dim, int max_seq) {
+    const int d = threadIdx.x, half_dim = dim / 2;
+    const int64_t pos = *position;
+    const float c = __half2float(cos_table[pos * dim + d]);
+    const float s = __half2float(sin_table[pos * dim + d]);
+    const bool is_query = blockIdx.x < heads;
+    const int head = is_query ? blockIdx.x : blockIdx.x - heads;
+    const __half* src = is_query ? q + (size_t)head * dim : k + (size_t)head * dim;
+    const float own = __half2float(src[d]);
+    const float partner = d < half_dim ? -__half2float(src[d + half_dim]) : __half2float(src[d - half_dim]);
+    // As the reference: fp16(x * cos) + fp16(rotate_half(x) * sin), rounded again.
+    const float rotated = __half2float(__float2half(own * c)) + __half2float(__float2half(partner * s));
+    if (is_query) {
+        __syncthreads();  // every partner read before any write of this head
+        q[(size_t)head * dim + d] = __float2half(rotated);
+    } else {
+        const size_t slot = ((size_t)head * max_seq + pos) * dim + d;
+        key_cache[slot] = __float2half(rotated);
+        value_cache[slot] = v[(size_t)head * dim + d];
+    }
+}
+
+__global__ void silu_mul_kernel(const __half2* __restrict__ gate, const __half2* __restrict__ up,
+                                __half2* __restrict__ out, int64_t pairs) {
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= pairs) return;
+    const float2 g = __half22float2(gate[i]);
+    const float2 u = __half22float2(up[i]);
+    // fp16(silu(g)) first, as F.silu on an fp16 tensor returns it, then the fp16 product.
+    const float sx = __half2float(__float2half(g.x / (1.f + __expf(-g.x))));
+    const float sy = __half2float(__float2half(g.y / (1.f + __expf(-g.y))));
+    out[i] = __floats2half2_rn(sx * u.x, sy * u.y);
+}
+
+}  // namespace
+
+void rms_norm_launch(void* x, const void* residual, const void* weight, void* out, int rows, int hidden, float eps,
+                     cudaStream_t stream) {
+    int threads = 1024;
+    while (threads > 128 && (threads / 2) * MAX_PER_THREAD >= hidden) threads /= 2;
+    rms_norm_kernel<<<rows, threads, 0, stream>>>(static_cast<__half*>(x), static_cast<const __half*>(residual),
+                                                  static_cast<const __half*>(weight), static_cast<__half*>(out), hidden, eps);
+}
+
+void rope_cache_launch(void* q, const void* k, const void* v, const void* cos_table, const void* sin_table,
+                       const int64_t* position, void* key_cache, void* value_cache, int heads, int kv_heads, int dim,
+                       int max_seq, cudaStream_t stream) {
+    rope_cache_kernel<<<heads + kv_heads, dim, 0, stream>>>(
+        static_cast<__half*>(q), static_cast<const __half*>(k), static_cast<const __half*>(v),
+        static_cast<const __half*>(cos_table), static_cast<const __half*>(sin_table), position,
+        static_cast<__half*>(key_cache), static_cast<__half*>(value_cache), heads, dim, max_seq);
+}
+
+void silu_mul_launch(const void* gate, const void* up, void* out, int64_t n, cudaStream_t stream) {
+    const int64_t pairs = n / 2;
+    const int threads = 256;
+    silu_mul_kernel<<<(pairs + threads - 1) / threads, threads, 0, stream>>>(
+        static_cast<const __half2*>(gate), static_cast<const __half2*>(up), static_cast<__half2*>(out), pairs);
+}
