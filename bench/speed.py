@@ -61,7 +61,7 @@ def copy_bandwidth() -> float:
     return 2 * source.numel() * 4 / seconds
 
 
-def kernel_bandwidth(bits_list, copies: int = 6) -> list[dict]:
+def kernel_bandwidth(bits_list, copies: int = 6, batch: int = 1) -> list[dict]:
     """Batch-1 product on 4096x11008 (in x out) at each width, over several copies so L2 holds none."""
     rows = []
     for bits in bits_list:
@@ -69,8 +69,8 @@ def kernel_bandwidth(bits_list, copies: int = 6) -> list[dict]:
         for i in range(copies):
             tensors = random_exl2_tensors(4096, 11008, layout_for(4096, [(bits, 1.0)]), "cuda", seed=i)
             layers.append((tensors, exl2.plan_layer(tensors, 11008)))
-        x = torch.randn(1, 4096, device="cuda").half()
-        exl2.reserve_scratch(x.device, 1, 11008)
+        x = torch.randn(batch, 4096, device="cuda").half()
+        exl2.reserve_scratch(x.device, batch, 11008)
         graph = torch.cuda.CUDAGraph()
         exl2.gemm_small(x, *layers[0])
         with torch.cuda.graph(graph):
@@ -78,7 +78,7 @@ def kernel_bandwidth(bits_list, copies: int = 6) -> list[dict]:
                 exl2.gemm_small(x, tensors, plan)
         seconds = timed(graph.replay, 20) / (4 * copies)
         stored = stored_bits(layers[0][0]) / 8
-        rows.append({"bits": bits, "us": seconds * 1e6, "bytes": stored, "gb_s": stored / seconds / 1e9})
+        rows.append({"bits": bits, "batch": batch, "us": seconds * 1e6, "bytes": stored, "gb_s": stored / seconds / 1e9})
         del layers, graph
     return rows
 
@@ -99,7 +99,7 @@ def kv_bytes(config, length: int) -> int:
 
 
 @torch.inference_mode()
-def run_ours(config, bpw, prefill: int, decode_tokens: int, bandwidth: float) -> dict:
+def run_ours(config, bpw, prefill: int, decode_tokens: int, bandwidth: float, profile: bool = False) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     model = random_model(config, bpw, "cuda", torch.float16)
@@ -117,6 +117,14 @@ def run_ours(config, bpw, prefill: int, decode_tokens: int, bandwidth: float) ->
     for i in range(decode_tokens):
         token = int(decoder.step(token, start_position + i).argmax())
     decode_s = (time.perf_counter() - start) / decode_tokens
+    if profile:
+        from torch.profiler import ProfilerActivity
+
+        with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as profiler:
+            for i in range(5):
+                decoder.step(token, start_position + i)
+            torch.cuda.synchronize()
+        print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
     # Plain launches, no graph: what the step costs from Python on this host.
     ids = torch.tensor([[token]], device="cuda")
     eager_s = timed(lambda: model(ids, cache, start_position), 5)
@@ -192,13 +200,26 @@ def main() -> None:
     parser.add_argument("--no-hf", action="store_true", help="skip HF transformers")
     parser.add_argument("--quick", action="store_true", help="llama2-7b, 4 layers, 4.0 bpw and fp16")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=exl2.THREADS)
+    parser.add_argument("--blocks-per-sm", type=int, default=exl2.BLOCKS_PER_SM)
+    parser.add_argument("--profile", action="store_true", help="kernel times of five graph-replayed decode steps")
+    parser.add_argument("--sweep", action="store_true", help="time the 4-bit matrix kernel's block shapes first")
     args = parser.parse_args()
     if args.quick:
         args.models, args.bpw, args.layers = "llama2-7b", "4.0,fp16", args.layers or 4
     assert kernels() is not None, "the CUDA kernels did not build"
+    exl2.THREADS, exl2.BLOCKS_PER_SM = args.threads, args.blocks_per_sm
     device = device_name()
     bandwidth = copy_bandwidth()
     print(f"device {device}, copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    if args.sweep:
+        for threads, per_sm in ((128, 4), (128, 8), (128, 16), (64, 8), (64, 16), (256, 4), (256, 8)):
+            exl2.THREADS, exl2.BLOCKS_PER_SM = threads, per_sm
+            for batch in (1, 4):
+                row = kernel_bandwidth((4,), batch=batch)[0]
+                print(f"sweep threads {threads} blocks/SM {per_sm} batch {batch}: {row['us']:.1f} us "
+                      f"{row['gb_s'] * 1e9 / bandwidth:.0%} of copy", flush=True)
+        exl2.THREADS, exl2.BLOCKS_PER_SM = args.threads, args.blocks_per_sm
     matrix = kernel_bandwidth((2, 3, 4, 5, 6, 8))
     for row in matrix:
         print(f"4096x11008 {row['bits']}-bit batch 1: {row['us']:.1f} us, {row['gb_s']:.0f} GB/s "
@@ -209,7 +230,8 @@ def main() -> None:
         for spec in args.bpw.split(","):
             bpw = None if spec == "fp16" else float(spec)
             record = {"model": name, "layers": config.num_layers, "batch": 1, "device": device,
-                      **run_ours(config, bpw, args.prefill, args.decode_tokens, bandwidth)}
+                      **run_ours(config, bpw, args.prefill, args.decode_tokens, bandwidth,
+                                args.profile and spec in ("4.0", "fp16"))}
             records.append(record)
             print(json.dumps(record), flush=True)
         if not args.no_hf:
