@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -104,9 +105,15 @@ class Generator:
     def _decode_one(self, token: int) -> torch.Tensor:
         position = len(self._cached_ids)
         if self._graphs is not None:
-            logits = self._graphs.step(token, position)
-            self._cached_ids.append(token)
-            return logits
+            try:
+                logits = self._graphs.step(token, position)
+            except RuntimeError as error:  # a capture the driver refuses must not end the chat
+                warnings.warn(f"CUDA graph decoding failed, decoding with plain launches instead: {error}",
+                              RuntimeWarning, stacklevel=2)
+                self._graphs = None
+            else:
+                self._cached_ids.append(token)
+                return logits
         ids = torch.tensor([[token]], device=self.model.device)
         logits = self.model(ids, self.cache, position)
         self._cached_ids.append(token)
