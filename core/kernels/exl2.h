@@ -1,5 +1,5 @@
 // Launchers of the EXL2 kernels, free of torch headers so the .cu files compile
-// quickly on their own (core/kernels/check_build.py does that for every target).
+// quickly on their own (tests/test_kernel_build.py does that for every target).
 #pragma once
 #include <cuda_runtime.h>
 
