@@ -23,6 +23,8 @@ nn.Linear.weight), which is the orientation ExLlamaV2 reconstructs into.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
@@ -64,24 +66,32 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """
     _check_bits(bits)
     rows, cols = codes.shape
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 1 << bits):
+    if codes.numel() and bool(((codes < 0) | (codes.to(torch.int32) >= 1 << bits)).any()):
         raise ValueError(f"codes out of range for {bits} bits")
     # A stream of 32 codes always fills exactly `bits` words, so blocks of 32 rows
-    # can be packed independently with the same shift pattern.
+    # are packed independently with the same shift pattern, all 32 rows of every
+    # block in a few whole-tensor ops (fields do not overlap, so adding is or-ing).
     blocks = -(-rows // 32)
     padded = torch.zeros(blocks * 32, cols, dtype=torch.int64, device=codes.device)
     padded[:rows] = codes.to(torch.int64)
     padded = padded.view(blocks, 32, cols)
+    word, shift, spill = _stream_layout(bits, codes.device)
     words = torch.zeros(blocks, bits, cols, dtype=torch.int64, device=codes.device)
-    for i in range(32):
-        bit = i * bits
-        word, shift = divmod(bit, 32)
-        value = padded[:, i]
-        words[:, word] += (value << shift) & (_WORD - 1)
-        if shift + bits > 32:
-            words[:, word + 1] += value >> (32 - shift)
+    words.index_add_(1, word, (padded << shift) & (_WORD - 1))
+    if spill is not None:
+        words.index_add_(1, word[spill] + 1, padded[:, spill] >> (32 - shift[:, spill]))
     words = words.view(blocks * bits, cols)[: packed_rows(rows, bits)]
     return _to_int32(words)
+
+
+@functools.lru_cache(maxsize=None)
+def _stream_layout(bits: int, device: torch.device):
+    """For code i of a 32-code run: its word, its shift in that word (shaped to
+    broadcast over [blocks, 32, cols]) and the codes that spill into the next word."""
+    position = torch.arange(32) * bits
+    word, shift = position // 32, position % 32
+    spill = torch.nonzero(shift + bits > 32).flatten()
+    return word.to(device), shift.view(1, 32, 1).to(device), spill.to(device) if len(spill) else None
 
 
 def unpack_codes(words: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
@@ -91,18 +101,17 @@ def unpack_codes(words: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
     if words.shape[0] < packed_rows(rows, bits):
         raise ValueError(f"{words.shape[0]} packed rows cannot hold {rows} codes of {bits} bits")
     blocks = -(-rows // 32)
+    # One spare zero word per block, so a code that spills reads it instead of past the end.
     stream = torch.zeros(blocks * bits, cols, dtype=torch.int64, device=words.device)
     n = min(words.shape[0], blocks * bits)
     stream[:n] = words[:n].to(torch.int64) & (_WORD - 1)
-    stream = stream.view(blocks, bits, cols)
-    mask = (1 << bits) - 1
-    codes = torch.empty(blocks, 32, cols, dtype=torch.uint8, device=words.device)
-    for i in range(32):
-        word, shift = divmod(i * bits, 32)
-        value = stream[:, word] >> shift
-        if shift + bits > 32:
-            value = value | (stream[:, word + 1] << (32 - shift))
-        codes[:, i] = (value & mask).to(torch.uint8)
+    stream = torch.cat([stream.view(blocks, bits, cols), torch.zeros(blocks, 1, cols, dtype=torch.int64,
+                                                                       device=words.device)], dim=1)
+    word, shift, spill = _stream_layout(bits, words.device)
+    value = stream.index_select(1, word) >> shift
+    if spill is not None:
+        value[:, spill] |= stream.index_select(1, word[spill] + 1) << (32 - shift[:, spill])
+    codes = (value & ((1 << bits) - 1)).to(torch.uint8)
     return codes.view(blocks * 32, cols)[:rows]
 
 
