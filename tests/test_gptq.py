@@ -66,7 +66,10 @@ def heavy_tailed_weight(seed=2):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(OUT_FEATURES, IN_FEATURES, generator=g) * 0.02
     columns = torch.randperm(IN_FEATURES, generator=g)[:24]
-    t = torch.distributions.StudentT(torch.tensor(2.0)).sample((OUT_FEATURES, 24))
+    # Student-t with 2 degrees of freedom, z / sqrt(chi2_2 / 2), from the seeded
+    # generator (torch.distributions would draw from the global one, a new matrix every run).
+    z, chi = torch.randn(2, OUT_FEATURES, 24, generator=g)
+    t = z / torch.sqrt((chi**2 + torch.randn(OUT_FEATURES, 24, generator=g) ** 2) / 2)
     w[:, columns] = t * 0.02
     return w
 
