@@ -313,7 +313,16 @@ def test_unpacked_results_are_what_the_files_give_back(hessian):
     packed = gptq.quantize_matrix_multi(weight, hessian, settings)
     dense = gptq.quantize_matrix_multi(weight, hessian, settings, packed=False)
     for setting, tensors, weights in zip(settings, packed, dense):
-        assert torch.equal(weights, dequantize_exl2(tensors, OUT_FEATURES).T.float()), setting
+        assert torch.equal(weights, dequantize_exl2(tensors, OUT_FEATURES).T), setting
+
+
+def test_big_matrices_walk_a_few_layouts_at_a_time_with_the_same_result(hessian, monkeypatch):
+    weight = random_weight(seed=9)
+    settings = list(dict.fromkeys(candidate["q_proj"] for candidate in ATTENTION_CANDIDATES))
+    together = gptq.quantize_matrix_multi(weight, hessian, settings, packed=False)
+    monkeypatch.setattr(gptq, "_WALK_BYTES", 3 * 2 * 4 * weight.numel())  # three layouts per walk
+    in_batches = gptq.quantize_matrix_multi(weight, hessian, settings, packed=False)
+    assert len(settings) > 3 and all(torch.equal(a, b) for a, b in zip(together, in_batches))
 
 
 def _walk_case(seed, in_features=80, settings=3, out_features=70):

@@ -215,7 +215,7 @@ def quantize_matrix_multi(
     """`quantize_matrix` with each of `settings`, in one pass over the input rows.
 
     With packed=False each setting gives the dequantized weight [out, in] in
-    float32 instead, equal to dequantize_exl2 of its tensors, without packing
+    fp16 instead, equal to dequantize_exl2 of its tensors, without packing
     and unpacking them (the measurement pass needs only that, for ~20 settings).
 
     The act-order permutation and the inverse Cholesky factor depend on the
@@ -233,8 +233,15 @@ def quantize_matrix_multi(
     distinct = list(dict.fromkeys(layouts))
     if not distinct:
         return []
+    # The walk holds two float32 copies of the matrix per layout: a 4096x11008
+    # matrix with 20 layouts would need 7 GB, so big matrices go a few layouts at a time.
+    per_layout = 2 * 4 * in_features * out_features
+    batch = max(1, _WALK_BYTES // per_layout)
+    stored = {}
     with _torch_threads(_CPU_THREADS if hessian.device.type == "cpu" else None):
-        stored = dict(zip(distinct, _quantize_layouts(weight, hessian, distinct, damp, act_order, packed)))
+        for first in range(0, len(distinct), batch):
+            some = distinct[first : first + batch]
+            stored.update(zip(some, _quantize_layouts(weight, hessian, some, damp, act_order, packed)))
     return [stored[layout] if not packed else dict(stored[layout]) for layout in layouts]
 
 
@@ -270,7 +277,7 @@ def _quantize_layouts(
         # Each row's decoded scale is its group's; one fp16 rounding of the
         # product, as the kernels dequantize.
         return [
-            _fp16(steps[:, index] * slot_scales[_row_slots(layout, slots)])[invperm].T.contiguous()
+            (steps[:, index] * slot_scales[_row_slots(layout, slots)]).to(torch.float16)[invperm].T.contiguous()
             for index, (layout, slots) in enumerate(zip(layouts, plan.slots))
         ]
     codes = steps.add_(plan.zero).to(torch.uint8)
@@ -294,6 +301,8 @@ _CPU_THREADS: int | None = 1
 # Elements of one temporary of the scale search.
 _SEARCH_CHUNK_ELEMENTS = 1 << 18
 _SEARCH_CHUNK_ELEMENTS_CUDA = 1 << 25
+# Working memory of one GPTQ walk over several layouts (see quantize_matrix_multi).
+_WALK_BYTES = 2 << 30
 
 
 @dataclass
