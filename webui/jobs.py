@@ -675,13 +675,15 @@ def stream_answer(sessions: ChatSessions, session: ChatSession, loaded: LoadedMo
 
 
 def kernel_path(loaded: LoadedModel) -> str:
-    if loaded.device.type == "cpu":
+    if loaded.device.type != "cuda":
         return "CPU reference"
-    from core import kernels
+    from core.kernels import exl2
+    from core.linear import EXL2Linear
 
-    # core.kernels says which fast path it took when it has one; the torch twin otherwise.
-    describe = getattr(kernels, "describe_path", None)
-    return describe(loaded.model) if callable(describe) else "torch reference on CUDA"
+    if not any(isinstance(module, EXL2Linear) for module in loaded.model.modules()):
+        return "fp16 (cuBLAS)"
+    # The EXL2 layers take the kernels when the extension built; otherwise their torch twin.
+    return "CUDA kernels" if exl2.enabled(loaded.device) else "torch reference on CUDA"
 
 
 def memory_in_use(loaded: LoadedModel) -> str:
