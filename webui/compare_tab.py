@@ -7,19 +7,29 @@ measured while the other one competes for the same device.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
 
 from .chat_tab import CHAT_CONCURRENCY, CHAT_CONCURRENCY_LIMIT, answer_stream, model_names, sampling_controls, session_id
 from .common import notice, readable
-from .jobs import DEMO
+from .jobs import DEMO, local_models
 from .services import Services
+
+
+def newest_quantized(services: Services) -> str | None:
+    """The quantized model made last, or None."""
+    quantized = [model for model in local_models(services.conversions.models_folder) if model.bpw is not None]
+    if not quantized:
+        return None
+    return max(quantized, key=lambda model: Path(model.spec).stat().st_mtime).name
 
 
 def build(services: Services) -> tuple[gr.Dropdown, gr.Dropdown]:
     names = model_names(services)
     with gr.Row():
         model_a = gr.Dropdown(names, value=DEMO, label="Model A", elem_id="ql-compare-a")
-        model_b = gr.Dropdown(names, value=names[-1], label="Model B", elem_id="ql-compare-b")
+        model_b = gr.Dropdown(names, value=newest_quantized(services) or DEMO, label="Model B", elem_id="ql-compare-b")
     prompt = gr.Textbox(label="Prompt", lines=2, value="What is the capital of France?", elem_id="ql-compare-prompt")
     with gr.Accordion("Sampling (greedy by default, so the two answers differ only by the model)", open=False):
         sampling = sampling_controls("ql-compare", temperature=0.0)
