@@ -83,9 +83,14 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(self.layer_index, position, k, v)
-        mask = attention_mask(seq, k.shape[2], position, self.sliding_window, x.device, key_mask)
+        # A prompt from position 0 with nothing else masked is plain causal
+        # attention: is_causal lets SDPA take its flash kernels (GPU and CPU),
+        # which an explicit mask rules out.
+        causal = (key_mask is None and position == 0 and seq > 1 and seq == k.shape[2]
+                  and (not self.sliding_window or seq <= self.sliding_window))
+        mask = None if causal else attention_mask(seq, k.shape[2], position, self.sliding_window, x.device, key_mask)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, enable_gqa=self.num_heads != self.num_kv_heads
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.num_heads != self.num_kv_heads
         )
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
