@@ -136,7 +136,7 @@ def result_markdown(task: ConversionTask) -> str:
         ("time", _minutes(result.seconds)),
         ("folder", f"`{result.output_dir}`"),
     ]
-    return "| | |\n|---|---|\n" + "\n".join(f"| {name} | {value} |" for name, value in rows)
+    return f"| result | {task.output_dir.name} |\n|---|---|\n" + "\n".join(f"| {name} | {value} |" for name, value in rows)
 
 
 @dataclass
