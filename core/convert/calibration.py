@@ -4,7 +4,8 @@ Sources, in the order a user reaches for them: a local file (.txt, .jsonl with
 a "text" field, .parquet with a text column), a Hub dataset file, or, offline
 and with nothing given, text the model writes itself from a fixed set of varied
 prompts. Self-generated text matches the model's own distribution (what it will
-see in chat) and needs no download; it is generated once per work dir.
+see in chat) and needs no download; it is generated once per model (the
+conversion job keeps it in the cache as well as in the work dir).
 """
 
 from __future__ import annotations
