@@ -214,8 +214,8 @@ def self_generated_rows(
     round_index = 0
     while len(stream) < needed:
         chunk = [prompts[(round_index * width + i) % len(prompts)] for i in range(width)]
-        before = len(stream)
-        report = (lambda written: progress(min(before + written + sum(map(len, chunk)), needed), needed)) if progress else None
+        before = len(stream) + sum(map(len, chunk))  # the prompts are part of the text
+        report = (lambda written: progress(min(before + written, needed), needed)) if progress else None
         budget = needed - len(stream) + len(separator) * width
         for text in generate_texts(model, chunk, new_tokens, stop_ids, seed + 1000 * round_index, progress=report,
                                    budget=budget):
