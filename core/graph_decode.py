@@ -1,4 +1,4 @@
-"""Batch-1 decode as one CUDA graph per context bucket, replayed token after token.
+"""Decode as one CUDA graph per context bucket, replayed token after token.
 
 Decoding one token launches a few hundred small kernels; from Python each
 launch costs more than the kernel itself on a slow host, so the step is
@@ -9,6 +9,10 @@ fixed-length prefix of the cache (the bucket) with a mask that hides what lies
 past the position. The model's linear layers run as they are; norms, rope with
 the cache append, and SwiGLU run as fused kernels (core/kernels/fused.cu) or
 their torch twins, which compute what CausalLM.forward computes.
+
+A batch of several rows decodes in lockstep (one shared position, as a
+left-padded batch does): each row's key mask hides its padding, and rope with
+the cache append runs as torch ops, the fused kernel being batch-1.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ BUCKET = 256
 
 
 class GraphDecoder:
-    """Owns the static buffers and graphs of one (model, cache) pair, batch 1."""
+    """Owns the static buffers and graphs of one (model, cache) pair; the cache's batch size is the graphs'."""
 
     def __init__(self, model: CausalLM, cache: KVCache):
         if model.device.type != "cuda":
@@ -41,12 +45,13 @@ class GraphDecoder:
         angles = torch.cat((angles, angles), dim=-1)
         self.cos_table, self.sin_table = angles.cos().to(dtype), angles.sin().to(dtype)
         self.key_positions = torch.arange(cache.max_seq_len, device=device)
-        self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.batch = cache.batch_size
+        self.tokens = torch.zeros(self.batch, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
+        # True = a real token; only left-padded batches hide anything (see set_key_mask).
+        self.key_mask = torch.ones(self.batch, cache.max_seq_len, dtype=torch.bool, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
-        if cache.batch_size != 1:
-            raise ValueError("graph decoding runs batch 1")
         # The fused kernels where they are built (fp16), else their torch twins: the same step either way.
         from .kernels import reference
         from .kernels.build import kernels
@@ -54,11 +59,27 @@ class GraphDecoder:
         built = kernels() if dtype == torch.float16 and os.environ.get(FUSED_SWITCH, "1") != "0" else None
         self.ops = built if built is not None else reference
 
+    def set_key_mask(self, key_mask: torch.Tensor) -> None:
+        """Rows' real tokens [batch, n] (True = attend) for the first n positions; later positions are all real."""
+        self.key_mask.fill_(True)
+        self.key_mask[:, : key_mask.shape[1]].copy_(key_mask)
+
     @torch.inference_mode()
     def step(self, token: int, position: int) -> torch.Tensor:
-        """float32 logits [vocab] of the token placed at `position`; the cache grows by one."""
+        """Batch 1: float32 logits [vocab] of the token placed at `position`; the cache grows by one."""
+        if self.batch != 1:
+            raise ValueError(f"step() decodes one row; this decoder holds {self.batch} (use step_rows)")
+        self.tokens.fill_(token)
+        return self._replay(position)[0, 0].clone()  # the graph overwrites its output buffer on the next replay
+
+    @torch.inference_mode()
+    def step_rows(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
+        """float32 logits [batch, vocab] of one token per row (a device tensor [batch]) placed at `position`."""
+        self.tokens.copy_(tokens.view(self.batch, 1))
+        return self._replay(position)[:, 0].clone()
+
+    def _replay(self, position: int) -> torch.Tensor:
         self.cache.check_room(position + 1)
-        self.token.fill_(token)
         self.position.fill_(position)
         length = min(-(-(position + 1) // BUCKET) * BUCKET, self.cache.max_seq_len)
         if length not in self.graphs:
@@ -66,7 +87,7 @@ class GraphDecoder:
         graph, logits = self.graphs[length]
         graph.replay()
         self.cache.length = position + 1
-        return logits[0, 0].clone()  # the graph overwrites its output buffer on the next replay
+        return logits
 
     def _capture(self, length: int):
         # Warm-up on a side stream builds the kernels' tables and the allocator's blocks before capture.
@@ -86,24 +107,28 @@ class GraphDecoder:
     def _forward(self, length: int) -> torch.Tensor:
         model, cache, ops = self.model, self.cache, self.ops
         heads, kv_heads, dim = model.config.num_heads, model.config.num_kv_heads, model.config.head_dim
+        batch = self.batch
         keys_seen = self.key_positions[:length]
         allowed = keys_seen <= self.position
         window = model.config.sliding_window
         if window:
             allowed = allowed & (keys_seen > self.position - window)
-        mask = allowed.view(1, 1, 1, length)
+        # As core.model.attention_mask: a row always sees its own token, so no row is left with no key at all.
+        allowed = (allowed & self.key_mask[:, :length]) | (keys_seen == self.position)
+        mask = allowed.view(batch, 1, 1, length)
+        rope_cache = ops.rope_cache if batch == 1 else _rope_cache_rows
         layers = model.model.layers
-        x = model.model.embed_tokens(self.token)
+        x = model.model.embed_tokens(self.tokens)
         h = ops.rms_norm(x, layers[0].input_layernorm.weight, layers[0].input_layernorm.eps)
         for index, layer in enumerate(layers):
             attn = layer.self_attn
             q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
             key_buffer, value_buffer = cache.keys[attn.layer_index], cache.values[attn.layer_index]
-            ops.rope_cache(q, k, v, self.cos_table, self.sin_table, self.position, key_buffer, value_buffer)
-            out = F.scaled_dot_product_attention(q.view(1, 1, heads, dim).transpose(1, 2), key_buffer[:, :, :length],
+            rope_cache(q, k, v, self.cos_table, self.sin_table, self.position, key_buffer, value_buffer)
+            out = F.scaled_dot_product_attention(q.view(batch, 1, heads, dim).transpose(1, 2), key_buffer[:, :, :length],
                                                  value_buffer[:, :, :length], attn_mask=mask,
                                                  enable_gqa=heads != kv_heads)
-            o = attn.o_proj(out.transpose(1, 2).reshape(1, 1, -1))
+            o = attn.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
             norm = layer.post_attention_layernorm
             h = ops.rms_norm(x, norm.weight, norm.eps, o)  # x += o, then the norm
             mlp = layer.mlp
@@ -111,3 +136,15 @@ class GraphDecoder:
             norm = layers[index + 1].input_layernorm if index + 1 < len(layers) else model.model.norm
             h = ops.rms_norm(x, norm.weight, norm.eps, d)
         return model.lm_head(h).float()
+
+
+def _rope_cache_rows(q, k, v, cos_table, sin_table, position, key_cache, value_cache) -> None:
+    """kernels.reference.rope_cache for a batch of rows at one shared position."""
+    from .model import rotate_half
+
+    batch, dim = key_cache.shape[0], key_cache.shape[-1]
+    cos, sin = cos_table.index_select(0, position), sin_table.index_select(0, position)
+    queries, keys = q.view(batch, -1, dim), k.view(batch, -1, dim)
+    queries.copy_(queries * cos + rotate_half(queries) * sin)
+    key_cache.index_copy_(2, position, (keys * cos + rotate_half(keys) * sin).unsqueeze(2))
+    value_cache.index_copy_(2, position, v.view(batch, -1, 1, dim))

@@ -19,6 +19,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..cache import KVCache
+from ..generator import GRAPHS_SWITCH
+from ..graph_decode import GraphDecoder
 from ..model import CausalLM
 
 # Varied on purpose: prose, dialogue, code, numbers, lists, markup, other languages.
@@ -128,10 +130,12 @@ def generate_texts(
 ) -> list[list[int]]:
     """Sample continuations of a batch of prompts at once (left-padded), returning prompt+answer ids.
 
-    Rows that finish leave the batch (answers differ in length by 10x, so most of
-    the compute would otherwise go to rows already done). Sampling stops early
-    once prompts and answers hold `budget` tokens. `progress(tokens)` is called
-    after each step with the answer tokens so far.
+    Sampling stops early once prompts and answers hold `budget` tokens.
+    `progress(tokens)` is called after each step with the answer tokens so far.
+    On the CPU rows that finish leave the batch (answers differ in length by
+    10x, so most of the compute would otherwise go to rows already done). On a
+    GPU a step costs its kernel launches, not its rows: the whole batch steps
+    on as one replayed CUDA graph, finished rows with it, their tokens ignored.
     """
     batch, longest = len(prompts), max(len(p) for p in prompts)
     total = longest + max_new_tokens
@@ -146,31 +150,39 @@ def generate_texts(
     rng = torch.Generator(device=device).manual_seed(seed)
     cache = KVCache(model.config, total, batch_size=batch, device=device, dtype=model.dtype)
     logits = model(ids, cache, 0, last_only=True, key_mask=key_mask[:, :longest])[:, -1]
+    graphs = None
+    if device.type == "cuda" and os.environ.get(GRAPHS_SWITCH, "1") != "0":
+        graphs = GraphDecoder(model, cache)
+        graphs.set_key_mask(key_mask)
     answers = [[] for _ in range(batch)]
-    rows = list(range(batch))  # the prompt each batch row still answers
+    rows = list(range(batch))  # the prompt each batch row answers
+    live = list(range(batch))  # the batch rows still answering
     written = 0
     for step in range(max_new_tokens):
         scores = logits / temperature
         kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
         tokens = torch.multinomial(scores.softmax(-1), 1, generator=rng)[:, 0]
-        keep = []
-        for position, token in enumerate(tokens.tolist()):
-            if token not in stop_ids:
-                answers[rows[position]].append(token)
-                keep.append(position)
-        written += len(keep)
+        values = tokens.tolist()
+        live = [row for row in live if values[row] not in stop_ids]
+        for row in live:
+            answers[rows[row]].append(values[row])
+        written += len(live)
         if progress:
             progress(written)
-        if not keep or step == max_new_tokens - 1:
+        if not live or step == max_new_tokens - 1:
             break
         if budget is not None and prompt_tokens + written >= budget:
             break
-        if len(keep) < len(rows):
-            index = torch.tensor(keep, device=device)
+        if graphs is not None:
+            logits = graphs.step_rows(tokens, longest + step)
+            continue
+        if len(live) < len(rows):
+            index = torch.tensor(live, device=device)
             cache.keep_rows(index)
             key_mask, tokens = key_mask[index], tokens[index]
-            rows = [rows[position] for position in keep]
+            rows = [rows[row] for row in live]
+            live = list(range(len(live)))
         logits = model(tokens[:, None], cache, longest + step, key_mask=key_mask[:, : longest + step + 1])[:, -1]
     return [prompt + answer for prompt, answer in zip(prompts, answers)]
 

@@ -1,0 +1,54 @@
+"""A left-padded batch decoded by graph replay against the model's own eager decode (device machine only).
+
+Calibration sampling decodes 64 rows or more in lockstep through these graphs,
+so each row's padding must stay hidden and each row's logits must be the ones
+the plain forward gives it.
+"""
+
+import pytest
+import torch
+
+from bench.exl2_random import llama_config, random_model
+from core.cache import KVCache
+
+pytestmark = pytest.mark.cuda
+
+
+@pytest.mark.parametrize("bpw", [None, 4.0])
+def test_batched_graph_decode_matches_plain_decode_with_left_padding(bpw):
+    from core.graph_decode import BUCKET, GraphDecoder
+
+    model = random_model(llama_config("small", layers=2), bpw, "cuda", torch.float16, seed=11)
+    vocab, longest = model.config.vocab_size, BUCKET - 3
+    lengths = [longest, longest - 40, 5]  # rows padded by 0, 40 and most of the bucket
+    total = 2 * BUCKET
+    ids = torch.zeros(len(lengths), longest, dtype=torch.long, device="cuda")
+    key_mask = torch.zeros(len(lengths), total, dtype=torch.bool, device="cuda")
+    for row, length in enumerate(lengths):
+        ids[row, longest - length :] = torch.randint(0, vocab, (length,), device="cuda")
+        key_mask[row, longest - length :] = True
+    plain_cache = KVCache(model.config, total, batch_size=len(lengths), device="cuda", dtype=torch.float16)
+    graph_cache = KVCache(model.config, total, batch_size=len(lengths), device="cuda", dtype=torch.float16)
+    decoder = GraphDecoder(model, graph_cache)
+    decoder.set_key_mask(key_mask)
+    with torch.inference_mode():
+        expected = model(ids, plain_cache, 0, last_only=True, key_mask=key_mask[:, :longest])[:, -1]
+        model(ids, graph_cache, 0, last_only=True, key_mask=key_mask[:, :longest])
+        for position in range(longest, BUCKET + 5):  # crosses into the second bucket's graph
+            tokens = expected.argmax(-1)
+            expected = model(tokens[:, None], plain_cache, position, key_mask=key_mask[:, : position + 1])[:, -1]
+            ours = decoder.step_rows(tokens, position)
+            assert not ours.isnan().any()
+            for row in range(len(lengths)):
+                error = (ours[row] - expected[row]).norm() / expected[row].norm()
+                assert float(error) < 5e-3, (position, row, float(error))
+    assert sorted(decoder.graphs) == [BUCKET, 2 * BUCKET]
+
+
+def test_single_row_step_refuses_a_batch():
+    from core.graph_decode import GraphDecoder
+
+    model = random_model(llama_config("small", layers=1), None, "cuda", torch.float16, seed=12)
+    decoder = GraphDecoder(model, KVCache(model.config, 64, batch_size=2, device="cuda", dtype=torch.float16))
+    with pytest.raises(ValueError, match="step_rows"):
+        decoder.step(3, 0)
