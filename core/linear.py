@@ -82,3 +82,77 @@ class EXL2Linear(nn.Module):
 
             return exl2.matmul(x, self.quantized_tensors(), plan, self.bias)
         return F.linear(x, self.dense_weight(), self.bias)
+
+
+class GPTQLinear(nn.Module):
+    """A layer from a GPTQ 4-bit checkpoint (AutoGPTQ / GPTQModel layout, core/gptq_checkpoint.py).
+
+    `prepare()`, run once after loading, sorts the rows by group (act-order
+    shuffles them), so the kernels see each group as one run of rows and
+    permute the few input columns instead (`perm`). On a GPU with the kernels
+    built the packed tensors are all it keeps (core/kernels/gptq4.py); elsewhere
+    the torch reference dequantizes the weight once, on first use, and keeps it."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device=None, dtype=None,
+                 zero_offset: int = 1, name: str = ""):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.compute_dtype = dtype or torch.float32
+        self.zero_offset = zero_offset  # added to each stored zero nibble: 1 for checkpoint_format gptq, 0 for gptq_v2
+        self.name = name
+        from .gptq_checkpoint import GPTQ_TENSORS
+
+        for tensor_name in GPTQ_TENSORS:
+            self.register_buffer(tensor_name, None)
+        self.register_buffer("perm", None)  # stored row r is input perm[r]; None when already in group order
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False)
+        else:
+            self.bias = None
+        self._dense: torch.Tensor | None = None
+        self._plan = None
+
+    def prepare(self, group_size: int = -1) -> None:
+        from .gptq_checkpoint import check_layer_tensors, default_g_idx, sort_rows_by_group
+
+        if self.g_idx is None:
+            self.g_idx = default_g_idx(self.in_features, group_size, self.qweight.device)
+        check_layer_tensors(self.name, self.in_features, self.out_features, self.qweight, self.qzeros, self.scales, self.g_idx)
+        self.qweight, self.g_idx, self.perm = sort_rows_by_group(self.qweight, self.g_idx)
+        self._dense, self._plan = None, None
+
+    def quantized_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales, "g_idx": self.g_idx}
+        if self.perm is not None:
+            tensors["perm"] = self.perm
+        return tensors
+
+    def dense_weight(self) -> torch.Tensor:
+        """[out_features, in_features] in the compute dtype, as nn.Linear would hold it."""
+        if self._dense is None:
+            from .gptq_checkpoint import dequantize_gptq
+
+            weight = dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, self.zero_offset, self.perm)
+            self._dense = weight.t().contiguous().to(self.compute_dtype)
+        return self._dense
+
+    def kernel_plan(self):
+        """The kernels' per-layer tables, or None where the torch reference runs."""
+        from .kernels import gptq4
+
+        if not gptq4.enabled(self.qweight.device):
+            return None
+        if self._plan is None or self._plan.perm.device != self.qweight.device:
+            self._plan = gptq4.plan_layer(self.qweight, self.qzeros, self.scales, self.g_idx, self.perm,
+                                          self.zero_offset)
+            self._dense = None
+        return self._plan
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self.kernel_plan() if x.is_cuda else None
+        if plan is not None:
+            from .kernels import gptq4
+
+            return gptq4.matmul(x, self.qweight, plan, self.bias)
+        return F.linear(x, self.dense_weight(), self.bias)

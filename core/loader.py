@@ -11,7 +11,8 @@ import torch
 
 from .config import ModelConfig
 from .model import CausalLM, rope_inverse_frequencies
-from .linear import EXL2_TENSORS, EXL2Linear
+from .gptq_checkpoint import GPTQ_TENSORS, GPTQSettings, read_gptq_settings
+from .linear import EXL2_TENSORS, EXL2Linear, GPTQLinear
 from .weights import WeightsError, iter_tensors, tensor_names
 
 if TYPE_CHECKING:
@@ -29,13 +30,17 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
 def load_model(folder, device="cpu", dtype: torch.dtype | None = None) -> CausalLM:
     config = ModelConfig.from_folder(folder)
     dtype = dtype or default_dtype(device)
+    gptq = read_gptq_settings(folder)
     with torch.device("meta"):
         model = CausalLM(config, dtype=dtype)
-    _use_quantized_layers(model, tensor_names(folder), dtype)
+    names = tensor_names(folder)
+    _use_quantized_layers(model, names, dtype)
+    _use_gptq_layers(model, names, dtype, gptq)
     expected = {name for name, _ in model.named_parameters()}
     # Quantized layers' buffers are still empty (None) here, which named_buffers() skips.
     expected |= {f"{path}.{name}" for path, module in model.named_modules() if isinstance(module, EXL2Linear)
                  for name in EXL2_TENSORS}
+    expected |= _gptq_tensor_names(model, set(names), gptq)
     filled = set()
     for name, tensor in iter_tensors(folder):
         if name.endswith(_DERIVED_SUFFIXES):
@@ -52,12 +57,15 @@ def load_model(folder, device="cpu", dtype: torch.dtype | None = None) -> Causal
     missing = sorted(expected - filled)
     if missing:
         raise WeightsError(f"{folder} lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
+    for module in model.modules():
+        if isinstance(module, GPTQLinear):
+            module.prepare(gptq.group_size)
     model.inv_freq = rope_inverse_frequencies(config).to(device)
     return model.eval()
 
 
 def _is_quantized(name: str) -> bool:
-    return name.rpartition(".")[2] in EXL2_TENSORS
+    return name.rpartition(".")[2] in EXL2_TENSORS + GPTQ_TENSORS
 
 
 def _use_quantized_layers(model: CausalLM, names: list[str], dtype: torch.dtype) -> None:
@@ -71,6 +79,36 @@ def _use_quantized_layers(model: CausalLM, names: list[str], dtype: torch.dtype)
             raise WeightsError(f"quantized tensors for {prefix}, which this model does not have") from None
         quantized = EXL2Linear(dense.in_features, dense.out_features, dense.bias is not None, "meta", dtype)
         setattr(model.get_submodule(parent_path), leaf, quantized)
+
+
+def _use_gptq_layers(model: CausalLM, names: list[str], dtype: torch.dtype, gptq: GPTQSettings | None) -> None:
+    """Swap each dense layer whose checkpoint tensors are GPTQ (a `qweight`) for a GPTQLinear."""
+    prefixes = sorted({name.rpartition(".")[0] for name in names if name.endswith(".qweight")})
+    if prefixes and gptq is None:
+        raise WeightsError(f"{prefixes[0]}.qweight looks like a GPTQ layer, but neither config.json's "
+                           "quantization_config nor quantize_config.json says the model is GPTQ")
+    present = set(names)
+    for prefix in prefixes:
+        parent_path, _, leaf = prefix.rpartition(".")
+        try:
+            dense = model.get_submodule(prefix)
+        except AttributeError:
+            raise WeightsError(f"quantized tensors for {prefix}, which this model does not have") from None
+        # Some GPTQ writers store a bias for every layer, zeros where the model has none; it is used as stored.
+        bias = dense.bias is not None or f"{prefix}.bias" in present
+        quantized = GPTQLinear(dense.in_features, dense.out_features, bias, "meta", dtype, gptq.zero_offset, prefix)
+        setattr(model.get_submodule(parent_path), leaf, quantized)
+
+
+def _gptq_tensor_names(model: CausalLM, present: set[str], gptq: GPTQSettings | None) -> set[str]:
+    """Stored tensors every GPTQ layer needs; g_idx only with act-order (without it, it follows from group_size)."""
+    wanted = set()
+    for path, module in model.named_modules():
+        if isinstance(module, GPTQLinear):
+            for name in GPTQ_TENSORS:
+                if name != "g_idx" or gptq.desc_act or f"{path}.g_idx" in present:
+                    wanted.add(f"{path}.{name}")
+    return wanted
 
 
 def _set_tensor(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:

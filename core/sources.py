@@ -25,6 +25,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 
 from core.config import ModelConfig
+from core.gptq_checkpoint import read_gptq_settings
 
 
 class ModelSourceError(ValueError):
@@ -44,6 +45,7 @@ HUB_FILES = [
     "special_tokens_map.json",
     "chat_template.jinja",
     "chat_template.json",
+    "quantize_config.json",  # older AutoGPTQ repos keep their GPTQ settings only here
 ]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
@@ -158,8 +160,9 @@ def _gguf_fingerprint(gguf_path: Path) -> str:
 def _hub_snapshot(repo_id: str, token: str | None) -> Path:
     with _readable_hub_errors(repo_id):
         config_path = huggingface_hub.hf_hub_download(repo_id, "config.json", token=token)
-    # Checked before the weights come down, so an unsupported model costs one small file.
+    # Checked before the weights come down, so an unsupported model (or quantization) costs one small file.
     ModelConfig.from_folder(Path(config_path).parent)
+    read_gptq_settings(Path(config_path).parent)
     with _readable_hub_errors(repo_id):
         folder = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_FILES, token=token))
 

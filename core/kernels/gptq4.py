@@ -1,0 +1,184 @@
+"""GPTQ 4-bit products on the GPU: the per-layer tables the kernels read, the
+entry that picks a kernel by the number of input rows, and the torch twins.
+
+The layer arrives with its rows sorted by group (GPTQLinear.prepare), so a
+group is a run of rows. Up to SMALL_BATCH rows the split-K kernel reads qweight
+directly; above that (or when a group boundary falls inside a packed int32,
+which no AutoGPTQ or GPTQModel checkpoint has) the layer is dequantized to a
+transient fp16 tile and multiplied by cuBLAS, as core/kernels/exl2.py does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..gptq_checkpoint import CODES_PER_WORD, dequantize_gptq
+from .build import ENV_SWITCH, kernels
+
+SMALL_BATCH = 16
+THREADS = 128  # threads per block of the small-batch kernel, four columns each
+# A slice's inputs sit in shared memory as fp16, 8 rows at a time: 1024 inputs are 16 KiB.
+MAX_SLICE_ROWS = 1024
+BLOCKS_PER_SM = 4
+# Room after the sums for the kernel's per-tile completion counts (tiles <= columns / 4 / THREADS).
+COUNT_ROOM = 4096
+
+_reference_only = False
+
+
+@contextlib.contextmanager
+def reference_only():
+    """Within this block GPTQ layers take the torch reference path, kernels or not."""
+    global _reference_only
+    previous, _reference_only = _reference_only, True
+    try:
+        yield
+    finally:
+        _reference_only = previous
+
+
+def enabled(device: torch.device) -> bool:
+    if _reference_only or device.type != "cuda" or os.environ.get(ENV_SWITCH, "1") == "0":
+        return False
+    return kernels() is not None
+
+
+@dataclass(frozen=True)
+class Gptq4Plan:
+    """What the kernels need besides qweight and qzeros, made once per layer."""
+
+    scales: torch.Tensor  # fp16 [G, N]
+    qzeros: torch.Tensor  # int32 [G, N / 8]
+    perm: torch.Tensor  # int32 [K]: input index of each stored row
+    row_group: torch.Tensor  # int32 [K]: group of each stored row
+    segments: torch.Tensor  # int32 [S, 4]: group, first packed row, packed rows, 0
+    slices: torch.Tensor  # int32 [L, 4]: first segment, end segment, first packed row, packed rows
+    max_slice_rows: int  # packed rows of the longest slice
+    permuted: bool  # False: perm is the identity (no act-order)
+    word_aligned: bool  # every group starts on a packed row: the small-batch kernel applies
+    zero_offset: int
+    threads: int
+    in_features: int
+    out_features: int
+
+
+def plan_layer(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+               perm: torch.Tensor | None, zero_offset: int, multiprocessors: int | None = None) -> Gptq4Plan:
+    """Tables for a layer whose rows are in group order (g_idx non-decreasing)."""
+    device = qweight.device
+    packed, out_features = qweight.shape
+    in_features = packed * CODES_PER_WORD
+    groups = scales.shape[0]
+    counts = torch.bincount(g_idx.to(torch.int64).cpu(), minlength=groups).tolist()
+    starts = [0]
+    for count in counts:
+        starts.append(starts[-1] + count)
+    word_aligned = all(start % CODES_PER_WORD == 0 for start in starts)
+    if multiprocessors is None:
+        multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    tiles = -(-out_features // 4 // THREADS)
+    wanted = max(1, -(-BLOCKS_PER_SM * multiprocessors // tiles))
+    slice_rows = min(max(1, -(-packed // wanted)), MAX_SLICE_ROWS // CODES_PER_WORD)
+    segments, slices = [], []
+    for first in range(0, packed, slice_rows):
+        end = min(first + slice_rows, packed)
+        first_segment = len(segments)
+        for g in range(groups):
+            lo, hi = max(first, starts[g] // CODES_PER_WORD), min(end, starts[g + 1] // CODES_PER_WORD)
+            if lo < hi:
+                segments.append((g, lo, hi - lo, 0))
+        slices.append((first_segment, len(segments), first, end - first))
+    if perm is None:
+        perm = torch.arange(in_features, dtype=torch.int32, device=device)
+    return Gptq4Plan(
+        scales=scales.to(torch.float16).contiguous(),
+        qzeros=qzeros.contiguous(),
+        perm=perm.to(device=device, dtype=torch.int32).contiguous(),
+        row_group=g_idx.to(device=device, dtype=torch.int32).contiguous(),
+        segments=torch.tensor(segments or [(0, 0, 0, 0)], dtype=torch.int32, device=device),
+        slices=torch.tensor(slices, dtype=torch.int32, device=device),
+        max_slice_rows=max(rows for *_, rows in slices),
+        permuted=not bool((perm.cpu() == torch.arange(in_features, dtype=perm.dtype)).all()),
+        word_aligned=word_aligned,
+        zero_offset=zero_offset,
+        threads=THREADS,
+        in_features=in_features,
+        out_features=out_features,
+    )
+
+
+class _Scratch:
+    """fp32 zeros the split-K kernel adds into and leaves zeroed, one buffer per
+    device for every layer in stream order; an outgrown buffer is kept, since a
+    captured CUDA graph may still write into it."""
+
+    def __init__(self):
+        self.buffers: dict[torch.device, torch.Tensor] = {}
+        self.outgrown: list[torch.Tensor] = []
+
+    def get(self, device: torch.device, size: int) -> torch.Tensor:
+        buffer = self.buffers.get(device)
+        if buffer is None or buffer.numel() < size:
+            if buffer is not None:
+                self.outgrown.append(buffer)
+            buffer = torch.zeros(max(size, 1 << 16), dtype=torch.float32, device=device)
+            self.buffers[device] = buffer
+        return buffer
+
+
+_scratch = _Scratch()
+
+
+def reserve_scratch(device: torch.device, rows: int, out_features: int) -> None:
+    """Size the scratch before a CUDA graph is captured (capture must not allocate it)."""
+    _scratch.get(device, rows * out_features + COUNT_ROOM)
+
+
+def gemm_small(x: torch.Tensor, qweight: torch.Tensor, plan: Gptq4Plan, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """fp16 x [M <= SMALL_BATCH, K] @ weight -> fp16 [M, N], straight from qweight."""
+    partial = _scratch.get(x.device, min(x.shape[0], 8) * plan.out_features + COUNT_ROOM)
+    return kernels().gptq4_gemm_small(x, plan.perm, qweight, plan.qzeros, plan.scales, plan.zero_offset,
+                                      plan.segments, plan.slices, plan.max_slice_rows, plan.threads, partial, bias)
+
+
+def dequant(qweight: torch.Tensor, plan: Gptq4Plan) -> torch.Tensor:
+    """fp16 [K, N], rows in stored (group) order; dequant_reference's twin."""
+    return kernels().gptq4_dequant(qweight, plan.qzeros, plan.scales, plan.row_group, plan.zero_offset)
+
+
+def matmul(x: torch.Tensor, qweight: torch.Tensor, plan: Gptq4Plan, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ weight (+ bias) -> [..., N] in x's dtype, on the kernels."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.dtype != torch.float16 or not x2.is_contiguous():
+        x2 = x2.to(torch.float16).contiguous()
+    bias16 = bias.to(torch.float16) if bias is not None and bias.dtype != torch.float16 else bias
+    if x2.shape[0] <= SMALL_BATCH and plan.word_aligned:
+        out = gemm_small(x2, qweight, plan, bias16)
+    else:
+        tile = dequant(qweight, plan)
+        # The act-order permutation moves the (few) input columns, not the weight rows.
+        out = (x2.index_select(1, plan.perm) if plan.permuted else x2) @ tile
+        del tile
+        if bias16 is not None:
+            out += bias16
+    return out.to(x.dtype).reshape(*shape[:-1], plan.out_features)
+
+
+def dequant_reference(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+                      zero_offset: int) -> torch.Tensor:
+    """fp16 [K, N] in stored row order, as the dequant kernel writes it: one rounding of the exact product."""
+    return dequantize_gptq(qweight, qzeros, scales, g_idx, zero_offset).to(torch.float16)
+
+
+def matmul_reference(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                     g_idx: torch.Tensor, zero_offset: int, perm: torch.Tensor | None = None,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ the layer's weight (+ bias), in float32 on the exact weight."""
+    weight = dequantize_gptq(qweight, qzeros, scales, g_idx, zero_offset, perm)
+    out = x.float() @ weight
+    return out + bias.float() if bias is not None else out
