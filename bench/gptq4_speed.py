@@ -88,7 +88,7 @@ def gptq_rows(batches, act_order: bool, copies: int = 6) -> list[dict]:
         seconds = graph_seconds([lambda q=q, p=p: gptq4.gemm_small(x, q, p) for q, p in prepared], copies)
         stored = stored_bytes(layers[0])
         rows.append({"kernel": "gptq4", "act_order": act_order, "batch": batch, "threads": gptq4.THREADS,
-                     "blocks_per_sm": gptq4.BLOCKS_PER_SM, "us": seconds * 1e6, "bytes": stored,
+                     "blocks_per_sm": gptq4.BLOCKS_PER_SM, "prefetch": gptq4.PREFETCH, "us": seconds * 1e6, "bytes": stored,
                      "gb_s": stored / seconds / 1e9})
     return rows
 
@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gptq4_speed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="1,2,4,8,16")
-    parser.add_argument("--sweep", action="store_true", help="also try threads 64/128/256 x 2/4/8 blocks per SM at batch 1")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also try threads 64/128/256 x 2/4/8 blocks per SM, L2 prefetch on and off, at batch 1")
     parser.add_argument("--json", default=None, help="write every row here")
     args = parser.parse_args(argv)
     from bench.speed import copy_bandwidth, device_name, kernel_bandwidth
@@ -115,25 +116,27 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = copy_bandwidth()
     rows = gptq_rows(batches, act_order=False) + gptq_rows([1], act_order=True)
     if args.sweep:
-        defaults = gptq4.THREADS, gptq4.BLOCKS_PER_SM
-        for threads in (64, 128, 256):
-            for per_sm in (2, 4, 8):
-                gptq4.THREADS, gptq4.BLOCKS_PER_SM = threads, per_sm
-                rows += gptq_rows([1], act_order=False)
-        gptq4.THREADS, gptq4.BLOCKS_PER_SM = defaults
+        defaults = gptq4.THREADS, gptq4.BLOCKS_PER_SM, gptq4.PREFETCH
+        for prefetch in (True, False):
+            for threads in (64, 128, 256):
+                for per_sm in (2, 4, 8):
+                    gptq4.THREADS, gptq4.BLOCKS_PER_SM, gptq4.PREFETCH = threads, per_sm, prefetch
+                    rows += gptq_rows([1], act_order=False)
+        gptq4.THREADS, gptq4.BLOCKS_PER_SM, gptq4.PREFETCH = defaults
     rows.append(fp16_row())
     exl2 = kernel_bandwidth([4])[0]
     rows.append({"kernel": "exl2 4-bit", "batch": 1, "us": exl2["us"], "bytes": exl2["bytes"], "gb_s": exl2["gb_s"]})
     device = torch.cuda.get_device_name()
     print(f"\n{device}, copy bandwidth {bandwidth / 1e12:.2f} TB/s (2 GiB device-to-device, read + write)")
     print(f"{SHAPE[0]}x{SHAPE[1]}, group size {GROUP_SIZE}\n")
-    print("| kernel | act-order | batch | threads x blocks/SM | µs | GB/s | of copy |")
-    print("|---|---|---|---|---|---|---|")
+    print("| kernel | act-order | batch | threads x blocks/SM | L2 prefetch | µs | GB/s | of copy |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         shape = f"{row['threads']} x {row['blocks_per_sm']}" if "threads" in row else "–"
         order = ("yes" if row["act_order"] else "no") if "act_order" in row else "–"
-        print(f"| {row['kernel']} | {order} | {row['batch']} | {shape} | {row['us']:.1f} | {row['gb_s']:.0f} | "
-              f"{row['gb_s'] * 1e9 / bandwidth:.0%} |")
+        prefetch = ("yes" if row["prefetch"] else "no") if "prefetch" in row else "–"
+        print(f"| {row['kernel']} | {order} | {row['batch']} | {shape} | {prefetch} | {row['us']:.1f} | "
+              f"{row['gb_s']:.0f} | {row['gb_s'] * 1e9 / bandwidth:.0%} |")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"device": device, "device_short": device_name(), "copy_bandwidth": bandwidth,

@@ -343,6 +343,18 @@ def test_gptq4_small_batch_matches_float32_reference(built, shape, group_size, a
 
 
 @pytest.mark.cuda
+def test_gptq4_small_batch_without_l2_prefetch(built, monkeypatch):
+    from core.kernels import gptq4
+
+    monkeypatch.setattr(gptq4, "PREFETCH", False)
+    _, qweight, plan, exact = cuda_layer(576, 1536, 128, True)
+    for rows in range(1, 17):
+        x = torch.randn(rows, 576, device="cuda").half()
+        poison(rows * 1536)
+        assert kernel_error(gptq4.gemm_small(x, qweight, plan), x.float() @ exact) < TOLERANCE
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq4_llama_mlp_shapes(built, act_order):
     from core.kernels import gptq4

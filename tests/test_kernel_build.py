@@ -17,7 +17,7 @@ import pytest
 KERNELS = Path(__file__).resolve().parents[1] / "core" / "kernels"
 # T4, A100, A10G, L4, H100.
 ARCHITECTURES = ("75", "80", "86", "89", "90")
-CUDA_SOURCES = ("exl2.cu", "fused.cu", "gptq.cu")
+CUDA_SOURCES = ("exl2.cu", "fused.cu", "gptq.cu", "gptq4.cu")
 
 
 def _nvcc() -> str:

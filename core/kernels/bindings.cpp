@@ -7,6 +7,7 @@
 #include "exl2.h"
 #include "fused.h"
 #include "gptq.h"
+#include "gptq4.h"
 
 namespace {
 
@@ -153,6 +154,78 @@ torch::Tensor silu_mul(torch::Tensor gate, torch::Tensor up) {
     return out;
 }
 
+Gptq4Layer gptq4_view(const torch::Tensor& qweight, const torch::Tensor& qzeros, const torch::Tensor& scales,
+                      int64_t zero_offset) {
+    check(qweight, torch::kInt32, "qweight");
+    check(qzeros, torch::kInt32, "qzeros");
+    check(scales, torch::kHalf, "scales");
+    TORCH_CHECK(qweight.dim() == 2 && qweight.size(1) % 8 == 0, "qweight: [k / 8, n] with n a multiple of 8");
+    const int64_t n = qweight.size(1);
+    TORCH_CHECK(scales.dim() == 2 && scales.size(1) == n && scales.size(0) > 0, "scales: [groups, n]");
+    TORCH_CHECK(qzeros.dim() == 2 && qzeros.size(0) == scales.size(0) && qzeros.size(1) == n / 8,
+                "qzeros: [groups, n / 8]");
+    TORCH_CHECK(zero_offset == 0 || zero_offset == 1, "zero_offset: 0 (gptq_v2) or 1 (gptq)");
+    Gptq4Layer layer{};
+    layer.qweight = qweight.data_ptr<int>();
+    layer.qzeros = qzeros.data_ptr<int>();
+    layer.scales = scales.data_ptr<at::Half>();
+    layer.k = qweight.size(0) * 8;
+    layer.n = n;
+    layer.zero_offset = zero_offset;
+    return layer;
+}
+
+torch::Tensor gptq4_gemm_small(torch::Tensor x, torch::Tensor perm, torch::Tensor qweight, torch::Tensor qzeros,
+                               torch::Tensor scales, int64_t zero_offset, torch::Tensor segments, torch::Tensor slices,
+                               int64_t max_slice_rows, int64_t threads, bool prefetch, torch::Tensor partial,
+                               c10::optional<torch::Tensor> bias) {
+    Gptq4Layer layer = gptq4_view(qweight, qzeros, scales, zero_offset);
+    check(x, torch::kHalf, "x");
+    check(perm, torch::kInt32, "perm");
+    check(segments, torch::kInt32, "segments");
+    check(slices, torch::kInt32, "slices");
+    check(partial, torch::kFloat, "partial");
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == layer.k && perm.numel() == layer.k, "x: [M, K] with K = the layer's inputs");
+    TORCH_CHECK(threads % 32 == 0 && threads > 0 && threads <= 1024, "threads: a multiple of 32, at most 1024");
+    TORCH_CHECK(segments.dim() == 2 && segments.size(1) == 4, "segments: [S, 4]");
+    TORCH_CHECK(slices.dim() == 2 && slices.size(1) == 4 && slices.size(0) > 0, "slices: [L, 4]");
+    TORCH_CHECK(max_slice_rows > 0 && max_slice_rows * 8 * 16 <= 48 * 1024, "max_slice_rows: the staged inputs fit 48 KiB");
+    TORCH_CHECK(partial.numel() >= std::min<int64_t>(x.size(0), 8) * layer.n + gptq4_gemm_small_tiles(layer, threads),
+                "partial: fp32 zeros for min(M, 8) * n sums and one count per column tile");
+    const void* bias_ptr = nullptr;
+    if (bias.has_value()) {
+        check(*bias, torch::kHalf, "bias");
+        TORCH_CHECK(bias->numel() == layer.n, "bias: [n]");
+        bias_ptr = bias->data_ptr<at::Half>();
+    }
+    layer.perm = perm.data_ptr<int>();
+    layer.segments = segments.data_ptr<int>();
+    layer.slices = slices.data_ptr<int>();
+    const c10::cuda::CUDAGuard guard(x.device());
+    auto out = torch::empty({x.size(0), layer.n}, x.options());
+    if (x.size(0) == 0) return out;
+    gptq4_gemm_small_launch(layer, x.data_ptr<at::Half>(), x.size(0), max_slice_rows, slices.size(0), threads,
+                            prefetch, partial.data_ptr<float>(), bias_ptr, out.data_ptr<at::Half>(),
+                            c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return out;
+}
+
+torch::Tensor gptq4_dequant(torch::Tensor qweight, torch::Tensor qzeros, torch::Tensor scales, torch::Tensor row_group,
+                            int64_t zero_offset) {
+    Gptq4Layer layer = gptq4_view(qweight, qzeros, scales, zero_offset);
+    check(row_group, torch::kInt32, "row_group");
+    TORCH_CHECK(row_group.numel() == layer.k, "row_group: one group per input row");
+    layer.row_group = row_group.data_ptr<int>();
+    const c10::cuda::CUDAGuard guard(qweight.device());
+    auto out = torch::empty({layer.k, layer.n}, qweight.options().dtype(torch::kHalf));
+    if (layer.k == 0) return out;
+    gptq4_dequant_launch(layer, out.data_ptr<at::Half>(), c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return out;
+}
+
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -163,4 +236,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("rope_cache", &rope_cache, "Rotary embedding of one token's q (in place) and k, appended with v to the caches");
     m.def("silu_mul", &silu_mul, "fp16(silu(gate)) * up");
     m.def("gptq_block", &gptq_block, "GPTQ's row walk inside one block of at most 32 input rows");
+    m.def("gptq4_gemm_small", &gptq4_gemm_small, "GPTQ 4-bit product for a few input rows, reading qweight directly");
+    m.def("gptq4_dequant", &gptq4_dequant, "GPTQ 4-bit weight to fp16 [K, N], rows in stored (group) order");
 }

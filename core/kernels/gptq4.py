@@ -24,6 +24,8 @@ THREADS = 128  # threads per block of the small-batch kernel, four columns each
 # A slice's inputs sit in shared memory as fp16, 8 rows at a time: 1024 inputs are 16 KiB.
 MAX_SLICE_ROWS = 1024
 BLOCKS_PER_SM = 4
+# Ask L2 for a block's weights before staging its inputs (bench/gptq4_speed.py measures both).
+PREFETCH = True
 # Room after the sums for the kernel's per-tile completion counts (tiles <= columns / 4 / THREADS).
 COUNT_ROOM = 4096
 
@@ -142,7 +144,8 @@ def gemm_small(x: torch.Tensor, qweight: torch.Tensor, plan: Gptq4Plan, bias: to
     """fp16 x [M <= SMALL_BATCH, K] @ weight -> fp16 [M, N], straight from qweight."""
     partial = _scratch.get(x.device, min(x.shape[0], 8) * plan.out_features + COUNT_ROOM)
     return kernels().gptq4_gemm_small(x, plan.perm, qweight, plan.qzeros, plan.scales, plan.zero_offset,
-                                      plan.segments, plan.slices, plan.max_slice_rows, plan.threads, partial, bias)
+                                      plan.segments, plan.slices, plan.max_slice_rows, plan.threads, PREFETCH,
+                                      partial, bias)
 
 
 def dequant(qweight: torch.Tensor, plan: Gptq4Plan) -> torch.Tensor:
