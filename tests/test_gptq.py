@@ -381,3 +381,48 @@ def test_gptq_on_cuda_with_the_kernel_matches_the_reference_path(hessian, monkey
     expected = unpack_q_weight(reference["q_weight"], reference["q_groups"], IN_FEATURES)
     assert (codes != expected).float().mean() < 1e-3
     assert abs(error - error_ref) <= 0.01 * error_ref
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows,out_features", [(32, 576), (128, 1536), (16, 200), (64, 11008)])
+def test_scale_search_kernel_chooses_what_the_reference_chooses(rows, out_features):
+    from core.kernels.build import kernels
+
+    kernel = kernels()
+    assert kernel is not None, "the CUDA kernels did not build"
+    g = torch.Generator().manual_seed(rows + out_features)
+    settings_total, groups_total, first_row = 5, 9, 32
+    work = torch.randn(first_row + rows + 8, settings_total, out_features, generator=g) * 0.02
+    work[first_row : first_row + rows, 2, :7] *= 40  # outlier columns
+    work[first_row : first_row + rows, 3, 5] = 0.0  # a dead column: code 0, its scale may round to zero
+    work[first_row : first_row + rows, 4] *= 1e-6  # scales near fp16's smallest
+    work = work.cuda()
+    settings = torch.tensor([0, 2, 3, 4], device="cuda")
+    slots = torch.tensor([4, 1, 7, 0], device="cuda")
+    maxq = torch.tensor([[3.0], [15.0], [63.0], [255.0]], device="cuda")
+    stretch = gptq._stretch_grid("cuda")
+    plan = gptq._plan_rows((((4, 32),),), 32, "cuda")
+    scale_codes = torch.full((groups_total, out_features), 99, dtype=torch.uint8, device="cuda")
+    scale_maxes = torch.full((groups_total,), float("nan"), dtype=torch.float16, device="cuda")
+    scales = torch.full((settings_total, out_features), float("nan"), device="cuda")
+    safe, slot_scales = scales.clone(), torch.full((groups_total, out_features), float("nan"), device="cuda")
+    kernel.gptq_scale_search(work, first_row, rows, settings, slots, maxq, stretch, scale_codes, scale_maxes, scales,
+                             safe, slot_scales)
+
+    blocks = work[first_row : first_row + rows].index_select(1, settings).transpose(0, 1).contiguous()
+    codes, scale_max, decoded = gptq._choose_scales(blocks, maxq, stretch, plan.coarse, plan.offsets)
+    assert torch.equal(scale_codes[slots], codes)
+    untouched = [s for s in range(groups_total) if s not in slots.tolist()]
+    assert (scale_codes[untouched] == 99).all() and scale_maxes[untouched].isnan().all()
+    assert scales[1].isnan().all() and not scales[settings].isnan().any()
+    # The sums run in another order than torch's, so a near tie may go the other
+    # way; the scale chosen must then be as good, by the reference's own measure.
+    zero = (maxq + 1) / 2
+    low, high = (-zero).view(-1, 1, 1, 1), (maxq - zero).view(-1, 1, 1, 1)
+    ours = gptq._stretch_errors(blocks.double(), scales[settings].double().unsqueeze(1), low, high)[:, 0]
+    theirs = gptq._stretch_errors(blocks.double(), decoded.double().unsqueeze(1), low, high)[:, 0]
+    assert (ours <= theirs * (1 + 1e-5) + 1e-30).all(), (ours, theirs)
+    same = scale_maxes[slots] == scale_max
+    torch.testing.assert_close(scales[settings][same], decoded[same], rtol=0, atol=0)
+    assert torch.equal(slot_scales[slots], scales[settings])
+    assert torch.equal(safe[settings], torch.where(scales[settings] > 0, scales[settings], math.inf))

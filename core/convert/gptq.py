@@ -16,6 +16,7 @@ each group.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from contextlib import contextmanager
@@ -258,7 +259,7 @@ def _quantize_layouts(
         perm = torch.arange(in_features, device=device)
     h = h[perm][:, perm]
     inverse_factor = _inverse_cholesky(h, damp).contiguous()
-    plan = _plan_rows(layouts, in_features, device)
+    plan = _plan_rows(tuple(layouts), in_features, device)
 
     # Rows = inputs in act-order, then settings, then outputs (the orientation
     # of q_weight): one row step is one contiguous [settings, out] slice, and
@@ -329,8 +330,13 @@ class _RowPlan:
     offsets: torch.Tensor
 
 
-def _plan_rows(layouts: list[tuple[tuple[int, int], ...]], in_features: int, device) -> _RowPlan:
-    """Everything the row walk needs, made before it starts so that it creates no host tensors."""
+@functools.lru_cache(maxsize=64)
+def _plan_rows(layouts: tuple[tuple[tuple[int, int], ...], ...], in_features: int, device) -> _RowPlan:
+    """Everything the row walk needs, made before it starts so that it creates no host tensors.
+
+    Kept per layouts and width: every layer's matrices of one shape take the same
+    candidate list, and on a GPU making the plan's small tensors costs more than
+    the walk of a small matrix. The walk only reads it."""
     bits = torch.empty(in_features, len(layouts), dtype=torch.float32)
     by_start: dict[int, dict[tuple[int, int], list[tuple[int, int]]]] = {}
     slots, slot = [], 0
@@ -413,6 +419,10 @@ def _gptq_rows(
             if i > segment:
                 _walk(kernel, work, steps, errors, inverse_factor, plan, scales, safe, first, end, segment, i)
             for group in plan.starts[i]:
+                if kernel is not None:
+                    kernel.gptq_scale_search(work, i, group.rows, group.settings, group.slots, group.maxq,
+                                             plan.stretch, scale_codes, scale_maxes, scales, safe, slot_scales)
+                    continue
                 blocks = work[i : i + group.rows].index_select(1, group.settings).transpose(0, 1)
                 codes, scale_max, decoded = _choose_scales(blocks, group.maxq, plan.stretch, plan.coarse, plan.offsets)
                 scale_codes.index_copy_(0, group.slots, codes)

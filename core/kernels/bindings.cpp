@@ -100,6 +100,44 @@ void gptq_block(torch::Tensor work, torch::Tensor steps, torch::Tensor errors, t
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+void gptq_scale_search(torch::Tensor work, int64_t first_row, int64_t rows, torch::Tensor settings, torch::Tensor slots,
+                       torch::Tensor maxq, torch::Tensor stretch, torch::Tensor scale_codes, torch::Tensor scale_maxes,
+                       torch::Tensor scales, torch::Tensor safe, c10::optional<torch::Tensor> slot_scales) {
+    for (const auto* t : {&work, &maxq, &stretch, &scales, &safe}) check(*t, torch::kFloat, "gptq_scale_search");
+    check(settings, torch::kLong, "settings");
+    check(slots, torch::kLong, "slots");
+    check(scale_codes, torch::kByte, "scale_codes");
+    check(scale_maxes, torch::kHalf, "scale_maxes");
+    TORCH_CHECK(work.dim() == 3, "gptq_scale_search: work [in, settings, out]");
+    const int64_t out = work.size(2), k = settings.numel();
+    TORCH_CHECK(0 <= first_row && 0 < rows && first_row + rows <= work.size(0), "gptq_scale_search: rows within work");
+    TORCH_CHECK(slots.numel() == k && maxq.numel() == k && stretch.numel() == GPTQ_SEARCH_GRID,
+                "gptq_scale_search: one slot and maxq per setting, a grid of ", GPTQ_SEARCH_GRID, " stretches");
+    TORCH_CHECK(scale_codes.dim() == 2 && scale_codes.size(1) == out && scale_maxes.numel() == scale_codes.size(0),
+                "gptq_scale_search: scale_codes [groups, out], scale_maxes [groups]");
+    TORCH_CHECK(scales.sizes() == safe.sizes() && scales.dim() == 2 && scales.size(0) == work.size(1) && scales.size(1) == out,
+                "gptq_scale_search: scales and safe [settings, out]");
+    float* slot_scales_ptr = nullptr;
+    if (slot_scales.has_value()) {
+        check(*slot_scales, torch::kFloat, "slot_scales");
+        TORCH_CHECK(slot_scales->sizes() == scale_codes.sizes(), "gptq_scale_search: slot_scales [groups, out]");
+        slot_scales_ptr = slot_scales->data_ptr<float>();
+    }
+    if (k == 0 || out == 0) return;
+    const c10::cuda::CUDAGuard guard(work.device());
+    const int64_t chunks = gptq_scale_search_chunks(out);
+    auto base = torch::empty({k, out}, work.options());
+    auto chunk_max = torch::empty({k, chunks}, work.options());
+    auto partial = torch::empty({k, chunks, gptq_scale_search_slots()}, work.options().dtype(torch::kDouble));
+    GptqScaleSearch s{work.data_ptr<float>(), work.size(1), out, first_row, int(rows), int(k),
+                      settings.data_ptr<int64_t>(), slots.data_ptr<int64_t>(), maxq.data_ptr<float>(),
+                      stretch.data_ptr<float>(), scale_codes.data_ptr<uint8_t>(), scale_maxes.data_ptr<at::Half>(),
+                      scales.data_ptr<float>(), safe.data_ptr<float>(), slot_scales_ptr, base.data_ptr<float>(),
+                      chunk_max.data_ptr<float>(), partial.data_ptr<double>()};
+    gptq_scale_search_launch(s, c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps, c10::optional<torch::Tensor> residual) {
     check(x, torch::kHalf, "x");
     check(weight, torch::kHalf, "weight");
@@ -236,6 +274,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("rope_cache", &rope_cache, "Rotary embedding of one token's q (in place) and k, appended with v to the caches");
     m.def("silu_mul", &silu_mul, "fp16(silu(gate)) * up");
     m.def("gptq_block", &gptq_block, "GPTQ's row walk inside one block of at most 32 input rows");
+    m.def("gptq_scale_search", &gptq_scale_search, "GPTQ's scale search of one group start for several settings");
     m.def("gptq4_gemm_small", &gptq4_gemm_small, "GPTQ 4-bit product for a few input rows, reading qweight directly");
     m.def("gptq4_dequant", &gptq4_dequant, "GPTQ 4-bit weight to fp16 [K, N], rows in stored (group) order");
 }
