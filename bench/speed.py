@@ -2,6 +2,7 @@
 
     python -m bench.speed [--models llama2-7b,llama3-8b] [--bpw 2.5,3.0,4.0,5.0,6.0,fp16]
                           [--layers N] [--decode-tokens 64] [--prefill 2048] [--no-hf] [--quick]
+                          [--profile] [--matrix-only] [--matrix-batches 1,4,16]
 
 EXL2 models are written directly in the stored layout (bench/exl2_random.py), so
 no conversion runs. For each model and bpw: batch-1 decode (CUDA graph replay,
@@ -200,30 +201,36 @@ def main() -> None:
     parser.add_argument("--no-hf", action="store_true", help="skip HF transformers")
     parser.add_argument("--quick", action="store_true", help="llama2-7b, 4 layers, 4.0 bpw and fp16")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--threads", type=int, default=exl2.THREADS)
+    parser.add_argument("--warps", type=int, default=exl2.WARPS, help="warps per block of the small-batch kernel")
     parser.add_argument("--blocks-per-sm", type=int, default=exl2.BLOCKS_PER_SM)
+    parser.add_argument("--matrix-only", action="store_true", help="only the 4096x11008 kernel table")
+    parser.add_argument("--matrix-batches", default="1", help="batch sizes of the kernel table, e.g. 1,4,16")
     parser.add_argument("--profile", action="store_true", help="kernel times of five graph-replayed decode steps")
     parser.add_argument("--sweep", action="store_true", help="time the 4-bit matrix kernel's block shapes first")
     args = parser.parse_args()
     if args.quick:
         args.models, args.bpw, args.layers = "llama2-7b", "4.0,fp16", args.layers or 4
     assert kernels() is not None, "the CUDA kernels did not build"
-    exl2.THREADS, exl2.BLOCKS_PER_SM = args.threads, args.blocks_per_sm
+    exl2.WARPS, exl2.BLOCKS_PER_SM = args.warps, args.blocks_per_sm
     device = device_name()
     bandwidth = copy_bandwidth()
     print(f"device {device}, copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     if args.sweep:
-        for threads, per_sm in ((128, 4), (128, 8), (128, 16), (64, 8), (64, 16), (256, 4), (256, 8)):
-            exl2.THREADS, exl2.BLOCKS_PER_SM = threads, per_sm
+        for warps, per_sm in ((4, 1), (4, 2), (4, 4), (2, 2), (2, 4), (1, 4)):
+            exl2.WARPS, exl2.BLOCKS_PER_SM = warps, per_sm
             for batch in (1, 4):
                 row = kernel_bandwidth((4,), batch=batch)[0]
-                print(f"sweep threads {threads} blocks/SM {per_sm} batch {batch}: {row['us']:.1f} us "
+                print(f"sweep warps {warps} blocks/SM {per_sm} batch {batch}: {row['us']:.1f} us "
                       f"{row['gb_s'] * 1e9 / bandwidth:.0%} of copy", flush=True)
-        exl2.THREADS, exl2.BLOCKS_PER_SM = args.threads, args.blocks_per_sm
-    matrix = kernel_bandwidth((2, 3, 4, 5, 6, 8))
+        exl2.WARPS, exl2.BLOCKS_PER_SM = args.warps, args.blocks_per_sm
+    matrix = []
+    for batch in (int(b) for b in args.matrix_batches.split(",")):
+        matrix += kernel_bandwidth((2, 3, 4, 5, 6, 8), batch=batch)
     for row in matrix:
-        print(f"4096x11008 {row['bits']}-bit batch 1: {row['us']:.1f} us, {row['gb_s']:.0f} GB/s "
+        print(f"4096x11008 {row['bits']}-bit batch {row['batch']}: {row['us']:.1f} us, {row['gb_s']:.0f} GB/s "
               f"({row['gb_s'] * 1e9 / bandwidth:.0%} of copy)", flush=True)
+    if args.matrix_only:
+        return
     records = []
     for name in args.models.split(","):
         config = llama_config(name, layers=args.layers)
@@ -250,9 +257,10 @@ def main() -> None:
         print(f"| {r['model']} | {r['layers']} | {r['engine']} | {r['bpw']:g} ({r['real_bpw']:.2f}) | "
               f"{r['decode_tok_s']:.0f} | {r.get('decode_eager_tok_s', float('nan')):.0f} | {r['roofline_tok_s']:.0f} | "
               f"{r['roofline_ratio']:.0%} | {r['prefill_tok_s']:.0f} | {r['peak_mem_gib']:.1f} |")
-    print("\n| 4096x11008 bits | us | GB/s | of copy |\n|---|---|---|---|")
+    print("\n| 4096x11008 bits | batch | us | GB/s | of copy |\n|---|---|---|---|---|")
     for row in matrix:
-        print(f"| {row['bits']} | {row['us']:.1f} | {row['gb_s']:.0f} | {row['gb_s'] * 1e9 / bandwidth:.0%} |")
+        print(f"| {row['bits']} | {row['batch']} | {row['us']:.1f} | {row['gb_s']:.0f} | "
+              f"{row['gb_s'] * 1e9 / bandwidth:.0%} |")
 
 
 if __name__ == "__main__":

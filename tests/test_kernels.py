@@ -34,9 +34,9 @@ def poison(numel: int) -> None:
     torch.full((numel,), float("nan"), dtype=torch.float16, device="cuda")
 
 
-def layer(in_features, out_features, mix):
-    tensors = random_exl2_tensors(in_features, out_features, layout_for(in_features, mix, 32 if in_features == 532 else 128),
-                                  "cuda", next(_seed))
+def layer(in_features, out_features, mix, group_size=None):
+    group_size = group_size or (32 if in_features == 532 else 128)
+    tensors = random_exl2_tensors(in_features, out_features, layout_for(in_features, mix, group_size), "cuda", next(_seed))
     return tensors, exl2.plan_layer(tensors, out_features)
 
 
@@ -83,6 +83,23 @@ def test_exl2_small_batch_llama_mlp_shape(bpw):
         tensors, plan = layer(*shape, MIXES[bpw])
         for rows in (1, 4, 16):
             check_small(tensors, plan, rows)
+
+
+@pytest.mark.parametrize("shape", [(576, 1536), (4096, 4096)])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_exl2_small_batch_same_function_for_every_launch_shape(shape, group_size, monkeypatch):
+    # One K slice (the block writes its columns) or many (atomics, the last block writes),
+    # few or many warps per block, inputs gathered through shared memory or from global;
+    # groups of 128 rows take their scales after the mma, smaller ones on every weight.
+    tensors, plan = layer(*shape, [(6, 0.25), (4, 0.5), (3, 0.25)], group_size)
+    for blocks_per_sm, warps, staged_bytes in ((1, 4, 40 * 1024), (8, 1, 40 * 1024), (64, 3, 4096), (2, 2, 20000)):
+        monkeypatch.setattr(exl2, "BLOCKS_PER_SM", blocks_per_sm)
+        monkeypatch.setattr(exl2, "WARPS", warps)
+        monkeypatch.setattr(exl2, "STAGED_BYTES", staged_bytes)
+        exl2.launch_shape.cache_clear()
+        for rows in (1, 7, 16):
+            check_small(tensors, plan, rows)
+    exl2.launch_shape.cache_clear()
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -165,7 +182,7 @@ def close(ours: torch.Tensor, expected: torch.Tensor, tolerance: float = 2e-3) -
     return float((ours.float() - expected.float()).norm() / expected.float().norm()) < tolerance
 
 
-@pytest.mark.parametrize("hidden", [576, 4096, 5120])
+@pytest.mark.parametrize("hidden", [576, 580, 4096, 5120])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_fused_rms_norm_matches_reference(hidden, with_residual):
     for rows in (1, 7):

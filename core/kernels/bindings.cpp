@@ -17,52 +17,58 @@ void check(const torch::Tensor& t, torch::ScalarType dtype, const char* name) {
 }
 
 Exl2Layer layer_view(const torch::Tensor& q_weight, int64_t n, const torch::Tensor& q_scale,
-                     const torch::Tensor& q_scale_max, const torch::Tensor& groups, const torch::Tensor* slices,
-                     const torch::Tensor* perm) {
+                     const torch::Tensor& q_scale_max) {
     check(q_weight, torch::kInt32, "q_weight");
     check(q_scale, torch::kInt32, "q_scale");
     check(q_scale_max, torch::kHalf, "q_scale_max");
-    check(groups, torch::kInt32, "groups");
     TORCH_CHECK(q_weight.dim() == 2 && q_weight.size(1) % 32 == 0, "q_weight columns must be padded to a multiple of 32");
     TORCH_CHECK(n > 0 && n <= q_weight.size(1), "n must be within the packed columns");
-    TORCH_CHECK(groups.dim() == 2 && groups.size(1) == 4 && q_scale.size(0) == groups.size(0), "groups: [G, 4], one per q_scale row");
+    TORCH_CHECK(q_scale.dim() == 2 && q_scale.size(1) * 8 == q_weight.size(1) && q_scale_max.numel() == q_scale.size(0),
+                "q_scale: [groups, n_pad / 8], q_scale_max: [groups]");
     Exl2Layer layer{};
     layer.q_weight = q_weight.data_ptr<int>();
     layer.q_scale = q_scale.data_ptr<int>();
     layer.q_scale_max = q_scale_max.data_ptr<at::Half>();
-    layer.groups = groups.data_ptr<int>();
-    layer.slices = slices ? slices->data_ptr<int>() : nullptr;
-    layer.perm = perm ? perm->data_ptr<int>() : nullptr;
     layer.packed_rows = q_weight.size(0);
     layer.n_pad = q_weight.size(1);
     layer.n = n;
     return layer;
 }
 
-torch::Tensor exl2_gemm_small(torch::Tensor x, torch::Tensor perm, torch::Tensor q_weight, int64_t n,
-                              torch::Tensor q_scale, torch::Tensor q_scale_max, torch::Tensor groups,
-                              torch::Tensor slices, int64_t max_slice_rows, int64_t threads,
-                              torch::Tensor partial, c10::optional<torch::Tensor> bias) {
+torch::Tensor exl2_gemm_small(torch::Tensor x, torch::Tensor xperm, torch::Tensor units, torch::Tensor q_weight,
+                              int64_t n, torch::Tensor q_scale, torch::Tensor q_scale_max, int64_t slices,
+                              int64_t quads_per_slice, int64_t warps, torch::Tensor partial,
+                              c10::optional<torch::Tensor> bias) {
     check(x, torch::kHalf, "x");
-    check(perm, torch::kInt32, "perm");
-    check(slices, torch::kInt32, "slices");
+    check(xperm, torch::kShort, "xperm");
+    check(units, torch::kInt32, "units");
     check(partial, torch::kFloat, "partial");
-    TORCH_CHECK(x.dim() == 2 && perm.numel() == x.size(1), "x: [M, K] with K = the layer's inputs");
-    TORCH_CHECK(threads % 32 == 0 && threads <= 1024, "threads: a multiple of 32");
-    TORCH_CHECK(slices.dim() == 2 && slices.size(1) == 4 && slices.size(0) > 0, "slices: [S, 4]");
-    Exl2Layer layer = layer_view(q_weight, n, q_scale, q_scale_max, groups, &slices, &perm);
-    TORCH_CHECK(partial.numel() >= x.size(0) * n + exl2_gemm_small_tiles(layer, threads),
+    Exl2Layer layer = layer_view(q_weight, n, q_scale, q_scale_max);
+    TORCH_CHECK(x.dim() == 2 && x.size(0) <= 16 && x.size(1) < 0xFFFF, "x: [M <= 16, K < 65535]");
+    TORCH_CHECK(units.dim() == 2 && units.size(1) == 4 && units.size(0) % 4 == 0 && units.size(0) > 0,
+                "units: [quads * 4, 4]");
+    const int64_t quads = units.size(0) / 4;
+    TORCH_CHECK(xperm.numel() == quads * 128, "xperm: 128 slots per quad");
+    TORCH_CHECK(warps >= 1 && warps <= 4, "warps: 1 to 4 per block");
+    TORCH_CHECK(quads_per_slice >= 1 && slices >= 1 && (slices - 1) * quads_per_slice < quads &&
+                slices * quads_per_slice >= quads, "slices of quads_per_slice must cover the quads, none empty");
+    TORCH_CHECK(x.size(0) * (quads_per_slice * 128 + 32) * 2 <= 96 * 1024, "the staged inputs of a slice: at most 96 KiB");
+    TORCH_CHECK(slices == 1 || partial.numel() >= x.size(0) * n + exl2_gemm_small_tiles(layer),
                 "partial: fp32 zeros for M * n sums and one count per column tile");
     const void* bias_ptr = nullptr;
     if (bias.has_value()) {
         check(*bias, torch::kHalf, "bias");
+        TORCH_CHECK(bias->numel() == n, "bias: [n]");
         bias_ptr = bias->data_ptr<at::Half>();
     }
+    layer.units = units.data_ptr<int>();
+    layer.xperm = reinterpret_cast<const uint16_t*>(xperm.data_ptr<int16_t>());
+    layer.quads = quads;
     const c10::cuda::CUDAGuard guard(x.device());
     auto out = torch::empty({x.size(0), n}, x.options());
     if (x.size(0) == 0) return out;
-    exl2_gemm_small_launch(layer, x.data_ptr<at::Half>(), x.size(0), x.size(1), max_slice_rows, slices.size(0),
-                           threads, partial.data_ptr<float>(), bias_ptr, out.data_ptr<at::Half>(),
+    exl2_gemm_small_launch(layer, x.data_ptr<at::Half>(), x.size(0), x.size(1), slices, quads_per_slice, warps,
+                           partial.data_ptr<float>(), bias_ptr, out.data_ptr<at::Half>(),
                            c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return out;
@@ -70,7 +76,10 @@ torch::Tensor exl2_gemm_small(torch::Tensor x, torch::Tensor perm, torch::Tensor
 
 torch::Tensor exl2_dequant(torch::Tensor q_weight, int64_t n, torch::Tensor q_scale, torch::Tensor q_scale_max,
                            torch::Tensor groups, int64_t k) {
-    Exl2Layer layer = layer_view(q_weight, n, q_scale, q_scale_max, groups, nullptr, nullptr);
+    Exl2Layer layer = layer_view(q_weight, n, q_scale, q_scale_max);
+    check(groups, torch::kInt32, "groups");
+    TORCH_CHECK(groups.dim() == 2 && groups.size(1) == 4 && q_scale.size(0) == groups.size(0), "groups: [G, 4], one per q_scale row");
+    layer.groups = groups.data_ptr<int>();
     const c10::cuda::CUDAGuard guard(q_weight.device());
     auto out = torch::empty({k, n}, q_weight.options().dtype(torch::kHalf));
     exl2_dequant_launch(layer, groups.size(0), out.data_ptr<at::Half>(), c10::cuda::getCurrentCUDAStream());
@@ -262,7 +271,6 @@ torch::Tensor gptq4_dequant(torch::Tensor qweight, torch::Tensor qzeros, torch::
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return out;
 }
-
 
 }  // namespace
 

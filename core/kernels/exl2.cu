@@ -1,16 +1,20 @@
-// EXL2 kernels: a split-K matrix-vector / small-batch product that reads the
+// EXL2 kernels: a small-batch product (1 to 16 input rows) that reads the
 // packed mixed-bit weights directly, and a dequantizer for large batches.
 //
 // Layout (see core/exl2_format.py): q_weight is int32 [packed_rows, n_pad];
 // each column is one little-endian bit stream per group, so a run of 32 rows of
 // a b-bit group is exactly b words of that column, and codes of 3, 5 and 6 bits
-// straddle words. Rows are in act-order; the input is gathered through `perm`
-// once per block while it is staged in shared memory.
+// straddle words. Rows are in act-order.
 //
-// The host hands over a group table (bits, first packed row, first act-order
-// row, rows) and a slice table (first and end group, first row, rows of each K
-// slice; one read tells a block where its inputs are): slices are whole
-// groups of roughly equal bytes, chosen once per layer in Python.
+// The small-batch kernel works on "units" of 32 rows of one group (b words per
+// column) and "quads" of four units of one width, which core/kernels/exl2.py
+// lists once per layer. A warp takes 32 columns of one quad: thread (g, t) loads
+// the b words of unit t for columns 4g..4g+3 (16-byte loads, 128 contiguous
+// bytes per unit and word across the warp), turns them into fp16 weights two at
+// a time and multiplies them on the tensor cores (mma m16n8k16, fp32 sums), the
+// inputs of the batch as the mma's 8 (or 16) columns. A reduction may visit its
+// terms in any order, so the mma's k index of every weight is whatever makes the
+// decoding cheap; the host stages the inputs in that same order (`xperm`).
 
 #include "exl2.h"
 
@@ -21,9 +25,408 @@
 namespace {
 
 constexpr int COLS_PER_THREAD = 4;  // one 16-byte load covers four columns of a packed row
-// Rows past a slice's end read zeros from shared memory, so a last group that
-// ends mid-word can be processed in whole units without a bounds check per row.
-constexpr int X_PAD_ROWS = 32;
+constexpr int WARP_COLS = 32;       // 8 thread groups of 4 columns
+constexpr int QUAD_SLOTS = 128;     // staged inputs per quad: 4 units of 32 rows
+constexpr uint16_t NO_INPUT = 0xFFFF;
+// A block copies all of x to shared memory first when it fits this with the staged slots
+// (three blocks of a multiprocessor then still fit its 228 KiB).
+constexpr size_t X_SHARED_BYTES = 64 * 1024;
+
+// ---- Two codes into one half2 without a conversion -------------------------
+//
+// A code c placed in the mantissa of the fp16 number 1024 (0x6400), s bits up,
+// reads as 1024 + c * 2^s exactly while s + bits <= 10. One LOP3 masks two
+// codes of a 32-bit window of the bit stream and sets both exponents, one
+// HFMA2 turns 1024 + c * 2^s into c - 2^(bits-1) (exact: small integers), one
+// HMUL2 applies the group scale with a single fp16 rounding, as the reference
+// dequantizer rounds. Pair j of a 32-code unit joins codes p and p + d; d is
+// the distance at which both codes fit one window's two halves at this width
+// (the host's pair rule in exl2.py must agree).
+
+__host__ __device__ constexpr int pair_distance(int bits) { return bits == 2 ? 8 : (bits == 6 || bits == 8) ? 2 : 4; }
+__host__ __device__ constexpr int pair_low(int bits, int j) {
+    return 2 * pair_distance(bits) * (j / pair_distance(bits)) + j % pair_distance(bits);
+}
+__host__ __device__ constexpr int pair_high(int bits, int j) { return pair_low(bits, j) + pair_distance(bits); }
+
+// A window starting at stream bit `o` serves pair j if both codes land in the low 10 bits of their half.
+__host__ __device__ constexpr bool window_serves(int bits, int j, int o) {
+    return pair_low(bits, j) * bits - o >= 0 && pair_low(bits, j) * bits - o <= 10 - bits &&
+           pair_high(bits, j) * bits - o - 16 >= 0 && pair_high(bits, j) * bits - o - 16 <= 10 - bits;
+}
+// The latest start that still holds both codes of pair j, leaving room for the pairs after it.
+__host__ __device__ constexpr int own_window(int bits, int j) {
+    return pair_low(bits, j) * bits < pair_high(bits, j) * bits - 16 ? pair_low(bits, j) * bits
+                                                                      : pair_high(bits, j) * bits - 16;
+}
+// Reuse the previous pair's window where it serves: fewer shifts on the integer pipe.
+__host__ __device__ constexpr int pair_window(int bits, int j) {
+    return j == 0 ? own_window(bits, 0)
+                  : (window_serves(bits, j, pair_window(bits, j - 1)) ? pair_window(bits, j - 1) : own_window(bits, j));
+}
+
+__host__ __device__ constexpr bool pair_rule_holds(int bits) {
+    for (int j = 0; j < 16; ++j)
+        if (!window_serves(bits, j, pair_window(bits, j))) return false;
+    // Every code of the unit in exactly one pair.
+    for (int code = 0; code < 32; ++code) {
+        int seen = 0;
+        for (int j = 0; j < 16; ++j) seen += (pair_low(bits, j) == code) + (pair_high(bits, j) == code);
+        if (seen != 1) return false;
+    }
+    return true;
+}
+static_assert(pair_rule_holds(2) && pair_rule_holds(3) && pair_rule_holds(4) && pair_rule_holds(5) &&
+              pair_rule_holds(6) && pair_rule_holds(8), "every pair of every width decodes from one window");
+
+// fp16 bit patterns of 2^-s and of -n (|n| < 2048, so exact).
+__host__ __device__ constexpr uint32_t half_pow2_neg(int s) { return uint32_t(15 - s) << 10; }
+__host__ __device__ constexpr uint32_t half_neg_int(int n) {
+    int e = 0;
+    while ((n >> e) >= 2) ++e;
+    return 0x8000u | uint32_t(e + 15) << 10 | ((uint32_t(n) << (10 - e)) & 0x3FFu);
+}
+
+__device__ __forceinline__ __half2 as_half2(uint32_t bits) {
+    __half2 h;
+    static_assert(sizeof(h) == 4, "half2 is one word");
+    memcpy(&h, &bits, 4);
+    return h;
+}
+__device__ __forceinline__ uint32_t as_u32(__half2 h) {
+    uint32_t bits;
+    memcpy(&bits, &h, 4);
+    return bits;
+}
+
+// (v & mask) | 0x64006400 in one LOP3: with both constants as immediates the compiler splits it in two.
+template <uint32_t MASK>
+__device__ __forceinline__ uint32_t mask_and_bias(uint32_t v) {
+    uint32_t out;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(out) : "r"(v), "n"(MASK), "r"(0x64006400u));
+    return out;
+}
+
+// Bits [O, O + 32) of a unit's stream (B words); bits outside the stream read as zero.
+template <int B, int O>
+__device__ __forceinline__ uint32_t window(const uint32_t (&w)[B]) {
+    if constexpr (O < 0) {
+        return w[0] << (-O);
+    } else if constexpr (O % 32 == 0) {
+        return w[O / 32];
+    } else if constexpr (O / 32 + 1 < B) {
+        return __funnelshift_r(w[O / 32], w[O / 32 + 1], O % 32);
+    } else {
+        return w[O / 32] >> (O % 32);
+    }
+}
+
+// Pair J of one column's unit as two fp16 weights (low half: the pair's first code): code - 2^(B-1),
+// times the column's scale where SCALED (rounded once, as the reference rounds), else left as the
+// exact small integer for a scale applied to the quad's fp32 sums.
+template <int B, int J, bool SCALED>
+__device__ __forceinline__ uint32_t weight_pair(const uint32_t (&w)[B], __half2 scale) {
+    constexpr int o = pair_window(B, J);
+    constexpr int s_lo = pair_low(B, J) * B - o, s_hi = pair_high(B, J) * B - o - 16;
+    constexpr uint32_t field = (1u << B) - 1;
+    constexpr uint32_t mask = field << s_lo | field << (16 + s_hi);
+    constexpr uint32_t unit_scale = half_pow2_neg(s_lo) | half_pow2_neg(s_hi) << 16;
+    constexpr int zero = 1 << (B - 1);
+    constexpr uint32_t offset = half_neg_int((1024 >> s_lo) + zero) | half_neg_int((1024 >> s_hi) + zero) << 16;
+    const uint32_t biased = mask_and_bias<mask>(window<B, o>(w));
+    const __half2 centered = __hfma2(as_half2(biased), as_half2(unit_scale), as_half2(offset));
+    if constexpr (SCALED) return as_u32(__hmul2(centered, scale));
+    return as_u32(centered);
+}
+
+// d += A (16x16, fp16) * B (16x8, fp16) in fp32.
+__device__ __forceinline__ void mma_16x8x16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#elif defined(__CUDA_ARCH__)
+    // Turing has the k8 shape only: the two halves of k one after the other.
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(b0));
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[2]), "r"(a[3]), "r"(b1));
+#endif
+}
+
+// One k step (pairs 2S and 2S+1 of each of the thread's four columns) into both 16-column mma tiles.
+// A fragment of tile mt: rows g and g + 8 are columns 2mt and 2mt+1 of the thread's four;
+// k slots (2t, 2t+1) hold pair 2S, (2t+8, 2t+9) pair 2S+1; B holds the inputs of the same codes.
+template <int B, int S, int NT, bool SCALED>
+__device__ __forceinline__ void k_step(const uint32_t (&w)[COLS_PER_THREAD][B], const __half2 (&scale)[COLS_PER_THREAD],
+                                       const uint32_t (&b)[NT][2], float (&acc)[NT][2][4]) {
+    uint32_t first[COLS_PER_THREAD], second[COLS_PER_THREAD];
+#pragma unroll
+    for (int c = 0; c < COLS_PER_THREAD; ++c) {
+        first[c] = weight_pair<B, 2 * S, SCALED>(w[c], scale[c]);
+        second[c] = weight_pair<B, 2 * S + 1, SCALED>(w[c], scale[c]);
+    }
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+        const uint32_t a[4] = {first[2 * mt], first[2 * mt + 1], second[2 * mt], second[2 * mt + 1]};
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) mma_16x8x16(acc[nt][mt], a, b[nt][0], b[nt][1]);
+    }
+}
+
+// Two k steps: one 16-byte read of staged inputs per batch tile covers both.
+template <int B, int S2, int NT, bool SCALED>
+__device__ __forceinline__ void k_step_pair(const uint32_t (&w)[COLS_PER_THREAD][B],
+                                            const __half2 (&scale)[COLS_PER_THREAD], const __half* xq, int x_stride,
+                                            int g, int x_rows, float (&acc)[NT][2][4]) {
+    uint32_t b0[NT][2], b1[NT][2];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (g + 8 * nt < x_rows) v = *reinterpret_cast<const uint4*>(xq + (g + 8 * nt) * x_stride + S2 * 32);
+        b0[nt][0] = v.x; b0[nt][1] = v.y; b1[nt][0] = v.z; b1[nt][1] = v.w;
+    }
+    k_step<B, 2 * S2, NT, SCALED>(w, scale, b0, acc);
+    k_step<B, 2 * S2 + 1, NT, SCALED>(w, scale, b1, acc);
+}
+
+// A unit's words (B of them, 4 columns each) and its group's scale codes, as loaded.
+template <int B>
+struct UnitWords {
+    uint4 words[B];
+    uint32_t scale_codes;  // the four columns' 4-bit scale codes
+    float max_over_256;
+};
+
+// Unit table entry: bits, first packed row (-1: padding), group, 1 if the quad's four units share one group.
+template <int B>
+__device__ __forceinline__ void load_words(UnitWords<B>& u, int4 info, const uint4* q, int stride4, int packed_rows,
+                                           const uint32_t* q_scale, const __half* q_scale_max, int n_pad, int col) {
+#pragma unroll
+    for (int i = 0; i < B; ++i) {
+        u.words[i] = make_uint4(0, 0, 0, 0);
+        // A last group that ends mid-unit stops at the matrix's end; the inputs past its rows are zero.
+        if (info.y >= 0 && info.y + i < packed_rows) u.words[i] = __ldg(q + (size_t)(info.y + i) * stride4);
+    }
+    u.scale_codes = __ldg(q_scale + (size_t)info.z * (n_pad / 8) + col / 8) >> (4 * (col & 7));
+    // As the reference rounds: q_scale_max / 256 to fp16, then (code + 1)^2 times that to fp16.
+    u.max_over_256 = __half2float(__float2half(__half2float(q_scale_max[info.z]) / 256.f));
+}
+
+__device__ __forceinline__ float column_scale(uint32_t scale_codes, float max_over_256, int c) {
+    const float code = float((scale_codes >> (4 * c)) & 15u) + 1.f;
+    return __half2float(__float2half(code * code * max_over_256));
+}
+
+template <int B, int NT>
+__device__ __forceinline__ void quad_product(const UnitWords<B>& u, bool one_group, const __half* xq, int x_stride,
+                                             int g, int x_rows, float (&acc)[NT][2][4]) {
+    uint32_t w[COLS_PER_THREAD][B];
+#pragma unroll
+    for (int i = 0; i < B; ++i) {
+        w[0][i] = u.words[i].x; w[1][i] = u.words[i].y; w[2][i] = u.words[i].z; w[3][i] = u.words[i].w;
+    }
+    float scale[COLS_PER_THREAD];
+#pragma unroll
+    for (int c = 0; c < COLS_PER_THREAD; ++c) scale[c] = column_scale(u.scale_codes, u.max_over_256, c);
+    if (one_group) {
+        // All k of the mma share each column's scale: multiply the quad's fp32 sums once
+        // instead of every weight (one HMUL2 per pair saved; the weights skip their fp16 rounding).
+        float part[NT][2][4] = {};
+        const __half2 unused[COLS_PER_THREAD] = {};
+        k_step_pair<B, 0, NT, false>(w, unused, xq, x_stride, g, x_rows, part);
+        k_step_pair<B, 1, NT, false>(w, unused, xq, x_stride, g, x_rows, part);
+        k_step_pair<B, 2, NT, false>(w, unused, xq, x_stride, g, x_rows, part);
+        k_step_pair<B, 3, NT, false>(w, unused, xq, x_stride, g, x_rows, part);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc[nt][mt][i] = fmaf(scale[2 * mt + i / 2], part[nt][mt][i], acc[nt][mt][i]);
+    } else {
+        __half2 scale2[COLS_PER_THREAD];
+#pragma unroll
+        for (int c = 0; c < COLS_PER_THREAD; ++c) scale2[c] = __float2half2_rn(scale[c]);
+        k_step_pair<B, 0, NT, true>(w, scale2, xq, x_stride, g, x_rows, acc);
+        k_step_pair<B, 1, NT, true>(w, scale2, xq, x_stride, g, x_rows, acc);
+        k_step_pair<B, 2, NT, true>(w, scale2, xq, x_stride, g, x_rows, acc);
+        k_step_pair<B, 3, NT, true>(w, scale2, xq, x_stride, g, x_rows, acc);
+    }
+}
+
+// Where a warp's walk through its quads stands: the quad in hand, its table entry and loaded words.
+struct Walk {
+    int q;
+    int4 info;
+};
+
+// Consecutive quads of width B, this warp's every `warps`-th from q: up to 4 bits the next
+// quad's words are requested before this one is decoded (two quads of words fit the registers),
+// wider ones one at a time. Returns at the first quad of another width, its words not yet loaded.
+template <int B, int NT>
+__device__ __forceinline__ Walk walk_width(Walk walk, int q_end, int warps, int q_first, const int4* units_s, int t,
+                                           const uint4* q, int stride4, int packed_rows, const uint32_t* q_scale,
+                                           const __half* q_scale_max, int n_pad, int col, const __half* xs,
+                                           int x_stride, int g, int x_rows, float (&acc)[NT][2][4]) {
+    constexpr bool AHEAD = B <= 4;
+    UnitWords<B> cur;
+    load_words<B>(cur, walk.info, q, stride4, packed_rows, q_scale, q_scale_max, n_pad, col);
+    for (;;) {
+        const int next = walk.q + warps;
+        const int4 info = next < q_end ? units_s[(next - q_first) * 4 + t] : make_int4(0, -1, 0, 0);
+        const bool same = next < q_end && info.x == B;
+        UnitWords<B> ahead;
+        if (AHEAD && same) load_words<B>(ahead, info, q, stride4, packed_rows, q_scale, q_scale_max, n_pad, col);
+        quad_product<B, NT>(cur, walk.info.w != 0, xs + (walk.q - q_first) * QUAD_SLOTS + t * 8, x_stride, g, x_rows,
+                            acc);
+        walk = {next, info};
+        if (!same) return walk;
+        if constexpr (AHEAD) {
+            cur = ahead;
+        } else {
+            load_words<B>(cur, info, q, stride4, packed_rows, q_scale, q_scale_max, n_pad, col);
+        }
+    }
+}
+
+// grid (column tiles of 32, K slices); block: warps taking the slice's quads in turn.
+// With one slice the block writes its columns; with several, every block adds
+// its sums into `partial` (fp32, zero on entry) by atomics and the last block of
+// a column tile to finish (counted in `done`) writes fp16 with the bias and
+// leaves `partial` and `done` zeroed.
+template <int NT>
+__global__ void __launch_bounds__(128, 4)
+exl2_gemv_kernel(const __half* __restrict__ x, int x_rows, int k, bool x_in_shared, const uint16_t* __restrict__ xperm,
+                 const int4* __restrict__ units, int quads, int quads_per_slice, const uint4* __restrict__ q_weight,
+                 int packed_rows, int n_pad, int n, const uint32_t* __restrict__ q_scale,
+                 const __half* __restrict__ q_scale_max, float* __restrict__ partial, int* __restrict__ done,
+                 const __half* __restrict__ bias, __half* __restrict__ out) {
+    extern __shared__ __align__(16) unsigned char shared[];
+    __shared__ bool last;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int col = blockIdx.x * WARP_COLS + COLS_PER_THREAD * g;
+    const int q_first = blockIdx.y * quads_per_slice;
+    const int q_end = min(quads, q_first + quads_per_slice);
+    const int slots = (q_end - q_first) * QUAD_SLOTS;
+    // Rows 64 bytes apart modulo 128: a quarter-warp's 16-byte reads of two rows hit different banks.
+    const int x_stride = slots + 32;
+    __half* xs = reinterpret_cast<__half*>(shared);
+    int4* units_s = reinterpret_cast<int4*>(xs + x_rows * x_stride);
+    const uint4* q = q_weight + col / COLS_PER_THREAD;
+    const int stride4 = n_pad / COLS_PER_THREAD;
+
+    // The first quad's table entry is read now, so its words are requested (in walk_width) with
+    // only the staging's shared-memory work in between.
+    Walk walk{q_first + warp, make_int4(0, -1, 0, 0)};
+    if (walk.q < q_end) walk.info = __ldg(units + walk.q * 4 + t);
+
+    // Inputs in the slots' order. Where the whole of x fits in shared memory it is first copied
+    // there with wide coalesced loads (their latency overlapping the slot table's), so the
+    // gather is shared-memory reads rather than a second round of global ones.
+    const __half* source_rows = x;
+    for (int i = threadIdx.x; i < (q_end - q_first) * 4; i += blockDim.x) units_s[i] = __ldg(units + q_first * 4 + i);
+    if (x_in_shared) {
+        __half* xr = reinterpret_cast<__half*>(units_s + (q_end - q_first) * 4);
+        if ((k & 7) == 0) {
+            for (int i = threadIdx.x; i < x_rows * k / 8; i += blockDim.x)
+                reinterpret_cast<uint4*>(xr)[i] = __ldg(reinterpret_cast<const uint4*>(x) + i);
+        } else {
+            for (int i = threadIdx.x; i < x_rows * k; i += blockDim.x) xr[i] = x[i];
+        }
+        source_rows = xr;
+        __syncthreads();
+    }
+    for (int i = threadIdx.x * 8; i < slots; i += blockDim.x * 8) {
+        const uint4 packed = __ldg(reinterpret_cast<const uint4*>(xperm + (size_t)q_first * QUAD_SLOTS + i));
+        uint16_t source[8];
+        memcpy(source, &packed, 16);
+        for (int m = 0; m < x_rows; ++m) {
+            __half v[8];
+#pragma unroll
+            for (int e = 0; e < 8; ++e)
+                v[e] = source[e] == NO_INPUT ? __float2half(0.f) : source_rows[(size_t)m * k + source[e]];
+            *reinterpret_cast<uint4*>(xs + m * x_stride + i) = *reinterpret_cast<const uint4*>(v);
+        }
+    }
+    __syncthreads();
+
+    float acc[NT][2][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[nt][mt][i] = 0.f;
+
+    // Every unit of a quad has one width, so the switch never splits the warp.
+    while (walk.q < q_end) {
+#define EXL2_WALK(B) walk_width<B, NT>(walk, q_end, warps, q_first, units_s, t, q, stride4, packed_rows, q_scale, \
+                                       q_scale_max, n_pad, col, xs, x_stride, g, x_rows, acc)
+        switch (walk.info.x) {
+            case 2: walk = EXL2_WALK(2); break;
+            case 3: walk = EXL2_WALK(3); break;
+            case 4: walk = EXL2_WALK(4); break;
+            case 5: walk = EXL2_WALK(5); break;
+            case 6: walk = EXL2_WALK(6); break;
+            default: walk = EXL2_WALK(8); break;
+        }
+#undef EXL2_WALK
+    }
+
+    // Sum the warps' tiles through shared memory (the staged inputs are no longer needed).
+    __syncthreads();
+    float* sums = reinterpret_cast<float*>(shared);
+    constexpr int ENTRIES = NT * 8;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) sums[(warp * ENTRIES + nt * 8 + mt * 4 + i) * 32 + lane] = acc[nt][mt][i];
+    __syncthreads();
+    const bool split = gridDim.y > 1;
+    for (int e = threadIdx.x; e < ENTRIES * 32; e += blockDim.x) {
+        // Entry (nt, mt, i) of lane (g, t): column 4g + 2mt + i/2, batch row 8nt + 2t + i%2.
+        const int entry = e >> 5, owner = e & 31;
+        const int c = blockIdx.x * WARP_COLS + COLS_PER_THREAD * (owner >> 2) + 2 * ((entry >> 2) & 1) + ((entry >> 1) & 1);
+        const int m = 8 * (entry >> 3) + 2 * (owner & 3) + (entry & 1);
+        if (m >= x_rows || c >= n) continue;
+        float v = 0.f;
+        for (int w = 0; w < warps; ++w) v += sums[(w * ENTRIES + entry) * 32 + owner];
+        if (split) {
+            atomicAdd(partial + (size_t)m * n + c, v);
+        } else {
+            if (bias) v += __half2float(bias[c]);
+            out[(size_t)m * n + c] = __float2half(v);
+        }
+    }
+    if (!split) return;
+
+    // Each thread's fence makes its sums visible before the block is counted; the
+    // last block's fence after the count orders its reads after every other block's sums.
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(done + blockIdx.x, 1) == (int)gridDim.y - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int e = threadIdx.x; e < x_rows * WARP_COLS; e += blockDim.x) {
+        const int m = e / WARP_COLS, c = blockIdx.x * WARP_COLS + e % WARP_COLS;
+        if (c >= n) continue;
+        float* p = partial + (size_t)m * n + c;
+        float v = __ldcg(p);
+        *p = 0.f;
+        if (bias) v += __half2float(bias[c]);
+        out[(size_t)m * n + c] = __float2half(v);
+    }
+    if (threadIdx.x == 0) done[blockIdx.x] = 0;
+}
+
+// ---- Dequantizer (prefill) -------------------------------------------------
 
 // A code `bits` wide at bit `pos` of the words w[], placed in the top mantissa
 // bits of 1.0f: the float is 1 + code / 2^bits, built with a shift and a LOP3
@@ -54,86 +457,6 @@ __device__ __forceinline__ void load_quad(uint32_t (&dst)[COLS_PER_THREAD], cons
     dst[0] = v.x; dst[1] = v.y; dst[2] = v.z; dst[3] = v.w;
 }
 
-// Accumulate sum_r f(code) * x[m][r] for `ROWS` rows whose WORDS words per column are in w.
-template <int BITS, int M, int WORDS, int ROWS>
-__device__ __forceinline__ void dot_rows(const uint32_t (&w)[WORDS][COLS_PER_THREAD], const float* xs, int x_stride,
-                                         float (&acc)[M][COLS_PER_THREAD], float (&xsum)[M]) {
-#pragma unroll
-    for (int r = 0; r < ROWS; r += 4) {
-        float4 xv[M];
-#pragma unroll
-        for (int m = 0; m < M; ++m) {
-            xv[m] = *reinterpret_cast<const float4*>(xs + m * x_stride + r);
-            xsum[m] += (xv[m].x + xv[m].y) + (xv[m].z + xv[m].w);
-        }
-#pragma unroll
-        for (int c = 0; c < COLS_PER_THREAD; ++c) {
-            uint32_t col[WORDS];
-#pragma unroll
-            for (int i = 0; i < WORDS; ++i) col[i] = w[i][c];
-            const float f0 = code_as_unit_float<BITS>(col, (r + 0) * BITS);
-            const float f1 = code_as_unit_float<BITS>(col, (r + 1) * BITS);
-            const float f2 = code_as_unit_float<BITS>(col, (r + 2) * BITS);
-            const float f3 = code_as_unit_float<BITS>(col, (r + 3) * BITS);
-#pragma unroll
-            for (int m = 0; m < M; ++m) {
-                acc[m][c] = fmaf(f0, xv[m].x, acc[m][c]);
-                acc[m][c] = fmaf(f1, xv[m].y, acc[m][c]);
-                acc[m][c] = fmaf(f2, xv[m].z, acc[m][c]);
-                acc[m][c] = fmaf(f3, xv[m].w, acc[m][c]);
-            }
-        }
-    }
-}
-
-// One group for four columns: sum over its rows of (code - 2^(bits-1)) * x, unscaled.
-// With f = 1 + code/2^b, sum (code - 2^(b-1)) x = 2^b * (sum f x - 1.5 sum x).
-template <int BITS, int M>
-__device__ __forceinline__ void group_dot(const int4* q, int stride4, int qrow, int qrow_end, int rows,
-                                          const float* xs, int x_stride, float (&out)[M][COLS_PER_THREAD]) {
-    float acc[M][COLS_PER_THREAD];
-    float xsum[M];
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-        xsum[m] = 0.f;
-#pragma unroll
-        for (int c = 0; c < COLS_PER_THREAD; ++c) acc[m][c] = 0.f;
-    }
-    int r = 0;
-    if constexpr (M <= 2) {
-        // Few accumulators leave registers for 64 rows of loads in flight at once:
-        // a block's run through its slice is a chain of load latencies, and this halves it.
-        for (; r + 64 <= rows; r += 64, qrow += 2 * BITS) {
-            uint32_t wa[BITS][COLS_PER_THREAD], wb[BITS][COLS_PER_THREAD];
-#pragma unroll
-            for (int i = 0; i < BITS; ++i) load_quad(wa[i], q + (size_t)(qrow + i) * stride4, true);
-#pragma unroll
-            for (int i = 0; i < BITS; ++i) load_quad(wb[i], q + (size_t)(qrow + BITS + i) * stride4, true);
-            dot_rows<BITS, M, BITS, 32>(wa, xs + r, x_stride, acc, xsum);
-            dot_rows<BITS, M, BITS, 32>(wb, xs + r + 32, x_stride, acc, xsum);
-        }
-    }
-    // 32 rows of any width are exactly BITS words: issue all loads, then decode.
-    for (; r + 32 <= rows; r += 32, qrow += BITS) {
-        uint32_t w[BITS][COLS_PER_THREAD];
-#pragma unroll
-        for (int i = 0; i < BITS; ++i) load_quad(w[i], q + (size_t)(qrow + i) * stride4, true);
-        dot_rows<BITS, M, BITS, 32>(w, xs + r, x_stride, acc, xsum);
-    }
-    using U = Unit<BITS>;
-    for (; r < rows; r += U::rows, qrow += U::words) {
-        uint32_t w[U::words][COLS_PER_THREAD];
-#pragma unroll
-        for (int i = 0; i < U::words; ++i) load_quad(w[i], q + (size_t)(qrow + i) * stride4, qrow + i < qrow_end);
-        dot_rows<BITS, M, U::words, U::rows>(w, xs + r, x_stride, acc, xsum);
-    }
-    constexpr float two_b = float(1 << BITS);
-#pragma unroll
-    for (int m = 0; m < M; ++m)
-#pragma unroll
-        for (int c = 0; c < COLS_PER_THREAD; ++c) out[m][c] = two_b * (acc[m][c] - 1.5f * xsum[m]);
-}
-
 // The fp16 scale of four columns of group g, rounded as the format's reference rounds it.
 __device__ __forceinline__ void group_scales(const int* q_scale, const __half* q_scale_max, int g, int n_pad, int col,
                                              float (&scale)[COLS_PER_THREAD]) {
@@ -144,96 +467,6 @@ __device__ __forceinline__ void group_scales(const int* q_scale, const __half* q
         const float code = float((word >> (4 * ((col + c) & 7))) & 15u) + 1.f;
         scale[c] = __half2float(__float2half(code * code * max_over_256));
     }
-}
-
-// grid (column tiles, K slices); block: threads over columns, four each.
-// Every slice adds its partial sums into `partial` (fp32, zero on entry) by
-// atomics; the last block of a column tile to finish (counted in `done`) turns
-// the sums into fp16 with the bias, and leaves `partial` and `done` zeroed.
-template <int M>
-__global__ void exl2_gemv_kernel(const __half* __restrict__ x, int x_rows, int k, const int* __restrict__ perm,
-                                 const int4* __restrict__ q_weight, int packed_rows, int n_pad, int n,
-                                 const int* __restrict__ q_scale, const __half* __restrict__ q_scale_max,
-                                 const int4* __restrict__ groups, const int4* __restrict__ slices,
-                                 float* __restrict__ partial, int* __restrict__ done, const __half* __restrict__ bias,
-                                 __half* __restrict__ out) {
-    extern __shared__ float xs[];
-    __shared__ bool last;
-    const int4 slice = slices[blockIdx.y];  // first group, end group, first row, rows
-    const int g_first = slice.x, g_end = slice.y, row0 = slice.z, slice_rows = slice.w;
-    // Rounded to 4 so every row's float4 read stays aligned (group starts are multiples of 4 rows).
-    const int x_stride = ((slice_rows + 3) & ~3) + X_PAD_ROWS;
-
-    for (int i = threadIdx.x; i < M * x_stride; i += blockDim.x) {
-        const int m = i / x_stride, r = i - m * x_stride;
-        float v = 0.f;
-        if (m < x_rows && r < slice_rows) v = __half2float(x[(size_t)m * k + perm[row0 + r]]);
-        xs[i] = v;
-    }
-    __syncthreads();
-
-    const int col = (blockIdx.x * blockDim.x + threadIdx.x) * COLS_PER_THREAD;
-    // Threads past the last column still take part in the barriers below.
-    const bool active = col < n_pad;
-    const int stride4 = n_pad / COLS_PER_THREAD;
-    const int4* q = q_weight + col / COLS_PER_THREAD;
-
-    float acc[M][COLS_PER_THREAD];
-#pragma unroll
-    for (int m = 0; m < M; ++m)
-#pragma unroll
-        for (int c = 0; c < COLS_PER_THREAD; ++c) acc[m][c] = 0.f;
-
-    for (int g = g_first; active && g < g_end; ++g) {
-        const int4 gi = groups[g];  // bits, first packed row, first row, rows
-        const float* xg = xs + (gi.z - row0);
-        float dot[M][COLS_PER_THREAD];
-        switch (gi.x) {
-            case 2: group_dot<2, M>(q, stride4, gi.y, packed_rows, gi.w, xg, x_stride, dot); break;
-            case 3: group_dot<3, M>(q, stride4, gi.y, packed_rows, gi.w, xg, x_stride, dot); break;
-            case 4: group_dot<4, M>(q, stride4, gi.y, packed_rows, gi.w, xg, x_stride, dot); break;
-            case 5: group_dot<5, M>(q, stride4, gi.y, packed_rows, gi.w, xg, x_stride, dot); break;
-            case 6: group_dot<6, M>(q, stride4, gi.y, packed_rows, gi.w, xg, x_stride, dot); break;
-            default: group_dot<8, M>(q, stride4, gi.y, packed_rows, gi.w, xg, x_stride, dot); break;
-        }
-        float scale[COLS_PER_THREAD];
-        group_scales(q_scale, q_scale_max, g, n_pad, col, scale);
-#pragma unroll
-        for (int m = 0; m < M; ++m)
-#pragma unroll
-            for (int c = 0; c < COLS_PER_THREAD; ++c) acc[m][c] = fmaf(scale[c], dot[m][c], acc[m][c]);
-    }
-
-    if (active) {
-#pragma unroll
-        for (int m = 0; m < M; ++m) {
-            if (m >= x_rows) break;
-#pragma unroll
-            for (int c = 0; c < COLS_PER_THREAD; ++c)
-                if (col + c < n) atomicAdd(partial + (size_t)m * n + col + c, acc[m][c]);
-        }
-    }
-
-    // Each thread's fence makes its sums visible before the block is counted; the
-    // last block's fence after the count orders its reads after every other block's sums.
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(done + blockIdx.x, 1) == (int)gridDim.y - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    if (active) {
-        for (int m = 0; m < x_rows && m < M; ++m) {
-            for (int c = 0; c < COLS_PER_THREAD && col + c < n; ++c) {
-                float* p = partial + (size_t)m * n + col + c;
-                float v = __ldcg(p);
-                *p = 0.f;
-                if (bias) v += __half2float(bias[col + c]);
-                out[(size_t)m * n + col + c] = __float2half(v);
-            }
-        }
-    }
-    if (threadIdx.x == 0) done[blockIdx.x] = 0;
 }
 
 // grid (column tiles, groups): each thread writes four columns of one group's rows, in act-order.
@@ -291,44 +524,39 @@ __global__ void exl2_dequant_kernel(const int4* __restrict__ q_weight, int packe
     }
 }
 
-template <int M>
-void launch_gemv(const Exl2Layer& layer, const __half* x, int x_rows, int k, int max_slice_rows, int slices,
-                 int threads, float* partial, int* done, const __half* bias, __half* out, cudaStream_t stream) {
-    const int tiles = (layer.n_pad / COLS_PER_THREAD + threads - 1) / threads;
-    const dim3 grid(tiles, slices);
-    const size_t smem = sizeof(float) * M * (((max_slice_rows + 3) & ~3) + X_PAD_ROWS);
-    auto kernel = exl2_gemv_kernel<M>;
+template <int NT>
+void launch_gemv(const Exl2Layer& layer, const __half* x, int x_rows, int k, int slices, int quads_per_slice,
+                 int warps, float* partial, int* done, const __half* bias, __half* out, cudaStream_t stream) {
+    const dim3 grid(layer.n_pad / WARP_COLS, slices);
+    const size_t staged = sizeof(__half) * x_rows * (quads_per_slice * QUAD_SLOTS + 32) + sizeof(int4) * 4 * quads_per_slice;
+    const size_t whole_x = sizeof(__half) * x_rows * k;
+    const bool x_in_shared = staged + whole_x <= X_SHARED_BYTES;
+    const size_t sums = sizeof(float) * warps * NT * 8 * 32;
+    const size_t smem = std::max(staged + (x_in_shared ? whole_x : 0), sums);
+    auto kernel = exl2_gemv_kernel<NT>;
     if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    kernel<<<grid, threads, smem, stream>>>(
-        x, x_rows, k, layer.perm, reinterpret_cast<const int4*>(layer.q_weight), layer.packed_rows, layer.n_pad,
-        layer.n, layer.q_scale, static_cast<const __half*>(layer.q_scale_max), reinterpret_cast<const int4*>(layer.groups),
-        reinterpret_cast<const int4*>(layer.slices), partial, done, bias, out);
+    kernel<<<grid, warps * 32, smem, stream>>>(
+        x, x_rows, k, x_in_shared, layer.xperm, reinterpret_cast<const int4*>(layer.units), layer.quads,
+        quads_per_slice, reinterpret_cast<const uint4*>(layer.q_weight), layer.packed_rows, layer.n_pad, layer.n,
+        reinterpret_cast<const uint32_t*>(layer.q_scale), static_cast<const __half*>(layer.q_scale_max), partial, done,
+        bias, out);
 }
 
 }  // namespace
 
-int exl2_gemm_small_tiles(const Exl2Layer& layer, int threads) {
-    return (layer.n_pad / COLS_PER_THREAD + threads - 1) / threads;
-}
+int exl2_gemm_small_tiles(const Exl2Layer& layer) { return layer.n_pad / WARP_COLS; }
 
-void exl2_gemm_small_launch(const Exl2Layer& layer, const void* x, int x_rows, int k, int max_slice_rows, int slices,
-                            int threads, float* partial, const void* bias, void* out, cudaStream_t stream) {
+void exl2_gemm_small_launch(const Exl2Layer& layer, const void* x, int x_rows, int k, int slices, int quads_per_slice,
+                            int warps, float* partial, const void* bias, void* out, cudaStream_t stream) {
     const __half* xh = static_cast<const __half*>(x);
     const __half* bh = static_cast<const __half*>(bias);
+    __half* oh = static_cast<__half*>(out);
     // The column tiles' completion counts sit right after the sums, zero like them between launches.
     int* done = reinterpret_cast<int*>(partial + (size_t)x_rows * layer.n);
-    // Up to 8 rows per pass keeps the accumulators in registers; more rows take more passes.
-    for (int m0 = 0; m0 < x_rows; m0 += 8) {
-        const int rows = std::min(8, x_rows - m0);
-        const __half* xm = xh + (size_t)m0 * k;
-        float* pm = partial + (size_t)m0 * layer.n;
-        __half* om = static_cast<__half*>(out) + (size_t)m0 * layer.n;
-        switch (rows) {
-            case 1: launch_gemv<1>(layer, xm, rows, k, max_slice_rows, slices, threads, pm, done, bh, om, stream); break;
-            case 2: launch_gemv<2>(layer, xm, rows, k, max_slice_rows, slices, threads, pm, done, bh, om, stream); break;
-            case 3: case 4: launch_gemv<4>(layer, xm, rows, k, max_slice_rows, slices, threads, pm, done, bh, om, stream); break;
-            default: launch_gemv<8>(layer, xm, rows, k, max_slice_rows, slices, threads, pm, done, bh, om, stream); break;
-        }
+    if (x_rows <= 8) {
+        launch_gemv<1>(layer, xh, x_rows, k, slices, quads_per_slice, warps, partial, done, bh, oh, stream);
+    } else {
+        launch_gemv<2>(layer, xh, x_rows, k, slices, quads_per_slice, warps, partial, done, bh, oh, stream);
     }
 }
 

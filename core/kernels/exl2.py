@@ -1,7 +1,7 @@
 """EXL2 products on the GPU: the per-layer tables the kernels read, and the
 entry that picks a kernel by the number of input rows.
 
-Up to SMALL_BATCH rows the split-K kernel reads the packed weights directly
+Up to SMALL_BATCH rows the small-batch kernel reads the packed weights directly
 (decode is bound by the bytes of the weights, and packed bytes are few); above
 that the layer is dequantized to an fp16 tile in act-order and multiplied by
 cuBLAS, which is bound by arithmetic where dequantizing once costs little. The
@@ -11,23 +11,27 @@ tile is freed after the product: keeping it would undo the point of quantizing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..exl2_format import group_rows
 from . import reference
 from .build import ENV_SWITCH, kernels
 
-# Rows the small-batch kernel takes; it runs 8 at a time, so 16 is two passes,
-# still cheaper than a dequantized tile for a 4096-wide layer.
+# Rows the small-batch kernel takes: one pass of the tensor-core tile (8 rows) or two.
 SMALL_BATCH = 16
-THREADS = 128  # threads per block of the small-batch kernel, four columns each
-# A slice's inputs are staged in shared memory as fp32, 8 rows at a time: 1024 rows are 32 KiB.
-MAX_SLICE_ROWS = 1024
-# Blocks per multiprocessor the slicing aims for, so every SM has several to switch between.
-BLOCKS_PER_SM = 4
+WARPS = 4  # per block of the small-batch kernel (at most 4); each warp takes 32 columns of one quad at a time
+# Blocks per multiprocessor the K split aims for, so every SM has some to switch between.
+BLOCKS_PER_SM = 2
+# The staged inputs of one K slice (fp16, one row per batch row) stay within this much shared memory.
+STAGED_BYTES = 40 * 1024
+UNIT_ROWS = 32
+QUAD_SLOTS = 128
+NO_INPUT = 0xFFFF
 
 _reference_only = False
 
@@ -53,58 +57,100 @@ def enabled(device: torch.device) -> bool:
 class Exl2Plan:
     """What the kernels need besides the stored tensors, made once per layer."""
 
-    groups: torch.Tensor  # int32 [G, 4]: bits, first packed row, first act-order row, rows
-    slices: torch.Tensor  # int32 [S, 4]: first group, end group, first act-order row, rows
+    groups: torch.Tensor  # int32 [G, 4]: bits, first packed row, first act-order row, rows (dequantizer)
+    units: torch.Tensor  # int32 [quads * 4, 4]: bits, first packed row (-1: padding), group, quad in one group
+    xperm: torch.Tensor  # int16 [quads * 128]: input index staged in each slot (as uint16; 0xFFFF: zero)
     perm: torch.Tensor  # int32 [K]: input index of each act-order row
-    max_slice_rows: int
-    threads: int  # per block of the small-batch kernel, four columns each
-    tiles: int  # column tiles of its grid
+    quads: int
+    column_tiles: int  # of 32 columns
+    multiprocessors: int
     in_features: int
     out_features: int
+
+
+def pair_codes(bits: int) -> tuple[list[int], list[int]]:
+    """The kernel's pair rule (exl2.cu, pair_low/pair_high): pair j of a 32-row unit
+    joins codes p and p + d, the distance at which both fit one 32-bit window."""
+    distance = 8 if bits == 2 else 2 if bits in (6, 8) else 4
+    low = [2 * distance * (j // distance) + j % distance for j in range(16)]
+    return low, [p + distance for p in low]
+
+
+@functools.lru_cache(maxsize=None)
+def _unit_slots(bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """For one unit of a quad: each of its 32 codes' slot offset (before adding 8 * its place t
+    in the quad) in the quad's 128 staged inputs, which is where thread (g, t) reads the
+    inputs of k steps 2s and 2s+1: slots 32s + 8t .. +7, pairs 4s..4s+3, low code first."""
+    low, high = pair_codes(bits)
+    codes, offsets = [], []
+    for j in range(16):
+        for which, code in enumerate((low[j], high[j])):
+            codes.append(code)
+            offsets.append((j // 4) * 32 + (j % 4) * 2 + which)
+    return np.array(codes), np.array(offsets)
 
 
 def plan_layer(tensors: dict[str, torch.Tensor], out_features: int, multiprocessors: int | None = None) -> Exl2Plan:
     q_weight, invperm = tensors["q_weight"], tensors["q_invperm"]
     device = q_weight.device
     in_features = invperm.shape[0]
+    if in_features >= NO_INPUT:
+        raise ValueError(f"the small-batch kernel indexes inputs in 16 bits; {in_features} inputs are too many")
     layout = group_rows(tensors["q_groups"].cpu(), q_weight.shape[0], in_features)
     starts = tensors["q_groups"].cpu().view(-1, 2)[:, 1].tolist()
     table, row = [], 0
     for (bits, rows), start in zip(layout, starts):
         table.append((bits, start, row, rows))
         row += rows
+    # Units of 32 rows of one group; a quad is four units of one width, padded where a width ends.
+    units = []  # bits, first packed row, group, first act-order row, rows
+    for g, (bits, start, first_row, rows) in enumerate(table):
+        for u in range(-(-rows // UNIT_ROWS)):
+            if units and units[-1][0] != bits:
+                units += [(units[-1][0], -1, units[-1][2], 0, 0)] * (-len(units) % 4)
+            units.append((bits, start + u * bits, g, first_row + u * UNIT_ROWS, min(UNIT_ROWS, rows - u * UNIT_ROWS)))
+    units += [(units[-1][0], -1, units[-1][2], 0, 0)] * (-len(units) % 4)
+    perm = torch.argsort(invperm.to(torch.int64))
+    perm_cpu = perm.cpu().numpy()
+    unit_array = np.array(units, dtype=np.int64)
+    xperm = np.full(len(units) * UNIT_ROWS, NO_INPUT, dtype=np.int64)
+    for bits in set(unit_array[:, 0].tolist()):
+        index = np.nonzero(unit_array[:, 0] == bits)[0]
+        codes, offsets = _unit_slots(bits)
+        slot = (index // 4 * QUAD_SLOTS + index % 4 * 8)[:, None] + offsets[None, :]
+        rows = unit_array[index, 3:4] + codes[None, :]
+        real = codes[None, :] < unit_array[index, 4:5]
+        xperm[slot[real]] = perm_cpu[rows[real]]
+    xperm = np.where(xperm >= 1 << 15, xperm - (1 << 16), xperm)  # uint16 stored as int16
+    unit_table = np.zeros((len(units), 4), dtype=np.int32)
+    unit_table[:, :3] = unit_array[:, :3]
+    # A quad whose four units share one group takes its scales after the mma (exl2.cu, quad_product).
+    quad_groups = unit_array[:, 2].reshape(-1, 4)
+    unit_table[:, 3] = np.repeat((quad_groups == quad_groups[:, :1]).all(axis=1), 4)
     if multiprocessors is None:
         multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    tiles = -(-q_weight.shape[1] // 4 // THREADS)
-    cuts = split_k(layout, max(1, -(-BLOCKS_PER_SM * multiprocessors // tiles)))
-    slices = [(a, b, table[a][2], sum(rows for _, rows in layout[a:b])) for a, b in zip(cuts, cuts[1:])]
     return Exl2Plan(
         groups=torch.tensor(table, dtype=torch.int32, device=device),
-        slices=torch.tensor(slices, dtype=torch.int32, device=device),
-        perm=torch.argsort(invperm.to(torch.int64)).to(torch.int32),
-        max_slice_rows=max(rows for *_, rows in slices),
-        threads=THREADS,
-        tiles=tiles,
+        units=torch.from_numpy(unit_table).to(device),
+        xperm=torch.from_numpy(xperm.astype(np.int16)).to(device),
+        perm=perm.to(torch.int32),
+        quads=len(units) // 4,
+        column_tiles=q_weight.shape[1] // 32,
+        multiprocessors=multiprocessors,
         in_features=in_features,
         out_features=out_features,
     )
 
 
-def split_k(layout: list[tuple[int, int]], wanted: int) -> list[int]:
-    """Cut the groups into about `wanted` runs of roughly equal packed bytes, each at
-    most MAX_SLICE_ROWS rows unless one group alone is longer; returns the first
-    group of each run, then the group count."""
-    total_bits = sum(bits * rows for bits, rows in layout)
-    target = total_bits / max(1, min(wanted, len(layout)))
-    cuts, bits_in, rows_in = [0], 0, 0
-    for g, (bits, rows) in enumerate(layout):
-        if rows_in and (bits_in + bits * rows / 2 > target or rows_in + rows > MAX_SLICE_ROWS):
-            cuts.append(g)
-            bits_in, rows_in = 0, 0
-        bits_in += bits * rows
-        rows_in += rows
-    cuts.append(len(layout))
-    return cuts
+@functools.lru_cache(maxsize=4096)
+def launch_shape(quads: int, column_tiles: int, multiprocessors: int, rows: int,
+                 blocks_per_sm: int, warps: int) -> tuple[int, int, int]:
+    """(K slices, quads per slice, warps per block) for `rows` input rows: enough blocks
+    for every SM, each slice's staged inputs within STAGED_BYTES."""
+    most_quads = max(1, STAGED_BYTES // (2 * rows * QUAD_SLOTS))
+    slices = max(-(-quads // most_quads), min(quads, -(-blocks_per_sm * multiprocessors // column_tiles)))
+    per_slice = -(-quads // slices)
+    return -(-quads // per_slice), per_slice, max(1, min(warps, per_slice))
 
 
 class _Scratch:
@@ -129,8 +175,8 @@ class _Scratch:
 _scratch = _Scratch()
 
 
-# Room after the sums for the kernel's per-tile completion counts (tiles <= columns / 4 / THREADS).
-COUNT_ROOM = 4096
+# Room after the sums for the kernel's per-tile completion counts (tiles = columns / 32).
+COUNT_ROOM = 8192
 
 
 def reserve_scratch(device: torch.device, rows: int, out_features: int) -> None:
@@ -141,10 +187,12 @@ def reserve_scratch(device: torch.device, rows: int, out_features: int) -> None:
 def gemm_small(x: torch.Tensor, tensors: dict[str, torch.Tensor], plan: Exl2Plan,
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """fp16 x [M <= SMALL_BATCH, K] @ weight -> fp16 [M, N], straight from the packed weights."""
-    partial = _scratch.get(x.device, x.shape[0] * plan.out_features + max(plan.tiles, COUNT_ROOM))
+    slices, per_slice, warps = launch_shape(plan.quads, plan.column_tiles, plan.multiprocessors, x.shape[0],
+                                            BLOCKS_PER_SM, WARPS)
+    partial = _scratch.get(x.device, x.shape[0] * plan.out_features + max(plan.column_tiles, COUNT_ROOM))
     return kernels().exl2_gemm_small(
-        x, plan.perm, tensors["q_weight"], plan.out_features, tensors["q_scale"], tensors["q_scale_max"],
-        plan.groups, plan.slices, plan.max_slice_rows, plan.threads, partial, bias)
+        x, plan.xperm, plan.units, tensors["q_weight"], plan.out_features, tensors["q_scale"], tensors["q_scale_max"],
+        slices, per_slice, warps, partial, bias)
 
 
 def dequant(tensors: dict[str, torch.Tensor], plan: Exl2Plan) -> torch.Tensor:

@@ -6,6 +6,7 @@
 #include "fused.h"
 
 #include <cuda_fp16.h>
+#include <algorithm>
 
 namespace {
 
@@ -57,6 +58,76 @@ __global__ void rms_norm_kernel(__half* __restrict__ x, const __half* __restrict
     }
 }
 
+// The same for rows of a multiple of 8 values, 16-byte accesses: every load of the row (x,
+// residual, weight) is issued before the first store, so the kernel waits for memory once
+// rather than once per element (a decode step runs this twice per layer on one row).
+constexpr int VEC_CHUNKS = 4;  // 8-value chunks per thread
+
+__device__ __forceinline__ void unpack8(const uint4& v, float (&out)[8]) {
+    const __half2* h = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        const float2 f = __half22float2(h[e]);
+        out[2 * e] = f.x;
+        out[2 * e + 1] = f.y;
+    }
+}
+
+__global__ void rms_norm_vec_kernel(__half* __restrict__ x, const __half* __restrict__ residual,
+                                    const __half* __restrict__ weight, __half* __restrict__ out, int hidden, float eps) {
+    __shared__ float shared[32];
+    const size_t base = (size_t)blockIdx.x * hidden;
+    uint4 xv[VEC_CHUNKS], rv[VEC_CHUNKS], wv[VEC_CHUNKS];
+#pragma unroll
+    for (int c = 0; c < VEC_CHUNKS; ++c) {
+        const int i = (threadIdx.x + c * blockDim.x) * 8;
+        xv[c] = rv[c] = wv[c] = make_uint4(0, 0, 0, 0);
+        if (i < hidden) {
+            xv[c] = *reinterpret_cast<const uint4*>(x + base + i);
+            if (residual) rv[c] = *reinterpret_cast<const uint4*>(residual + base + i);
+            wv[c] = *reinterpret_cast<const uint4*>(weight + i);
+        }
+    }
+    float values[VEC_CHUNKS][8];
+    float squares = 0.f;
+#pragma unroll
+    for (int c = 0; c < VEC_CHUNKS; ++c) {
+        const int i = (threadIdx.x + c * blockDim.x) * 8;
+        unpack8(xv[c], values[c]);
+        if (residual && i < hidden) {
+            float r[8];
+            unpack8(rv[c], r);
+            __half2 sums[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                sums[e] = __floats2half2_rn(values[c][2 * e] + r[2 * e], values[c][2 * e + 1] + r[2 * e + 1]);
+                const float2 f = __half22float2(sums[e]);
+                values[c][2 * e] = f.x;
+                values[c][2 * e + 1] = f.y;
+            }
+            *reinterpret_cast<uint4*>(x + base + i) = *reinterpret_cast<const uint4*>(sums);
+        }
+#pragma unroll
+        for (int e = 0; e < 8; ++e) squares += values[c][e] * values[c][e];
+    }
+    const float inverse_rms = rsqrtf(block_sum(squares, shared) / hidden + eps);
+#pragma unroll
+    for (int c = 0; c < VEC_CHUNKS; ++c) {
+        const int i = (threadIdx.x + c * blockDim.x) * 8;
+        if (i >= hidden) continue;
+        float w[8];
+        unpack8(wv[c], w);
+        __half2 result[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float a = __half2float(__float2half(values[c][2 * e] * inverse_rms));
+            const float b = __half2float(__float2half(values[c][2 * e + 1] * inverse_rms));
+            result[e] = __floats2half2_rn(a * w[2 * e], b * w[2 * e + 1]);
+        }
+        *reinterpret_cast<uint4*>(out + base + i) = *reinterpret_cast<const uint4*>(result);
+    }
+}
+
 // One block per head (query heads first, then key/value heads), one thread per element.
 __global__ void rope_cache_kernel(__half* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
                                   const __half* __restrict__ cos_table, const __half* __restrict__ sin_table,
@@ -99,6 +170,14 @@ __global__ void silu_mul_kernel(const __half2* __restrict__ gate, const __half2*
 
 void rms_norm_launch(void* x, const void* residual, const void* weight, void* out, int rows, int hidden, float eps,
                      cudaStream_t stream) {
+    const int chunks = hidden / 8;
+    if (hidden % 8 == 0 && chunks <= VEC_CHUNKS * 1024) {
+        const int threads = std::max(32, (chunks + VEC_CHUNKS * 32 - 1) / (VEC_CHUNKS * 32) * 32);
+        rms_norm_vec_kernel<<<rows, threads, 0, stream>>>(static_cast<__half*>(x), static_cast<const __half*>(residual),
+                                                          static_cast<const __half*>(weight), static_cast<__half*>(out),
+                                                          hidden, eps);
+        return;
+    }
     int threads = 1024;
     while (threads > 128 && (threads / 2) * MAX_PER_THREAD >= hidden) threads /= 2;
     rms_norm_kernel<<<rows, threads, 0, stream>>>(static_cast<__half*>(x), static_cast<const __half*>(residual),
