@@ -1,4 +1,5 @@
-"""The CUDA kernels against their torch reference (run on the device machine; skipped elsewhere).
+"""The CUDA kernels against their torch reference (run on the device machine; skipped elsewhere),
+and the small-batch kernel's per-layer tables, which are made on the CPU and checked everywhere.
 
 Every check draws fresh random packed weights and inputs; the reference is the
 float32 product on the dequantized fp16 weights. Outputs are poisoned first: the
@@ -15,7 +16,6 @@ from core.exl2_format import dequantize_exl2
 from core.kernels import exl2, reference
 from core.kernels.build import kernels
 
-pytestmark = pytest.mark.cuda
 
 # fp16 output of an fp32-accumulated product: about 2^-11 relative per element.
 TOLERANCE = 2e-3
@@ -25,9 +25,10 @@ SHAPES = [(576, 576), (576, 1536), (1536, 576), (532, 202)]
 _seed = iter(range(10**6))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def built():
-    assert kernels() is not None, "the kernels must build on the device machine"
+@pytest.fixture(autouse=True)
+def built(request):
+    if request.node.get_closest_marker("cuda"):
+        assert kernels() is not None, "the kernels must build on the device machine"
 
 
 def poison(numel: int) -> None:
@@ -59,6 +60,7 @@ def check_small(tensors, plan, rows, bias=None):
     assert error < TOLERANCE, f"{rows} rows: relative error {error:.2e}"
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_exl2_small_batch_matches_reference_at_each_width(bits, shape):
@@ -67,6 +69,7 @@ def test_exl2_small_batch_matches_reference_at_each_width(bits, shape):
         check_small(tensors, plan, rows)
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("shape", SHAPES)
 def test_exl2_small_batch_mixed_widths_in_one_matrix(shape):
     # Every width in one matrix, highest first as act-order places them, with a bias.
@@ -77,6 +80,7 @@ def test_exl2_small_batch_mixed_widths_in_one_matrix(shape):
         check_small(tensors, plan, rows, bias)
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("bpw", [2.5, 4.0, 6.0])
 def test_exl2_small_batch_llama_mlp_shape(bpw):
     for shape in ((4096, 11008), (11008, 4096)):
@@ -85,6 +89,7 @@ def test_exl2_small_batch_llama_mlp_shape(bpw):
             check_small(tensors, plan, rows)
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("shape", [(576, 1536), (4096, 4096)])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_exl2_small_batch_same_function_for_every_launch_shape(shape, group_size, monkeypatch):
@@ -102,6 +107,7 @@ def test_exl2_small_batch_same_function_for_every_launch_shape(shape, group_size
     exl2.launch_shape.cache_clear()
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("shape", SHAPES[:2] + [(4096, 11008)])
 def test_exl2_dequant_is_bit_exact(bits, shape):
@@ -112,6 +118,7 @@ def test_exl2_dequant_is_bit_exact(bits, shape):
     assert torch.equal(tile, reference.exl2_dequant(tensors, shape[1]))
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("rows", [17, 300, 2048])
 def test_exl2_prefill_product_matches_reference(rows):
     tensors, plan = layer(1536, 576, [(6, 0.3), (4, 0.4), (3, 0.3)])
@@ -122,11 +129,34 @@ def test_exl2_prefill_product_matches_reference(rows):
     assert relative_error(out, expected_product(x, tensors, 576)) < TOLERANCE
 
 
+@pytest.mark.cuda
 def test_small_batch_leaves_its_scratch_zeroed_for_the_next_layer():
     tensors, plan = layer(576, 1536, [(4, 1.0)])
     x = torch.randn(16, 576, device="cuda").half()
     exl2.gemm_small(x, tensors, plan)
     assert int(exl2._scratch.buffers[x.device].count_nonzero()) == 0
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_exl2_plan_stages_every_input_once(group_size):
+    # The tables exl2.cu reads: each act-order row of every unit lands in exactly one staged
+    # slot (through the act-order permutation), the rest of the slots stage a zero, and a quad
+    # holds four units of one width whose "one group" flag says whether they share a group.
+    mix = [(8, 0.1), (6, 0.15), (5, 0.15), (4, 0.2), (3, 0.2), (2, 0.2)]
+    for in_features in (532, 4096):
+        tensors = random_exl2_tensors(in_features, 64, layout_for(in_features, mix, 32 if in_features == 532 else group_size),
+                                      "cpu", next(_seed))
+        plan = exl2.plan_layer(tensors, 64, multiprocessors=132)
+        xperm = plan.xperm.to(torch.int32) & 0xFFFF
+        staged = xperm[xperm != exl2.NO_INPUT]
+        assert torch.equal(staged.sort().values, torch.arange(in_features, dtype=torch.int32))
+        units = plan.units.view(plan.quads, 4, 4)
+        assert bool((units[:, :, 0] == units[:, :1, 0]).all())
+        one_group = (units[:, :, 2] == units[:, :1, 2]).all(dim=1)
+        assert torch.equal(units[:, :, 3].bool(), one_group[:, None].expand(-1, 4))
+        # Real units walk the packed rows in order, b words each.
+        real = units.view(-1, 4)[units.view(-1, 4)[:, 1] >= 0]
+        assert torch.equal(real[1:, 1], (real[:-1, 1] + real[:-1, 0]))
 
 
 def greedy(model, prompt, steps):
@@ -143,6 +173,7 @@ def greedy(model, prompt, steps):
     return tokens, torch.stack(logits_seen)
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("bpw", [2.5, 4.0])
 def test_greedy_generation_with_kernels_matches_reference_path(bpw):
     model = random_model(llama_config("small", layers=4), bpw, "cuda", torch.float16, seed=3)
@@ -156,6 +187,7 @@ def test_greedy_generation_with_kernels_matches_reference_path(bpw):
     assert ours == expected
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("bpw", [None, 4.0])
 def test_graph_decode_matches_plain_decode_across_a_bucket_edge(bpw):
     from core.graph_decode import BUCKET, GraphDecoder
@@ -182,6 +214,7 @@ def close(ours: torch.Tensor, expected: torch.Tensor, tolerance: float = 2e-3) -
     return float((ours.float() - expected.float()).norm() / expected.float().norm()) < tolerance
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("hidden", [576, 580, 4096, 5120])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_fused_rms_norm_matches_reference(hidden, with_residual):
@@ -197,6 +230,7 @@ def test_fused_rms_norm_matches_reference(hidden, with_residual):
         assert torch.equal(x_ours, x_expected)
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (32, 8, 128), (32, 32, 128)])
 def test_fused_rope_and_cache_append_match_reference(heads, kv_heads, dim):
     max_seq = 300
@@ -218,6 +252,7 @@ def test_fused_rope_and_cache_append_match_reference(heads, kv_heads, dim):
         assert torch.equal(ours[:, :, :137], expected[:, :, :137]) and torch.equal(ours[:, :, 138:], expected[:, :, 138:])
 
 
+@pytest.mark.cuda
 def test_fused_silu_mul_matches_reference():
     gate, up = torch.randn(2, 11008, device="cuda").half() * 4, torch.randn(2, 11008, device="cuda").half()
     poison(gate.numel())
