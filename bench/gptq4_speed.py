@@ -5,7 +5,7 @@
 One 4096x11008 layer (Llama-2-7B's MLP up/gate shape), group size 128, with
 and without act-order, random codes written straight into the AutoGPTQ layout
 (any int32 word is a valid run of eight codes, so no quantization is needed).
-Each figure is the median of 20 replays of a CUDA graph of 24 calls over 6
+Writes bench/results/gptq4-<device>.json. Each figure is the median of 20 replays of a CUDA graph of 24 calls over 6
 copies of the layer, so the L2 cache holds none of the weights. Bandwidth is
 the bytes of qweight, qzeros and scales over the time; the same run measures
 a 2 GiB device-to-device copy, the fp16 cuBLAS product of the same shape, and
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 
 import torch
 
@@ -88,7 +89,7 @@ def gptq_rows(batches, act_order: bool, copies: int = 6) -> list[dict]:
         seconds = graph_seconds([lambda q=q, p=p: gptq4.gemm_small(x, q, p) for q, p in prepared], copies)
         stored = stored_bytes(layers[0])
         rows.append({"kernel": "gptq4", "act_order": act_order, "batch": batch, "threads": gptq4.THREADS,
-                     "blocks_per_sm": gptq4.BLOCKS_PER_SM, "prefetch": gptq4.PREFETCH, "us": seconds * 1e6, "bytes": stored,
+                     "blocks_per_sm": gptq4.BLOCKS_PER_SM, "prefetch": gptq4.PREFETCH, "async_copy": gptq4.ASYNC_COPY, "us": seconds * 1e6, "bytes": stored,
                      "gb_s": stored / seconds / 1e9})
     return rows
 
@@ -106,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="1,2,4,8,16")
     parser.add_argument("--sweep", action="store_true",
-                        help="also try threads 64/128/256 x 2/4/8 blocks per SM, L2 prefetch on and off, at batch 1")
-    parser.add_argument("--json", default=None, help="write every row here")
+                        help="also try threads 64/128/256 x 2/4/8 blocks per SM with each way of loading weights early")
+    parser.add_argument("--json", default=None, help="write every row here (default: bench/results/gptq4-<device>.json)")
     args = parser.parse_args(argv)
     from bench.speed import copy_bandwidth, device_name, kernel_bandwidth
 
@@ -116,31 +117,35 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = copy_bandwidth()
     rows = gptq_rows(batches, act_order=False) + gptq_rows([1], act_order=True)
     if args.sweep:
-        defaults = gptq4.THREADS, gptq4.BLOCKS_PER_SM, gptq4.PREFETCH
-        for prefetch in (True, False):
+        defaults = gptq4.THREADS, gptq4.BLOCKS_PER_SM, gptq4.PREFETCH, gptq4.ASYNC_COPY
+        for weights_early in ("async copy", "none", "L2 prefetch"):
             for threads in (64, 128, 256):
                 for per_sm in (2, 4, 8):
-                    gptq4.THREADS, gptq4.BLOCKS_PER_SM, gptq4.PREFETCH = threads, per_sm, prefetch
-                    rows += gptq_rows([1], act_order=False)
-        gptq4.THREADS, gptq4.BLOCKS_PER_SM, gptq4.PREFETCH = defaults
+                    gptq4.THREADS, gptq4.BLOCKS_PER_SM = threads, per_sm
+                    gptq4.ASYNC_COPY, gptq4.PREFETCH = weights_early == "async copy", weights_early == "L2 prefetch"
+                    rows += gptq_rows([1, 4] if weights_early != "L2 prefetch" else [1], act_order=False)
+        gptq4.THREADS, gptq4.BLOCKS_PER_SM, gptq4.PREFETCH, gptq4.ASYNC_COPY = defaults
     rows.append(fp16_row())
     exl2 = kernel_bandwidth([4])[0]
     rows.append({"kernel": "exl2 4-bit", "batch": 1, "us": exl2["us"], "bytes": exl2["bytes"], "gb_s": exl2["gb_s"]})
     device = torch.cuda.get_device_name()
     print(f"\n{device}, copy bandwidth {bandwidth / 1e12:.2f} TB/s (2 GiB device-to-device, read + write)")
     print(f"{SHAPE[0]}x{SHAPE[1]}, group size {GROUP_SIZE}\n")
-    print("| kernel | act-order | batch | threads x blocks/SM | L2 prefetch | µs | GB/s | of copy |")
+    print("| kernel | act-order | batch | threads x blocks/SM | weights early | µs | GB/s | of copy |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         shape = f"{row['threads']} x {row['blocks_per_sm']}" if "threads" in row else "–"
         order = ("yes" if row["act_order"] else "no") if "act_order" in row else "–"
-        prefetch = ("yes" if row["prefetch"] else "no") if "prefetch" in row else "–"
-        print(f"| {row['kernel']} | {order} | {row['batch']} | {shape} | {prefetch} | {row['us']:.1f} | "
+        early = "–"
+        if "prefetch" in row:
+            early = "async copy" if row["async_copy"] else "L2 prefetch" if row["prefetch"] else "none"
+        print(f"| {row['kernel']} | {order} | {row['batch']} | {shape} | {early} | {row['us']:.1f} | "
               f"{row['gb_s']:.0f} | {row['gb_s'] * 1e9 / bandwidth:.0%} |")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"device": device, "device_short": device_name(), "copy_bandwidth": bandwidth,
-                       "torch": torch.__version__, "rows": rows}, handle, indent=1)
+    path = Path(args.json) if args.json else Path(__file__).resolve().parent / "results" / f"gptq4-{device_name()}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump({"device": device, "device_short": device_name(), "copy_bandwidth": bandwidth,
+                   "torch": torch.__version__, "rows": rows}, handle, indent=1)
     return 0
 
 

@@ -343,14 +343,17 @@ def test_gptq4_small_batch_matches_float32_reference(built, shape, group_size, a
 
 
 @pytest.mark.cuda
-def test_gptq4_small_batch_without_l2_prefetch(built, monkeypatch):
+@pytest.mark.parametrize("async_copy,prefetch", [(False, False), (False, True), (True, False)])
+@pytest.mark.parametrize("shape,group_size", [((576, 1536), 128), ((1536, 576), 32), ((4096, 11008), 128)])
+def test_gptq4_each_way_of_loading_weights(built, monkeypatch, async_copy, prefetch, shape, group_size):
     from core.kernels import gptq4
 
-    monkeypatch.setattr(gptq4, "PREFETCH", False)
-    _, qweight, plan, exact = cuda_layer(576, 1536, 128, True)
-    for rows in range(1, 17):
-        x = torch.randn(rows, 576, device="cuda").half()
-        poison(rows * 1536)
+    monkeypatch.setattr(gptq4, "ASYNC_COPY", async_copy)
+    monkeypatch.setattr(gptq4, "PREFETCH", prefetch)
+    _, qweight, plan, exact = cuda_layer(*shape, group_size, True)
+    for rows in (1, 2, 3, 4, 5, 8, 9, 16):
+        x = torch.randn(rows, shape[0], device="cuda").half()
+        poison(rows * shape[1])
         assert kernel_error(gptq4.gemm_small(x, qweight, plan), x.float() @ exact) < TOLERANCE
 
 

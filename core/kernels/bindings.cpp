@@ -224,8 +224,8 @@ Gptq4Layer gptq4_view(const torch::Tensor& qweight, const torch::Tensor& qzeros,
 
 torch::Tensor gptq4_gemm_small(torch::Tensor x, torch::Tensor perm, torch::Tensor qweight, torch::Tensor qzeros,
                                torch::Tensor scales, int64_t zero_offset, torch::Tensor segments, torch::Tensor slices,
-                               int64_t max_slice_rows, int64_t threads, bool prefetch, torch::Tensor partial,
-                               c10::optional<torch::Tensor> bias) {
+                               int64_t max_slice_rows, int64_t threads, bool prefetch, bool async_copy,
+                               torch::Tensor partial, c10::optional<torch::Tensor> bias) {
     Gptq4Layer layer = gptq4_view(qweight, qzeros, scales, zero_offset);
     check(x, torch::kHalf, "x");
     check(perm, torch::kInt32, "perm");
@@ -236,7 +236,9 @@ torch::Tensor gptq4_gemm_small(torch::Tensor x, torch::Tensor perm, torch::Tenso
     TORCH_CHECK(threads % 32 == 0 && threads > 0 && threads <= 1024, "threads: a multiple of 32, at most 1024");
     TORCH_CHECK(segments.dim() == 2 && segments.size(1) == 4, "segments: [S, 4]");
     TORCH_CHECK(slices.dim() == 2 && slices.size(1) == 4 && slices.size(0) > 0, "slices: [L, 4]");
-    TORCH_CHECK(max_slice_rows > 0 && max_slice_rows * 8 * 16 <= 48 * 1024, "max_slice_rows: the staged inputs fit 48 KiB");
+    // Inputs of up to 8 rows, and with async_copy the block's weights, in the 48 KiB every GPU gives a block.
+    TORCH_CHECK(max_slice_rows > 0 && max_slice_rows * 16 * (8 + (async_copy ? threads : 0)) <= 48 * 1024,
+                "max_slice_rows: the staged inputs (and weights) fit 48 KiB");
     TORCH_CHECK(partial.numel() >= std::min<int64_t>(x.size(0), 8) * layer.n + gptq4_gemm_small_tiles(layer, threads),
                 "partial: fp32 zeros for min(M, 8) * n sums and one count per column tile");
     const void* bias_ptr = nullptr;
@@ -252,7 +254,7 @@ torch::Tensor gptq4_gemm_small(torch::Tensor x, torch::Tensor perm, torch::Tenso
     auto out = torch::empty({x.size(0), layer.n}, x.options());
     if (x.size(0) == 0) return out;
     gptq4_gemm_small_launch(layer, x.data_ptr<at::Half>(), x.size(0), max_slice_rows, slices.size(0), threads,
-                            prefetch, partial.data_ptr<float>(), bias_ptr, out.data_ptr<at::Half>(),
+                            prefetch, async_copy, partial.data_ptr<float>(), bias_ptr, out.data_ptr<at::Half>(),
                             c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return out;

@@ -22,9 +22,10 @@ struct Gptq4Layer {
 // qweight directly. `partial` is fp32 scratch of min(x_rows, 8) * n + gptq4_gemm_small_tiles()
 // zeros; it is left zeroed. Needs every group to start on a packed row (a multiple of 8 inputs).
 int gptq4_gemm_small_tiles(const Gptq4Layer& layer, int threads);
-// `prefetch` asks L2 for a block's weights before it stages its inputs.
+// `prefetch` asks L2 for a block's weights before it stages its inputs; `async_copy` instead
+// copies them all into shared memory asynchronously (threads * max_slice_rows * 16 bytes more).
 void gptq4_gemm_small_launch(const Gptq4Layer& layer, const void* x, int x_rows, int max_slice_rows, int slices,
-                             int threads, bool prefetch, float* partial, const void* bias, void* out,
+                             int threads, bool prefetch, bool async_copy, float* partial, const void* bias, void* out,
                              cudaStream_t stream);
 
 // out fp16 [k, n] = the layer's weight, rows in stored (group) order; any group boundaries.

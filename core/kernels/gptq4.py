@@ -24,8 +24,15 @@ THREADS = 128  # threads per block of the small-batch kernel, four columns each
 # A slice's inputs sit in shared memory as fp16, 8 rows at a time: 1024 inputs are 16 KiB.
 MAX_SLICE_ROWS = 1024
 BLOCKS_PER_SM = 4
-# Ask L2 for a block's weights before staging its inputs (bench/gptq4_speed.py measures both).
-PREFETCH = True
+# Two ways to have a block's weights in flight early: copy them all into shared memory
+# asynchronously, or ask L2 for them before staging the inputs. Both measured slower on an
+# H100 than plain loads BATCH rows at a time (bench/RESULTS.md), so neither is the default;
+# they stay, tested, for the next attempt at the roofline.
+ASYNC_COPY = False
+PREFETCH = False
+# Shared memory a block may take: staged inputs (8 rows) plus, with ASYNC_COPY, its weights;
+# under 48 KiB no GPU needs an opt-in, and four blocks still fit an SM of the A100 or H100.
+SHARED_BYTES = 46 * 1024
 # Room after the sums for the kernel's per-tile completion counts (tiles <= columns / 4 / THREADS).
 COUNT_ROOM = 4096
 
@@ -84,7 +91,8 @@ def plan_layer(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
         multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     tiles = -(-out_features // 4 // THREADS)
     wanted = max(1, -(-BLOCKS_PER_SM * multiprocessors // tiles))
-    slice_rows = min(max(1, -(-packed // wanted)), MAX_SLICE_ROWS // CODES_PER_WORD)
+    slice_rows = min(max(1, -(-packed // wanted)), MAX_SLICE_ROWS // CODES_PER_WORD,
+                     SHARED_BYTES // (16 * (THREADS + CODES_PER_WORD)))
     segments, slices = [], []
     for first in range(0, packed, slice_rows):
         end = min(first + slice_rows, packed)
@@ -145,7 +153,7 @@ def gemm_small(x: torch.Tensor, qweight: torch.Tensor, plan: Gptq4Plan, bias: to
     partial = _scratch.get(x.device, min(x.shape[0], 8) * plan.out_features + COUNT_ROOM)
     return kernels().gptq4_gemm_small(x, plan.perm, qweight, plan.qzeros, plan.scales, plan.zero_offset,
                                       plan.segments, plan.slices, plan.max_slice_rows, plan.threads, PREFETCH,
-                                      partial, bias)
+                                      ASYNC_COPY, partial, bias)
 
 
 def dequant(qweight: torch.Tensor, plan: Gptq4Plan) -> torch.Tensor:
