@@ -2,7 +2,7 @@
 
     python -m bench.speed [--models llama2-7b,llama3-8b] [--bpw 2.5,3.0,4.0,5.0,6.0,fp16]
                           [--layers N] [--decode-tokens 64] [--prefill 2048] [--no-hf] [--quick]
-                          [--profile] [--matrix-only] [--matrix-batches 1,4,16]
+                          [--profile] [--matrix-only] [--matrix-batches 1,4,16] [--matrix-shapes 4096x11008,...]
 
 EXL2 models are written directly in the stored layout (bench/exl2_random.py), so
 no conversion runs. For each model and bpw: batch-1 decode (CUDA graph replay,
@@ -10,7 +10,7 @@ as the chat generator does), prefill of `--prefill` tokens, peak GPU memory, and
 the ratio of decode speed to its roofline = copy bandwidth / bytes read per
 token (every weight once, plus the KV cache so far). In the same run: the
 device's copy bandwidth, HF transformers fp16 on the same shapes, and the
-small-batch kernel's bandwidth on one 4096x11008 matrix per width. Prints a
+small-batch kernel's bandwidth on a 4096x11008 matrix (or --matrix-shapes) per width. Prints a
 markdown table and writes bench/results/speed-<device>.json.
 """
 
@@ -62,16 +62,18 @@ def copy_bandwidth() -> float:
     return 2 * source.numel() * 4 / seconds
 
 
-def kernel_bandwidth(bits_list, copies: int = 6, batch: int = 1) -> list[dict]:
-    """Batch-1 product on 4096x11008 (in x out) at each width, over several copies so L2 holds none."""
+def kernel_bandwidth(bits_list, copies: int = 6, batch: int = 1, shape: tuple[int, int] = (4096, 11008)) -> list[dict]:
+    """Small-batch product on one (in, out) shape at each width, over several copies so L2 holds none."""
     rows = []
+    in_features, out_features = shape
     for bits in bits_list:
         layers = []
         for i in range(copies):
-            tensors = random_exl2_tensors(4096, 11008, layout_for(4096, [(bits, 1.0)]), "cuda", seed=i)
-            layers.append((tensors, exl2.plan_layer(tensors, 11008)))
-        x = torch.randn(batch, 4096, device="cuda").half()
-        exl2.reserve_scratch(x.device, batch, 11008)
+            tensors = random_exl2_tensors(in_features, out_features, layout_for(in_features, [(bits, 1.0)]), "cuda",
+                                          seed=i)
+            layers.append((tensors, exl2.plan_layer(tensors, out_features)))
+        x = torch.randn(batch, in_features, device="cuda").half()
+        exl2.reserve_scratch(x.device, batch, out_features)
         graph = torch.cuda.CUDAGraph()
         exl2.gemm_small(x, *layers[0])
         with torch.cuda.graph(graph):
@@ -79,7 +81,8 @@ def kernel_bandwidth(bits_list, copies: int = 6, batch: int = 1) -> list[dict]:
                 exl2.gemm_small(x, tensors, plan)
         seconds = timed(graph.replay, 20) / (4 * copies)
         stored = stored_bits(layers[0][0]) / 8
-        rows.append({"bits": bits, "batch": batch, "us": seconds * 1e6, "bytes": stored, "gb_s": stored / seconds / 1e9})
+        rows.append({"shape": f"{in_features}x{out_features}", "bits": bits, "batch": batch, "us": seconds * 1e6,
+                     "bytes": stored, "gb_s": stored / seconds / 1e9})
         del layers, graph
     return rows
 
@@ -205,6 +208,8 @@ def main() -> None:
     parser.add_argument("--blocks-per-sm", type=int, default=exl2.BLOCKS_PER_SM)
     parser.add_argument("--matrix-only", action="store_true", help="only the 4096x11008 kernel table")
     parser.add_argument("--matrix-batches", default="1", help="batch sizes of the kernel table, e.g. 1,4,16")
+    parser.add_argument("--matrix-shapes", default="4096x11008",
+                        help="in x out shapes of the kernel table, e.g. 4096x11008,4096x4096,11008x4096")
     parser.add_argument("--profile", action="store_true", help="kernel times of five graph-replayed decode steps")
     parser.add_argument("--sweep", action="store_true", help="time the 4-bit matrix kernel's block shapes first")
     args = parser.parse_args()
@@ -224,10 +229,12 @@ def main() -> None:
                       f"{row['gb_s'] * 1e9 / bandwidth:.0%} of copy", flush=True)
         exl2.WARPS, exl2.BLOCKS_PER_SM = args.warps, args.blocks_per_sm
     matrix = []
-    for batch in (int(b) for b in args.matrix_batches.split(",")):
-        matrix += kernel_bandwidth((2, 3, 4, 5, 6, 8), batch=batch)
+    for shape in args.matrix_shapes.split(","):
+        in_features, out_features = (int(v) for v in shape.split("x"))
+        for batch in (int(b) for b in args.matrix_batches.split(",")):
+            matrix += kernel_bandwidth((2, 3, 4, 5, 6, 8), batch=batch, shape=(in_features, out_features))
     for row in matrix:
-        print(f"4096x11008 {row['bits']}-bit batch {row['batch']}: {row['us']:.1f} us, {row['gb_s']:.0f} GB/s "
+        print(f"{row['shape']} {row['bits']}-bit batch {row['batch']}: {row['us']:.1f} us, {row['gb_s']:.0f} GB/s "
               f"({row['gb_s'] * 1e9 / bandwidth:.0%} of copy)", flush=True)
     if args.matrix_only:
         return
@@ -257,9 +264,9 @@ def main() -> None:
         print(f"| {r['model']} | {r['layers']} | {r['engine']} | {r['bpw']:g} ({r['real_bpw']:.2f}) | "
               f"{r['decode_tok_s']:.0f} | {r.get('decode_eager_tok_s', float('nan')):.0f} | {r['roofline_tok_s']:.0f} | "
               f"{r['roofline_ratio']:.0%} | {r['prefill_tok_s']:.0f} | {r['peak_mem_gib']:.1f} |")
-    print("\n| 4096x11008 bits | batch | us | GB/s | of copy |\n|---|---|---|---|---|")
+    print("\n| shape | bits | batch | us | GB/s | of copy |\n|---|---|---|---|---|---|")
     for row in matrix:
-        print(f"| {row['bits']} | {row['batch']} | {row['us']:.1f} | {row['gb_s']:.0f} | "
+        print(f"| {row['shape']} | {row['bits']} | {row['batch']} | {row['us']:.1f} | {row['gb_s']:.0f} | "
               f"{row['gb_s'] * 1e9 / bandwidth:.0%} |")
 
 
