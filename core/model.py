@@ -33,7 +33,10 @@ class RMSNorm(nn.Module):
 
 def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    # On the CPU even inside a meta-device context (the loader's): meta arithmetic
+    # runs through torch._refs, whose first use imports torch._dynamo (seconds).
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
+    inv_freq = 1.0 / (config.rope_theta**exponents)
     scaling = config.rope_scaling or {}
     if config.rope_type == "linear":
         inv_freq = inv_freq / float(scaling["factor"])
@@ -146,8 +149,11 @@ class DecoderStack(nn.Module):
 
     def __init__(self, config: ModelConfig, device=None, dtype=None):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, device=device, dtype=dtype)
-        self.embed_tokens.weight.requires_grad_(False)
+        # An uninitialised weight: the checkpoint fills it, and a random init built
+        # on the meta device goes through torch._refs, whose first use imports
+        # torch._dynamo (1-6 s of every model load).
+        weight = torch.empty(config.vocab_size, config.hidden_size, device=device, dtype=dtype)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight, _freeze=True)
         self.layers = nn.ModuleList(DecoderLayer(config, i, device, dtype) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
 
