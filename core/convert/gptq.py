@@ -212,12 +212,15 @@ def quantize_matrix_multi(
     damp: float = 0.01,
     act_order: bool = True,
     packed: bool = True,
+    results_on: torch.device | str | None = None,
 ) -> list[dict[str, torch.Tensor]] | list[torch.Tensor]:
     """`quantize_matrix` with each of `settings`, in one pass over the input rows.
 
     With packed=False each setting gives the dequantized weight [out, in] in
     fp16 instead, equal to dequantize_exl2 of its tensors, without packing
     and unpacking them (the measurement pass needs only that, for ~20 settings).
+    `results_on` moves each result there as soon as it is made (host memory
+    for big matrices, whose ~20 results would crowd the GPU).
 
     The act-order permutation and the inverse Cholesky factor depend on the
     Hessian alone, and GPTQ's row steps are the same small ops for every
@@ -242,8 +245,17 @@ def quantize_matrix_multi(
     with _torch_threads(_CPU_THREADS if hessian.device.type == "cpu" else None):
         for first in range(0, len(distinct), batch):
             some = distinct[first : first + batch]
-            stored.update(zip(some, _quantize_layouts(weight, hessian, some, damp, act_order, packed)))
+            results = _quantize_layouts(weight, hessian, some, damp, act_order, packed)
+            if results_on is not None:
+                results = [_moved(result, results_on) for result in results]
+            stored.update(zip(some, results))
     return [stored[layout] if not packed else dict(stored[layout]) for layout in layouts]
+
+
+def _moved(result: dict[str, torch.Tensor] | torch.Tensor, device) -> dict[str, torch.Tensor] | torch.Tensor:
+    if isinstance(result, dict):
+        return {name: tensor.to(device) for name, tensor in result.items()}
+    return result.to(device)
 
 
 def _quantize_layouts(

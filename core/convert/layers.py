@@ -75,7 +75,8 @@ def substituted_weights(modules: dict[str, DenseLinear], weights: dict[str, torc
     originals = {name: modules[name].weight for name in weights}
     try:
         for name, weight in weights.items():
-            modules[name].weight = torch.nn.Parameter(weight.to(originals[name].dtype), requires_grad=False)
+            original = originals[name]
+            modules[name].weight = torch.nn.Parameter(weight.to(original.device, original.dtype), requires_grad=False)
         yield
     finally:
         for name, weight in originals.items():

@@ -21,12 +21,19 @@ from .progress import ProgressCallback, ProgressEvent, check_cancel
 from .qparams import ATTENTION_CANDIDATES, MLP_CANDIDATES, QuantSetting, setting_bits
 
 CANDIDATES = {"self_attn": ATTENTION_CANDIDATES, "mlp": MLP_CANDIDATES}
+# A module group's candidates (fp16, [out, in] each) wait in host memory when
+# they would take more than this on the device, and each is copied in for its
+# forward: ~20 candidates of a 7B MLP's three matrices are 5.4 GB, several
+# times the layer itself (a demo layer's are 0.2 GB and stay).
+CANDIDATE_DEVICE_BYTES = 1 << 30
 
 
-def dequantized(weight: torch.Tensor, hessian: torch.Tensor, settings: list[QuantSetting]) -> dict[QuantSetting, torch.Tensor]:
+def dequantized(
+    weight: torch.Tensor, hessian: torch.Tensor, settings: list[QuantSetting], results_on=None
+) -> dict[QuantSetting, torch.Tensor]:
     """GPTQ-quantize a weight [out, in] with each setting (in one pass) and return
-    what the files would give back, [out, in], per setting."""
-    return dict(zip(settings, quantize_matrix_multi(weight, hessian, settings, packed=False)))
+    what the files would give back, [out, in], per setting (on `results_on`, else the weight's device)."""
+    return dict(zip(settings, quantize_matrix_multi(weight, hessian, settings, packed=False, results_on=results_on)))
 
 
 def dequantized_from(stored: dict[str, torch.Tensor], out_features: int) -> torch.Tensor:
@@ -46,10 +53,12 @@ def measure_layer(
             reference = run_block(layer, group, states, rotary)
         eval_states, eval_reference = states[:eval_rows], reference[:eval_rows]
         quantized: dict[str, dict[QuantSetting, torch.Tensor]] = {}
+        settings = {name: list(dict.fromkeys(candidate[name] for candidate in CANDIDATES[group])) for name in modules}
+        candidate_bytes = sum(2 * m.weight.numel() * len(settings[name]) for name, m in modules.items())
+        park = torch.device(device).type != "cpu" and candidate_bytes > CANDIDATE_DEVICE_BYTES
         for name, module in modules.items():
             check_cancel(cancel)
-            settings = list(dict.fromkeys(candidate[name] for candidate in CANDIDATES[group]))
-            quantized[name] = dequantized(module.weight, hessians[name], settings)
+            quantized[name] = dequantized(module.weight, hessians[name], settings[name], "cpu" if park else None)
         entries = []
         key = f"model.layers.{index}.{group}"
         weights_count = sum(m.weight.numel() for m in modules.values())
