@@ -1,6 +1,5 @@
 """The EXL2 tensor layout: packing must produce the words ExLlamaV2 reads."""
 
-import time
 
 import pytest
 import torch
@@ -215,27 +214,3 @@ def test_stored_bits_counts_every_tensor_as_stored():
     q_weight_rows = 32 * 6 // 32 + 64 * 3 // 32 + 32 * 2 // 32
     expected = q_weight_rows * 64 * 32 + 3 * 8 * 32 + 3 * 16 + 6 * 16 + 128 * 32
     assert stored_bits(tensors) == expected
-
-
-def test_dequantize_a_4096x11008_matrix_in_well_under_a_second():
-    in_features, out_features, bits = 11008, 4096, 4
-    layout = [(bits, 128)] * (in_features // 128)
-    g = torch.Generator().manual_seed(0)
-    codes = torch.randint(0, 16, (in_features, out_features), generator=g, dtype=torch.uint8)
-    scale_codes = torch.randint(0, 16, (len(layout), out_features), generator=g, dtype=torch.uint8)
-    scale_max = torch.full((len(layout),), 0.01, dtype=torch.float16)
-    tensors = pack_exl2(codes, scale_codes, scale_max, layout, torch.randperm(in_features, generator=g))
-    # CPU time on one thread: wall time swings with whoever else shares the cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        best = float("inf")
-        for _ in range(2):
-            start = time.process_time()
-            weight = dequantize_exl2(tensors)
-            best = min(best, time.process_time() - start)
-    finally:
-        torch.set_num_threads(threads)
-    assert weight.shape == (in_features, out_features)
-    # About 0.35 s of one core here.
-    assert best < 1.0
