@@ -287,6 +287,42 @@ def test_chat_and_eval_clis_run_a_gptq_folder(tmp_path):
     assert ours == pytest.approx(math.exp(float(nll)), rel=1e-3)
 
 
+@pytest.mark.parametrize("shape", [(4096, 11008), (11008, 4096), (576, 1536), (264, 40)])
+@pytest.mark.parametrize("group_size,act_order", [(128, False), (32, True), (-1, False)])
+def test_kernel_tables_cover_every_packed_row_once_in_its_group(shape, group_size, act_order):
+    # The tables are made on the host, so any machine can check them; the kernel trusts them blindly.
+    from bench.gptq4_speed import random_gptq_tensors
+    from core.kernels import gptq4
+
+    tensors = random_gptq_tensors(*shape, group_size, act_order, "cpu", seed=2)
+    qweight, g_idx, perm = sort_rows_by_group(tensors["qweight"], tensors["g_idx"])
+    plan = gptq4.plan_layer(qweight, tensors["qzeros"], tensors["scales"], g_idx, perm, 1, multiprocessors=132)
+    assert plan.word_aligned and plan.permuted == (perm is not None)
+    # Staged inputs (8 rows) and, with ASYNC_COPY, the block's weights fit the 48 KiB any GPU gives a block.
+    assert 16 * plan.max_slice_rows * (8 + plan.threads) <= 48 * 1024
+    segments, covered = plan.segments.tolist(), []
+    for first_segment, end_segment, first_row, rows in plan.slices.tolist():
+        assert 0 < rows <= plan.max_slice_rows
+        in_slice = []
+        for group, row, count, _ in segments[first_segment:end_segment]:
+            assert bool((g_idx[8 * row: 8 * (row + count)] == group).all())
+            in_slice += range(row, row + count)
+        assert in_slice == list(range(first_row, first_row + rows))
+        covered += in_slice
+    assert covered == list(range(shape[0] // 8))
+
+
+def test_groups_off_packed_rows_are_flagged_for_the_dequant_path():
+    from bench.gptq4_speed import random_gptq_tensors
+    from core.kernels import gptq4
+
+    tensors = random_gptq_tensors(576, 576, 128, False, "cpu", seed=3)
+    g_idx = (torch.arange(576) // 12 % tensors["scales"].shape[0]).to(torch.int32)  # groups of 12 inputs
+    qweight, g_idx, perm = sort_rows_by_group(tensors["qweight"], g_idx)
+    plan = gptq4.plan_layer(qweight, tensors["qzeros"], tensors["scales"], g_idx, perm, 1, multiprocessors=132)
+    assert not plan.word_aligned
+
+
 # ---------------------------------------------------------------- CUDA: kernels against float32
 
 # fp16 output of a product whose four-term partial sums are fp16: a few 2^-11 relative.
