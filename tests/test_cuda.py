@@ -69,8 +69,8 @@ def test_converter_on_cuda_matches_cpu_quality(tmp_path):
 
 
 def test_measurement_with_candidates_parked_in_host_memory_is_the_same(tmp_path, monkeypatch):
-    # Big layers keep their ~20 candidates per matrix in host memory (a 7B MLP's
-    # would take 5.4 GB of the GPU); the measurement must not change for it.
+    # On a GPU short of room a layer keeps its ~20 candidates per matrix in host
+    # memory (a 7B MLP's would take 5.4 GB); the measurement must not change for it.
     from core.convert import measure
     from core.loader import load_model
     from tests.tiny_models import save_hf_model
@@ -79,7 +79,8 @@ def test_measurement_with_candidates_parked_in_host_memory_is_the_same(tmp_path,
     model = load_model(tmp_path / "model", device="cpu", dtype=torch.float32)
     states = torch.randn(4, 64, model.config.hidden_size, generator=torch.Generator().manual_seed(0)).cuda()
     results = {}
-    for budget in (measure.CANDIDATE_DEVICE_BYTES, 0):
-        monkeypatch.setattr(measure, "CANDIDATE_DEVICE_BYTES", budget)
-        results[budget], _ = measure.measure_layer(model, 0, states, "cuda", 2, lambda event: None)
-    assert results[0] == results[measure.CANDIDATE_DEVICE_BYTES]
+    for share in (measure.CANDIDATE_SHARE_OF_FREE, 0.0):  # a share of 0: never room, always parked
+        monkeypatch.setattr(measure, "CANDIDATE_SHARE_OF_FREE", share)
+        results[share], _ = measure.measure_layer(model, 0, states, "cuda", 2, lambda event: None)
+    assert measure._short_of_room("cuda", 1) and not measure._short_of_room("cpu", 1)
+    assert results[0.0] == results[measure.CANDIDATE_SHARE_OF_FREE]

@@ -22,10 +22,11 @@ from .qparams import ATTENTION_CANDIDATES, MLP_CANDIDATES, QuantSetting, setting
 
 CANDIDATES = {"self_attn": ATTENTION_CANDIDATES, "mlp": MLP_CANDIDATES}
 # A module group's candidates (fp16, [out, in] each) wait in host memory when
-# they would take more than this on the device, and each is copied in for its
-# forward: ~20 candidates of a 7B MLP's three matrices are 5.4 GB, several
-# times the layer itself (a demo layer's are 0.2 GB and stay).
-CANDIDATE_DEVICE_BYTES = 1 << 30
+# they would take more than this share of the GPU memory still free, and each
+# is copied in for its forward: ~20 candidates of a 7B MLP's three matrices are
+# 5.4 GB, several times the layer itself. Parking costs time (on the H100 a
+# 7B layer's measurement took 11 s instead of 3.3 s), so a GPU with room keeps them.
+CANDIDATE_SHARE_OF_FREE = 0.5
 
 
 def dequantized(
@@ -38,6 +39,16 @@ def dequantized(
 
 def dequantized_from(stored: dict[str, torch.Tensor], out_features: int) -> torch.Tensor:
     return dequantize_exl2(stored, out_features).T.to(torch.float32)
+
+
+def _short_of_room(device, candidate_bytes: int) -> bool:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    # Blocks torch's allocator holds but does not use are free to it as well.
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return candidate_bytes > CANDIDATE_SHARE_OF_FREE * free
 
 
 def measure_layer(
@@ -55,7 +66,7 @@ def measure_layer(
         quantized: dict[str, dict[QuantSetting, torch.Tensor]] = {}
         settings = {name: list(dict.fromkeys(candidate[name] for candidate in CANDIDATES[group])) for name in modules}
         candidate_bytes = sum(2 * m.weight.numel() * len(settings[name]) for name, m in modules.items())
-        park = torch.device(device).type != "cpu" and candidate_bytes > CANDIDATE_DEVICE_BYTES
+        park = _short_of_room(device, candidate_bytes)
         for name, module in modules.items():
             check_cancel(cancel)
             quantized[name] = dequantized(module.weight, hessians[name], settings[name], "cpu" if park else None)
