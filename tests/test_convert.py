@@ -237,3 +237,19 @@ def test_the_models_own_calibration_text_is_written_once_per_model(tiny, tmp_pat
 
     assert torch.equal(*(load_file(w / "calibration.safetensors")["rows"] for w in (tmp_path / "w1", tmp_path / "w2")))
     assert first.bpw < second.bpw
+
+
+@pytest.mark.parametrize("marker", ["quantization_config", "quantize_config.json"])
+def test_an_already_quantized_model_is_refused_before_any_work(tiny, tmp_path, marker):
+    model, calibration, _ = tiny
+    quantized = tmp_path / "gptq"
+    shutil.copytree(model, quantized)
+    if marker == "quantization_config":
+        config = json.loads((quantized / "config.json").read_text())
+        config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+        (quantized / "config.json").write_text(json.dumps(config))
+    else:
+        (quantized / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 128}))
+    with pytest.raises(ConversionError, match=r"already quantized \(gptq\).*original fp16/bf16 model"):
+        convert(quantized, tmp_path / "work", tmp_path / "out", calibration)
+    assert not (tmp_path / "work").exists()

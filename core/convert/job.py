@@ -134,6 +134,17 @@ def _read_json(path: Path):
         return None
 
 
+def _refuse_quantized(source: str, folder: Path, config: ModelConfig) -> None:
+    """GPTQ needs the original weights: requantizing a quantized model stacks two roundings."""
+    method = (config.raw.get("quantization_config") or {}).get("quant_method")
+    if method is None and (folder / "quantize_config.json").is_file():
+        method = "gptq"  # AutoGPTQ's own settings file
+    if method:
+        raise ConversionError(
+            f"{source} is already quantized ({method}); convert the original fp16/bf16 model instead"
+        )
+
+
 class ConversionJob:
     """Owns one work dir; `run` does whatever is left and writes the output folder."""
 
@@ -331,6 +342,7 @@ class ConversionJob:
         start = time.perf_counter()
         folder = resolve_model_source(self.source)
         config = ModelConfig.from_folder(folder)
+        _refuse_quantized(self.source, folder, config)
         self._open_work_dir(folder)
         check_cancel(self.cancel)
         self.emit("load", 0.0, f"loading {self.source}")
