@@ -235,3 +235,20 @@ def test_two_sessions_chatting_at_once_each_get_their_own_answer(tiny_model):
         thread.join(120)
     assert together == alone and alone["a"] != alone["b"]
     assert sessions.get("a").generator is not sessions.get("b").generator
+
+
+def test_a_gptq_models_memory_counts_the_dense_copy_the_cpu_path_keeps(tmp_path):
+    # The speed line's memory figure: on the CPU a GPTQ layer, like an EXL2 one,
+    # keeps its dequantized weight beside the packed tensors once it has run.
+    from core.linear import GPTQLinear
+    from core.loader import LoadedModel, load_model
+    from tests.test_gptq_checkpoint import build_hf_model, write_gptq_checkpoint
+    from webui.jobs import kernel_path, model_bytes
+
+    write_gptq_checkpoint(tmp_path, build_hf_model("llama-gqa"), group_size=32)
+    model = load_model(tmp_path, device="cpu")
+    loaded = LoadedModel("gptq", tmp_path, model, None, frozenset())
+    stored = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()) if t is not None)
+    dense = sum(m.in_features * m.out_features * 4 for m in model.modules() if isinstance(m, GPTQLinear))
+    assert dense > 0 and model_bytes(loaded) == stored + dense
+    assert kernel_path(loaded) == "CPU reference"

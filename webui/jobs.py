@@ -502,14 +502,14 @@ class ConversionQueue:
 def model_bytes(loaded: LoadedModel) -> int:
     """Memory the model holds once it has run: its tensors, plus the dense copy the torch
     reference path keeps of every quantized layer."""
-    from core.linear import EXL2Linear
+    from core.linear import EXL2Linear, GPTQLinear
 
     total = 0
     for tensor in list(loaded.model.parameters()) + [b for b in loaded.model.buffers() if b is not None]:
         total += tensor.numel() * tensor.element_size()
     if loaded.device.type == "cpu":
         for module in loaded.model.modules():
-            if isinstance(module, EXL2Linear):
+            if isinstance(module, (EXL2Linear, GPTQLinear)):
                 total += module.in_features * module.out_features * torch.finfo(module.compute_dtype).bits // 8
     return total
 
@@ -677,13 +677,15 @@ def stream_answer(sessions: ChatSessions, session: ChatSession, loaded: LoadedMo
 def kernel_path(loaded: LoadedModel) -> str:
     if loaded.device.type != "cuda":
         return "CPU reference"
-    from core.kernels import exl2
-    from core.linear import EXL2Linear
+    from core.kernels import exl2, gptq4
+    from core.linear import EXL2Linear, GPTQLinear
 
-    if not any(isinstance(module, EXL2Linear) for module in loaded.model.modules()):
+    kinds = {type(module) for module in loaded.model.modules()} & {EXL2Linear, GPTQLinear}
+    if not kinds:
         return "fp16 (cuBLAS)"
-    # The EXL2 layers take the kernels when the extension built; otherwise their torch twin.
-    return "CUDA kernels" if exl2.enabled(loaded.device) else "torch reference on CUDA"
+    # Quantized layers take the kernels when the extension built; otherwise their torch twin.
+    built = exl2.enabled(loaded.device) if EXL2Linear in kinds else gptq4.enabled(loaded.device)
+    return "CUDA kernels" if built else "torch reference on CUDA"
 
 
 def memory_in_use(loaded: LoadedModel) -> str:
