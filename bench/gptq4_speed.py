@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from core.gptq_checkpoint import default_g_idx, sort_rows_by_group
-from core.kernels import gptq4
+from core.kernels import dispatch, gptq4
 
 SHAPE = (4096, 11008)
 GROUP_SIZE = 128
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from bench.speed import copy_bandwidth, device_name, kernel_bandwidth
 
-    assert gptq4.enabled(torch.device("cuda")), "the kernels must build here"
+    assert dispatch.enabled(torch.device("cuda")), "the kernels must build here"
     batches = [int(b) for b in args.batches.split(",")]
     bandwidth = copy_bandwidth()
     rows = gptq_rows(batches, act_order=False) + gptq_rows([1], act_order=True)

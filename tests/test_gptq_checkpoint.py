@@ -489,13 +489,13 @@ def _greedy(model, prompt, steps):
 
 @pytest.mark.cuda
 def test_greedy_tokens_with_kernels_match_the_reference_path(built, tmp_path):
-    from core.kernels import gptq4
+    from core.kernels import dispatch
 
     model = _cuda_gptq_model(tmp_path)
     prompt = torch.randint(0, 512, (40,), generator=torch.Generator().manual_seed(1)).tolist()
     ours, our_logits = _greedy(model, prompt, 24)
     assert all(m._dense is None for m in model.modules() if isinstance(m, GPTQLinear)), "kernels keep no dense copy"
-    with gptq4.reference_only():
+    with dispatch.reference_only():
         expected, expected_logits = _greedy(model, prompt, 24)
     assert relative_error(our_logits, expected_logits) < 1e-2
     assert ours == expected

@@ -13,7 +13,7 @@ import torch
 from bench.exl2_random import MIXES, layout_for, llama_config, random_exl2_tensors, random_model
 from core.cache import KVCache
 from core.exl2_format import dequantize_exl2
-from core.kernels import exl2, reference
+from core.kernels import dispatch, exl2, reference
 from core.kernels.build import kernels
 
 
@@ -181,7 +181,7 @@ def test_greedy_generation_with_kernels_matches_reference_path(bpw):
     ours, our_logits = greedy(model, prompt, 32)
     # The kernel path keeps no dense copy of any weight on the GPU.
     assert all(module._dense is None for module in model.modules() if hasattr(module, "_dense"))
-    with exl2.reference_only():
+    with dispatch.reference_only():
         expected, expected_logits = greedy(model, prompt, 32)
     assert float((our_logits - expected_logits).norm() / expected_logits.norm()) < 1e-2
     assert ours == expected

@@ -502,14 +502,14 @@ class ConversionQueue:
 def model_bytes(loaded: LoadedModel) -> int:
     """Memory the model holds once it has run: its tensors, plus the dense copy the torch
     reference path keeps of every quantized layer."""
-    from core.linear import EXL2Linear, GPTQLinear
+    from core.linear import QuantizedLinear
 
     total = 0
     for tensor in list(loaded.model.parameters()) + [b for b in loaded.model.buffers() if b is not None]:
         total += tensor.numel() * tensor.element_size()
     if loaded.device.type == "cpu":
         for module in loaded.model.modules():
-            if isinstance(module, (EXL2Linear, GPTQLinear)):
+            if isinstance(module, QuantizedLinear):
                 total += module.in_features * module.out_features * torch.finfo(module.compute_dtype).bits // 8
     return total
 
@@ -677,15 +677,13 @@ def stream_answer(sessions: ChatSessions, session: ChatSession, loaded: LoadedMo
 def kernel_path(loaded: LoadedModel) -> str:
     if loaded.device.type != "cuda":
         return "CPU reference"
-    from core.kernels import exl2, gptq4
-    from core.linear import EXL2Linear, GPTQLinear
+    from core.kernels import dispatch
+    from core.linear import QuantizedLinear
 
-    kinds = {type(module) for module in loaded.model.modules()} & {EXL2Linear, GPTQLinear}
-    if not kinds:
+    if not any(isinstance(module, QuantizedLinear) for module in loaded.model.modules()):
         return "fp16 (cuBLAS)"
     # Quantized layers take the kernels when the extension built; otherwise their torch twin.
-    built = exl2.enabled(loaded.device) if EXL2Linear in kinds else gptq4.enabled(loaded.device)
-    return "CUDA kernels" if built else "torch reference on CUDA"
+    return "CUDA kernels" if dispatch.enabled(loaded.device) else "torch reference on CUDA"
 
 
 def memory_in_use(loaded: LoadedModel) -> str:

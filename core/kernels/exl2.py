@@ -1,7 +1,7 @@
 """EXL2 products on the GPU: the per-layer tables the kernels read, and the
 entry that picks a kernel by the number of input rows.
 
-Up to SMALL_BATCH rows the small-batch kernel reads the packed weights directly
+Up to dispatch.SMALL_BATCH rows the small-batch kernel reads the packed weights directly
 (decode is bound by the bytes of the weights, and packed bytes are few); above
 that the layer is dequantized to an fp16 tile in act-order and multiplied by
 cuBLAS, which is bound by arithmetic where dequantizing once costs little. The
@@ -10,9 +10,7 @@ tile is freed after the product: keeping it would undo the point of quantizing.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,10 +18,9 @@ import torch
 
 from ..exl2_format import group_rows
 from . import reference
-from .build import ENV_SWITCH, kernels
+from .build import kernels
+from .dispatch import SplitKScratch, product
 
-# Rows the small-batch kernel takes: one pass of the tensor-core tile (8 rows) or two.
-SMALL_BATCH = 16
 WARPS = 4  # per block of the small-batch kernel (at most 4); each warp takes 32 columns of one quad at a time
 # Blocks per multiprocessor the K split aims for, so every SM has some to switch between.
 BLOCKS_PER_SM = 2
@@ -32,26 +29,6 @@ STAGED_BYTES = 40 * 1024
 UNIT_ROWS = 32
 QUAD_SLOTS = 128
 NO_INPUT = 0xFFFF
-
-_reference_only = False
-
-
-@contextlib.contextmanager
-def reference_only():
-    """Within this block EXL2 layers take the torch reference path, kernels or not."""
-    global _reference_only
-    previous, _reference_only = _reference_only, True
-    try:
-        yield
-    finally:
-        _reference_only = previous
-
-
-def enabled(device: torch.device) -> bool:
-    if _reference_only or device.type != "cuda" or os.environ.get(ENV_SWITCH, "1") == "0":
-        return False
-    return kernels() is not None
-
 
 @dataclass(frozen=True)
 class Exl2Plan:
@@ -153,26 +130,7 @@ def launch_shape(quads: int, column_tiles: int, multiprocessors: int, rows: int,
     return -(-quads // per_slice), per_slice, max(1, min(warps, per_slice))
 
 
-class _Scratch:
-    """fp32 zeros the split-K kernel adds into; the kernel leaves them zeroed again,
-    so one buffer per device serves every layer in stream order. A buffer outgrown
-    is kept, not freed: a captured CUDA graph may still write into it."""
-
-    def __init__(self):
-        self.buffers: dict[torch.device, torch.Tensor] = {}
-        self.outgrown: list[torch.Tensor] = []
-
-    def get(self, device: torch.device, size: int) -> torch.Tensor:
-        buffer = self.buffers.get(device)
-        if buffer is None or buffer.numel() < size:
-            if buffer is not None:
-                self.outgrown.append(buffer)
-            buffer = torch.zeros(max(size, 1 << 16), dtype=torch.float32, device=device)
-            self.buffers[device] = buffer
-        return buffer
-
-
-_scratch = _Scratch()
+_scratch = SplitKScratch()
 
 
 # Room after the sums for the kernel's per-tile completion counts (tiles = columns / 32).
@@ -186,7 +144,7 @@ def reserve_scratch(device: torch.device, rows: int, out_features: int) -> None:
 
 def gemm_small(x: torch.Tensor, tensors: dict[str, torch.Tensor], plan: Exl2Plan,
                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """fp16 x [M <= SMALL_BATCH, K] @ weight -> fp16 [M, N], straight from the packed weights."""
+    """fp16 x [M <= dispatch.SMALL_BATCH, K] @ weight -> fp16 [M, N], straight from the packed weights."""
     slices, per_slice, warps = launch_shape(plan.quads, plan.column_tiles, plan.multiprocessors, x.shape[0],
                                             BLOCKS_PER_SM, WARPS)
     partial = _scratch.get(x.device, x.shape[0] * plan.out_features + max(plan.column_tiles, COUNT_ROOM))
@@ -203,22 +161,9 @@ def dequant(tensors: dict[str, torch.Tensor], plan: Exl2Plan) -> torch.Tensor:
 
 def matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor], plan: Exl2Plan,
            bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ weight (+ bias) -> [..., N] in x's dtype, on the kernels."""
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if x2.dtype != torch.float16 or not x2.is_contiguous():
-        x2 = x2.to(torch.float16).contiguous()
-    bias16 = bias.to(torch.float16) if bias is not None and bias.dtype != torch.float16 else bias
-    if x2.shape[0] <= SMALL_BATCH:
-        out = gemm_small(x2, tensors, plan, bias16)
-    else:
-        # The act-order permutation moves the (few) input columns, not the weight rows.
-        tile = dequant(tensors, plan)
-        out = x2.index_select(1, plan.perm) @ tile
-        del tile
-        if bias16 is not None:
-            out += bias16
-    return out.to(x.dtype).reshape(*shape[:-1], plan.out_features)
+    """x [..., K] @ weight (+ bias) -> [..., N] in x's dtype, on the kernels (tile rows in act-order)."""
+    return product(x, bias, plan.out_features, lambda x16, bias16: gemm_small(x16, tensors, plan, bias16),
+                   lambda: dequant(tensors, plan), plan.perm)
 
 
 def matmul_reference(x: torch.Tensor, tensors: dict[str, torch.Tensor], out_features: int,

@@ -2,7 +2,7 @@
 entry that picks a kernel by the number of input rows, and the torch twins.
 
 The layer arrives with its rows sorted by group (GPTQLinear.prepare), so a
-group is a run of rows. Up to SMALL_BATCH rows the split-K kernel reads qweight
+group is a run of rows. Up to dispatch.SMALL_BATCH rows the split-K kernel reads qweight
 directly; above that (or when a group boundary falls inside a packed int32,
 which no AutoGPTQ or GPTQModel checkpoint has) the layer is dequantized to a
 transient fp16 tile and multiplied by cuBLAS, as core/kernels/exl2.py does.
@@ -10,16 +10,14 @@ transient fp16 tile and multiplied by cuBLAS, as core/kernels/exl2.py does.
 
 from __future__ import annotations
 
-import contextlib
-import os
 from dataclasses import dataclass
 
 import torch
 
 from ..gptq_checkpoint import CODES_PER_WORD, dequantize_gptq
-from .build import ENV_SWITCH, kernels
+from .build import kernels
+from .dispatch import SplitKScratch, product
 
-SMALL_BATCH = 16
 THREADS = 128  # threads per block of the small-batch kernel, four columns each
 # A slice's inputs sit in shared memory as fp16, 8 rows at a time: 1024 inputs are 16 KiB.
 MAX_SLICE_ROWS = 1024
@@ -35,26 +33,6 @@ PREFETCH = False
 SHARED_BYTES = 46 * 1024
 # Room after the sums for the kernel's per-tile completion counts (tiles <= columns / 4 / THREADS).
 COUNT_ROOM = 4096
-
-_reference_only = False
-
-
-@contextlib.contextmanager
-def reference_only():
-    """Within this block GPTQ layers take the torch reference path, kernels or not."""
-    global _reference_only
-    previous, _reference_only = _reference_only, True
-    try:
-        yield
-    finally:
-        _reference_only = previous
-
-
-def enabled(device: torch.device) -> bool:
-    if _reference_only or device.type != "cuda" or os.environ.get(ENV_SWITCH, "1") == "0":
-        return False
-    return kernels() is not None
-
 
 @dataclass(frozen=True)
 class Gptq4Plan:
@@ -121,26 +99,7 @@ def plan_layer(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
     )
 
 
-class _Scratch:
-    """fp32 zeros the split-K kernel adds into and leaves zeroed, one buffer per
-    device for every layer in stream order; an outgrown buffer is kept, since a
-    captured CUDA graph may still write into it."""
-
-    def __init__(self):
-        self.buffers: dict[torch.device, torch.Tensor] = {}
-        self.outgrown: list[torch.Tensor] = []
-
-    def get(self, device: torch.device, size: int) -> torch.Tensor:
-        buffer = self.buffers.get(device)
-        if buffer is None or buffer.numel() < size:
-            if buffer is not None:
-                self.outgrown.append(buffer)
-            buffer = torch.zeros(max(size, 1 << 16), dtype=torch.float32, device=device)
-            self.buffers[device] = buffer
-        return buffer
-
-
-_scratch = _Scratch()
+_scratch = SplitKScratch()
 
 
 def reserve_scratch(device: torch.device, rows: int, out_features: int) -> None:
@@ -149,7 +108,7 @@ def reserve_scratch(device: torch.device, rows: int, out_features: int) -> None:
 
 
 def gemm_small(x: torch.Tensor, qweight: torch.Tensor, plan: Gptq4Plan, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """fp16 x [M <= SMALL_BATCH, K] @ weight -> fp16 [M, N], straight from qweight."""
+    """fp16 x [M <= dispatch.SMALL_BATCH, K] @ weight -> fp16 [M, N], straight from qweight."""
     partial = _scratch.get(x.device, min(x.shape[0], 8) * plan.out_features + COUNT_ROOM)
     return kernels().gptq4_gemm_small(x, plan.perm, qweight, plan.qzeros, plan.scales, plan.zero_offset,
                                       plan.segments, plan.slices, plan.max_slice_rows, plan.threads, PREFETCH,
@@ -163,21 +122,9 @@ def dequant(qweight: torch.Tensor, plan: Gptq4Plan) -> torch.Tensor:
 
 def matmul(x: torch.Tensor, qweight: torch.Tensor, plan: Gptq4Plan, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ weight (+ bias) -> [..., N] in x's dtype, on the kernels."""
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if x2.dtype != torch.float16 or not x2.is_contiguous():
-        x2 = x2.to(torch.float16).contiguous()
-    bias16 = bias.to(torch.float16) if bias is not None and bias.dtype != torch.float16 else bias
-    if x2.shape[0] <= SMALL_BATCH and plan.word_aligned:
-        out = gemm_small(x2, qweight, plan, bias16)
-    else:
-        tile = dequant(qweight, plan)
-        # The act-order permutation moves the (few) input columns, not the weight rows.
-        out = (x2.index_select(1, plan.perm) if plan.permuted else x2) @ tile
-        del tile
-        if bias16 is not None:
-            out += bias16
-    return out.to(x.dtype).reshape(*shape[:-1], plan.out_features)
+    small = (lambda x16, bias16: gemm_small(x16, qweight, plan, bias16)) if plan.word_aligned else None
+    return product(x, bias, plan.out_features, small, lambda: dequant(qweight, plan),
+                   plan.perm if plan.permuted else None)
 
 
 def dequant_reference(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
