@@ -12,7 +12,7 @@ their torch twins, which compute what CausalLM.forward computes.
 
 A batch of several rows decodes in lockstep (one shared position, as a
 left-padded batch does): each row's key mask hides its padding, and rope with
-the cache append runs as torch ops, the fused kernel being batch-1.
+the cache append runs as its torch twin, the fused kernel being batch-1.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import KVCache
+from .kernels import reference
 from .model import CausalLM
 
 # QUANTLAB_FUSED=0 takes the torch twins of the fused norm, rope and SwiGLU kernels.
@@ -53,7 +54,6 @@ class GraphDecoder:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         # The fused kernels where they are built (fp16), else their torch twins: the same step either way.
-        from .kernels import reference
         from .kernels.build import kernels
 
         built = kernels() if dtype == torch.float16 and os.environ.get(FUSED_SWITCH, "1") != "0" else None
@@ -116,7 +116,7 @@ class GraphDecoder:
         # As core.model.attention_mask: a row always sees its own token, so no row is left with no key at all.
         allowed = (allowed & self.key_mask[:, :length]) | (keys_seen == self.position)
         mask = allowed.view(batch, 1, 1, length)
-        rope_cache = ops.rope_cache if batch == 1 else _rope_cache_rows
+        rope_cache = ops.rope_cache if batch == 1 else reference.rope_cache
         layers = model.model.layers
         x = model.model.embed_tokens(self.tokens)
         h = ops.rms_norm(x, layers[0].input_layernorm.weight, layers[0].input_layernorm.eps)
@@ -137,14 +137,3 @@ class GraphDecoder:
             h = ops.rms_norm(x, norm.weight, norm.eps, d)
         return model.lm_head(h).float()
 
-
-def _rope_cache_rows(q, k, v, cos_table, sin_table, position, key_cache, value_cache) -> None:
-    """kernels.reference.rope_cache for a batch of rows at one shared position."""
-    from .model import rotate_half
-
-    batch, dim = key_cache.shape[0], key_cache.shape[-1]
-    cos, sin = cos_table.index_select(0, position), sin_table.index_select(0, position)
-    queries, keys = q.view(batch, -1, dim), k.view(batch, -1, dim)
-    queries.copy_(queries * cos + rotate_half(queries) * sin)
-    key_cache.index_copy_(2, position, (keys * cos + rotate_half(keys) * sin).unsqueeze(2))
-    value_cache.index_copy_(2, position, v.view(batch, -1, 1, dim))

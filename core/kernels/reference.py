@@ -37,15 +37,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
 def rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
                position: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
-    """One token, batch 1: rotate q in place; rotated k and v go into the caches [1, kv_heads, max_seq, dim] at position."""
+    """One token per batch row, all at one position: rotate q in place; rotated k and v go
+    into the caches [batch, kv_heads, max_seq, dim] at position (the fused kernel's twin is batch 1)."""
     from ..model import rotate_half
 
-    dim = key_cache.shape[-1]
+    batch, dim = key_cache.shape[0], key_cache.shape[-1]
     cos, sin = cos_table.index_select(0, position), sin_table.index_select(0, position)
-    queries, keys = q.view(-1, dim), k.view(-1, dim)
+    queries, keys = q.view(batch, -1, dim), k.view(batch, -1, dim)
     queries.copy_(queries * cos + rotate_half(queries) * sin)
-    key_cache[0].index_copy_(1, position, (keys * cos + rotate_half(keys) * sin).unsqueeze(1))
-    value_cache[0].index_copy_(1, position, v.reshape(-1, 1, dim))
+    key_cache.index_copy_(2, position, (keys * cos + rotate_half(keys) * sin).unsqueeze(2))
+    value_cache.index_copy_(2, position, v.view(batch, -1, 1, dim))
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
