@@ -69,12 +69,24 @@ def filter_logits(logits: torch.Tensor, settings: SamplingSettings) -> torch.Ten
     return logits
 
 
+def sample_token_tensor(
+    logits: torch.Tensor, settings: SamplingSettings, previous_ids: torch.Tensor, rng: torch.Generator | None
+) -> torch.Tensor:
+    """The next token as a long tensor [1] on the logits' device, without waiting for the device.
+
+    logits: float32 [vocab]; previous_ids: the ids the repetition penalty looks at."""
+    logits = apply_repetition_penalty(logits, previous_ids, settings.repetition_penalty)
+    if settings.temperature == 0.0:
+        return logits.argmax().view(1)
+    probs = filter_logits(logits, settings).softmax(-1)
+    # torch.multinomial reads its input's validity back to the host; this is the draw it makes
+    # for one sample (argmax of p / q with q ~ Exp(1)), so a seed gives the same tokens as before.
+    noise = torch.empty_like(probs).exponential_(1, generator=rng)
+    return (probs / noise).argmax().view(1)
+
+
 def sample_token(
     logits: torch.Tensor, settings: SamplingSettings, previous_ids: torch.Tensor, rng: torch.Generator | None
 ) -> int:
-    """logits: float32 [vocab]; previous_ids: the ids the repetition penalty looks at."""
-    logits = apply_repetition_penalty(logits, previous_ids, settings.repetition_penalty)
-    if settings.temperature == 0.0:
-        return int(logits.argmax())
-    probs = filter_logits(logits, settings).softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=rng))
+    """sample_token_tensor, read back to the host."""
+    return int(sample_token_tensor(logits, settings, previous_ids, rng))

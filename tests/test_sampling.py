@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers.generation import logits_process as hf
 
-from core.sampling import SamplingSettings, apply_repetition_penalty, filter_logits, sample_token
+from core.sampling import SamplingSettings, apply_repetition_penalty, filter_logits, sample_token, sample_token_tensor
 
 
 def hf_filtered(logits, previous, s: SamplingSettings):
@@ -60,6 +60,42 @@ def test_same_seed_same_tokens_and_samples_follow_the_distribution():
     rng = torch.Generator().manual_seed(0)
     counts = torch.bincount(torch.tensor([sample_token(logits, settings, none, rng) for _ in range(4000)]), minlength=3)
     assert torch.allclose(counts / 4000, torch.tensor([0.5, 0.3, 0.2]), atol=0.03)
+
+
+@pytest.mark.parametrize("settings", [SamplingSettings.greedy(), *SETTINGS], ids=str)
+def test_token_tensor_stays_on_the_device_and_equals_the_int(settings):
+    gen = torch.Generator().manual_seed(1)
+    for seed in range(10):
+        logits = torch.randn(1000, generator=gen) * 3
+        previous = torch.randint(0, 1000, (30,), generator=gen)
+        token = sample_token_tensor(logits, settings, previous, torch.Generator().manual_seed(seed))
+        assert token.shape == (1,) and token.dtype == torch.long and token.device == logits.device
+        assert int(token) == sample_token(logits, settings, previous, torch.Generator().manual_seed(seed))
+
+
+def test_one_draw_is_the_draw_torch_multinomial_makes():
+    # Seeds chosen before the sampler stopped calling multinomial keep giving the same tokens.
+    settings = SamplingSettings(temperature=1.0, top_k=0, top_p=1.0)
+    none = torch.tensor([], dtype=torch.long)
+    for seed in range(20):
+        logits = torch.randn(500, generator=torch.Generator().manual_seed(100 + seed))
+        expected = int(torch.multinomial(logits.softmax(-1), 1, generator=torch.Generator().manual_seed(seed)))
+        assert sample_token(logits, settings, none, torch.Generator().manual_seed(seed)) == expected
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("settings", [SamplingSettings.greedy(), *SETTINGS], ids=str)
+def test_token_tensor_never_waits_for_the_gpu(settings):
+    logits = torch.randn(32000, device="cuda") * 3
+    previous = torch.randint(0, 32000, (300,), device="cuda")
+    rng = torch.Generator(device="cuda").manual_seed(0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        token = sample_token_tensor(logits, settings, previous, rng)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert token.device.type == "cuda" and token.shape == (1,)
 
 
 @pytest.mark.parametrize(
