@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .cache import KVCache
 from .kernels import reference
+from .linear import project
 from .model import CausalLM
 
 # QUANTLAB_FUSED=0 takes the torch twins of the fused norm, rope and SwiGLU kernels.
@@ -122,7 +123,7 @@ class GraphDecoder:
         h = ops.rms_norm(x, layers[0].input_layernorm.weight, layers[0].input_layernorm.eps)
         for index, layer in enumerate(layers):
             attn = layer.self_attn
-            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+            q, k, v = project(h, (attn.q_proj, attn.k_proj, attn.v_proj))
             key_buffer, value_buffer = cache.keys[attn.layer_index], cache.values[attn.layer_index]
             rope_cache(q, k, v, self.cos_table, self.sin_table, self.position, key_buffer, value_buffer)
             out = F.scaled_dot_product_attention(q.view(batch, 1, heads, dim).transpose(1, 2), key_buffer[:, :, :length],
@@ -132,7 +133,7 @@ class GraphDecoder:
             norm = layer.post_attention_layernorm
             h = ops.rms_norm(x, norm.weight, norm.eps, o)  # x += o, then the norm
             mlp = layer.mlp
-            d = mlp.down_proj(ops.silu_mul(mlp.gate_proj(h), mlp.up_proj(h)))
+            d = mlp.down_proj(ops.silu_mul(*project(h, (mlp.gate_proj, mlp.up_proj))))
             norm = layers[index + 1].input_layernorm if index + 1 < len(layers) else model.model.norm
             h = ops.rms_norm(x, norm.weight, norm.eps, d)
         return model.lm_head(h).float()

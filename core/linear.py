@@ -62,6 +62,14 @@ class QuantizedLinear(nn.Module):
     def kernel_matmul(self, x: torch.Tensor, plan) -> torch.Tensor:
         raise NotImplementedError
 
+    # Up to this many layers of this kind that read one input run as one kernel launch
+    # (kernel_matmul_group); 1: the kind has no such kernel.
+    group_most = 1
+
+    @staticmethod
+    def kernel_matmul_group(x: torch.Tensor, layers: list["QuantizedLinear"], plans: list) -> list[torch.Tensor]:
+        raise NotImplementedError
+
     def dense_weight(self) -> torch.Tensor:
         """[out_features, in_features] in the compute dtype, as nn.Linear would hold it."""
         if self._dense is None:
@@ -85,6 +93,24 @@ class QuantizedLinear(nn.Module):
         if plan is not None:
             return self.kernel_matmul(x, plan)
         return F.linear(x, self.dense_weight(), self.bias)
+
+
+def project(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> list[torch.Tensor]:
+    """The same input through several layers (q, k and v; gate and up), each output as layer(x) gives it.
+
+    Quantized layers of one kind on the GPU share one kernel launch for a few input rows:
+    decoding a token is a chain of a few hundred small products, and each launch's fixed
+    cost (staging the input, the first loads' latency, the tail) is then paid once."""
+    from .kernels.dispatch import SMALL_BATCH
+
+    kind = type(layers[0])
+    if (len(layers) > 1 and x.is_cuda and issubclass(kind, QuantizedLinear) and len(layers) <= kind.group_most
+            and all(type(layer) is kind and layer.in_features == layers[0].in_features for layer in layers)
+            and x.numel() <= SMALL_BATCH * x.shape[-1]):
+        plans = [layer.kernel_plan() for layer in layers]
+        if all(plan is not None for plan in plans):
+            return kind.kernel_matmul_group(x, list(layers), plans)
+    return [layer(x) for layer in layers]
 
 
 class EXL2Linear(QuantizedLinear):
@@ -115,6 +141,14 @@ class EXL2Linear(QuantizedLinear):
         from .kernels import exl2
 
         return exl2.matmul(x, self.quantized_tensors(), plan, self.bias)
+
+    group_most = 3  # core/kernels/exl2.py GROUP_MOST
+
+    @staticmethod
+    def kernel_matmul_group(x: torch.Tensor, layers: list["EXL2Linear"], plans: list) -> list[torch.Tensor]:
+        from .kernels import exl2
+
+        return exl2.matmul_group(x, [(layer.quantized_tensors(), plan, layer.bias) for layer, plan in zip(layers, plans)])
 
 
 class GPTQLinear(QuantizedLinear):

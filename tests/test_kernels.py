@@ -108,6 +108,48 @@ def test_exl2_small_batch_same_function_for_every_launch_shape(shape, group_size
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("in_features, outs", [(576, (576, 192, 192)), (4096, (4096, 4096, 1024)), (4096, (11008, 11008))])
+def test_exl2_one_launch_for_layers_sharing_an_input(in_features, outs, monkeypatch):
+    # q, k, v (or gate, up) in one launch: each layer its own widths, act-order and bias, some
+    # split along K and some not, must give what each gives alone, and leave the scratch zeroed.
+    mixes = [[(6, 0.25), (4, 0.5), (3, 0.25)], [(8, 0.1), (5, 0.4), (2, 0.5)], [(4, 1.0)]]
+    layers = [layer(in_features, out, mixes[i]) for i, out in enumerate(outs)]
+    biases = [None, torch.randn(outs[1], device="cuda").half(), None][: len(outs)]
+    for blocks_per_sm, staged_bytes in ((2, 40 * 1024), (64, 4096)):
+        monkeypatch.setattr(exl2, "BLOCKS_PER_SM", blocks_per_sm)
+        monkeypatch.setattr(exl2, "STAGED_BYTES", staged_bytes)
+        exl2.launch_shape.cache_clear()
+        for rows in (1, 3, 8, 9, 16):
+            x = torch.randn(rows, in_features, device="cuda").half()
+            poison(rows * sum(outs) * 2)
+            got = exl2.gemm_group(x, [(tensors, plan, bias) for (tensors, plan), bias in zip(layers, biases)])
+            for out, (tensors, plan), bias in zip(got, layers, biases):
+                assert out.shape == (rows, plan.out_features)
+                error = relative_error(out, expected_product(x, tensors, plan.out_features, bias))
+                assert error < TOLERANCE, f"{rows} rows, {plan.out_features} columns: relative error {error:.2e}"
+            assert int(exl2._scratch.buffers[x.device].count_nonzero()) == 0
+    exl2.launch_shape.cache_clear()
+
+
+@pytest.mark.cuda
+def test_model_projections_in_one_launch_match_one_by_one():
+    # core.linear.project groups q/k/v and gate/up; the layers' own calls are the reference.
+    from core.linear import project
+
+    config = llama_config("small", layers=1, vocab=256)
+    model = random_model(config, 4.0, "cuda", torch.float16)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    for rows in (1, 5, 16, 17):
+        x = torch.randn(1, rows, 576, device="cuda").half()
+        for group in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
+            together = project(x, group)
+            for out, single in zip(together, group):
+                alone = single(x)
+                assert out.shape == alone.shape
+                assert relative_error(out, alone.float()) < TOLERANCE
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("shape", SHAPES[:2] + [(4096, 11008)])
 def test_exl2_dequant_is_bit_exact(bits, shape):

@@ -35,43 +35,58 @@ Exl2Layer layer_view(const torch::Tensor& q_weight, int64_t n, const torch::Tens
     return layer;
 }
 
-torch::Tensor exl2_gemm_small(torch::Tensor x, torch::Tensor xperm, torch::Tensor units, torch::Tensor q_weight,
-                              int64_t n, torch::Tensor q_scale, torch::Tensor q_scale_max, int64_t slices,
-                              int64_t quads_per_slice, int64_t warps, torch::Tensor partial,
-                              c10::optional<torch::Tensor> bias) {
+// One launch for several layers that read the same x (q, k, v; gate, up): list i of every
+// argument describes layer i; a bias of no elements means none.
+std::vector<torch::Tensor> exl2_gemm_small(torch::Tensor x, std::vector<torch::Tensor> xperm,
+                                           std::vector<torch::Tensor> units, std::vector<torch::Tensor> q_weight,
+                                           std::vector<int64_t> n, std::vector<torch::Tensor> q_scale,
+                                           std::vector<torch::Tensor> q_scale_max, std::vector<int64_t> slices,
+                                           std::vector<int64_t> quads_per_slice, int64_t warps, torch::Tensor partial,
+                                           std::vector<torch::Tensor> bias) {
     check(x, torch::kHalf, "x");
-    check(xperm, torch::kShort, "xperm");
-    check(units, torch::kInt32, "units");
     check(partial, torch::kFloat, "partial");
-    Exl2Layer layer = layer_view(q_weight, n, q_scale, q_scale_max);
     TORCH_CHECK(x.dim() == 2 && x.size(0) <= 16 && x.size(1) < 0xFFFF, "x: [M <= 16, K < 65535]");
-    TORCH_CHECK(units.dim() == 2 && units.size(1) == 4 && units.size(0) % 4 == 0 && units.size(0) > 0,
-                "units: [quads * 4, 4]");
-    const int64_t quads = units.size(0) / 4;
-    TORCH_CHECK(xperm.numel() == quads * 128, "xperm: 128 slots per quad");
+    const size_t count = q_weight.size();
+    TORCH_CHECK(count >= 1 && count <= (size_t)exl2_gemm_group_max(), "one launch takes 1 to ",
+                exl2_gemm_group_max(), " layers");
+    TORCH_CHECK(xperm.size() == count && units.size() == count && n.size() == count && q_scale.size() == count &&
+                q_scale_max.size() == count && slices.size() == count && quads_per_slice.size() == count &&
+                bias.size() == count, "one entry per layer in every list");
     TORCH_CHECK(warps >= 1 && warps <= 4, "warps: 1 to 4 per block");
-    TORCH_CHECK(quads_per_slice >= 1 && slices >= 1 && (slices - 1) * quads_per_slice < quads &&
-                slices * quads_per_slice >= quads, "slices of quads_per_slice must cover the quads, none empty");
-    TORCH_CHECK(x.size(0) * (quads_per_slice * 128 + 32) * 2 <= 96 * 1024, "the staged inputs of a slice: at most 96 KiB");
-    TORCH_CHECK(slices == 1 || partial.numel() >= x.size(0) * n + exl2_gemm_small_tiles(layer),
-                "partial: fp32 zeros for M * n sums and one count per column tile");
-    const void* bias_ptr = nullptr;
-    if (bias.has_value()) {
-        check(*bias, torch::kHalf, "bias");
-        TORCH_CHECK(bias->numel() == n, "bias: [n]");
-        bias_ptr = bias->data_ptr<at::Half>();
-    }
-    layer.units = units.data_ptr<int>();
-    layer.xperm = reinterpret_cast<const uint16_t*>(xperm.data_ptr<int16_t>());
-    layer.quads = quads;
     const c10::cuda::CUDAGuard guard(x.device());
-    auto out = torch::empty({x.size(0), n}, x.options());
-    if (x.size(0) == 0) return out;
-    exl2_gemm_small_launch(layer, x.data_ptr<at::Half>(), x.size(0), x.size(1), slices, quads_per_slice, warps,
-                           partial.data_ptr<float>(), bias_ptr, out.data_ptr<at::Half>(),
-                           c10::cuda::getCurrentCUDAStream());
+    std::vector<Exl2Product> products(count);
+    std::vector<torch::Tensor> outs;
+    for (size_t i = 0; i < count; ++i) {
+        check(xperm[i], torch::kShort, "xperm");
+        check(units[i], torch::kInt32, "units");
+        Exl2Layer layer = layer_view(q_weight[i], n[i], q_scale[i], q_scale_max[i]);
+        TORCH_CHECK(units[i].dim() == 2 && units[i].size(1) == 4 && units[i].size(0) % 4 == 0 && units[i].size(0) > 0,
+                    "units: [quads * 4, 4]");
+        const int64_t quads = units[i].size(0) / 4;
+        TORCH_CHECK(xperm[i].numel() == quads * 128, "xperm: 128 slots per quad");
+        TORCH_CHECK(quads_per_slice[i] >= 1 && slices[i] >= 1 && (slices[i] - 1) * quads_per_slice[i] < quads &&
+                    slices[i] * quads_per_slice[i] >= quads, "slices of quads_per_slice must cover the quads, none empty");
+        TORCH_CHECK(x.size(0) * (quads_per_slice[i] * 128 + 32) * 2 <= 96 * 1024,
+                    "the staged inputs of a slice: at most 96 KiB");
+        layer.units = units[i].data_ptr<int>();
+        layer.xperm = reinterpret_cast<const uint16_t*>(xperm[i].data_ptr<int16_t>());
+        layer.quads = quads;
+        const void* bias_ptr = nullptr;
+        if (bias[i].numel() > 0) {
+            check(bias[i], torch::kHalf, "bias");
+            TORCH_CHECK(bias[i].numel() == n[i], "bias: [n]");
+            bias_ptr = bias[i].data_ptr<at::Half>();
+        }
+        outs.push_back(torch::empty({x.size(0), n[i]}, x.options()));
+        products[i] = Exl2Product{layer, (int)slices[i], (int)quads_per_slice[i], bias_ptr, outs.back().data_ptr<at::Half>()};
+    }
+    TORCH_CHECK((size_t)partial.numel() >= exl2_gemm_scratch(products.data(), count, x.size(0)),
+                "partial: fp32 zeros for M * n sums of each split layer and one count per column tile");
+    if (x.size(0) == 0) return outs;
+    exl2_gemm_group_launch(products.data(), count, x.data_ptr<at::Half>(), x.size(0), x.size(1), warps,
+                           partial.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return out;
+    return outs;
 }
 
 torch::Tensor exl2_dequant(torch::Tensor q_weight, int64_t n, torch::Tensor q_scale, torch::Tensor q_scale_max,
@@ -277,7 +292,7 @@ torch::Tensor gptq4_dequant(torch::Tensor qweight, torch::Tensor qzeros, torch::
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.def("exl2_gemm_small", &exl2_gemm_small, "EXL2 product for a few input rows, reading the packed weights");
+    m.def("exl2_gemm_small", &exl2_gemm_small, "EXL2 products of a few input rows by 1-3 layers in one launch, reading the packed weights");
     m.def("exl2_dequant", &exl2_dequant, "EXL2 weight to fp16 [K, N], rows in act-order");
     m.def("rms_norm", &rms_norm, "RMSNorm of fp16 rows, optionally after adding a residual into x",
           py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("residual") = py::none());

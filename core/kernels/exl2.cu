@@ -292,31 +292,62 @@ __device__ __forceinline__ Walk walk_width(Walk walk, int q_end, int warps, int 
     }
 }
 
-// grid (column tiles of 32, K slices); block: warps taking the slice's quads in turn.
-// With one slice the block writes its columns; with several, every block adds
-// its sums into `partial` (fp32, zero on entry) by atomics and the last block of
-// a column tile to finish (counted in `done`) writes fp16 with the bias and
-// leaves `partial` and `done` zeroed.
+// One matrix of a launch, as the kernel reads it: its tables, its K split, its outputs, and the
+// first column tile of the launch's grid that is its.
+struct GemvMatrix {
+    const uint16_t* xperm;
+    const int4* units;
+    const uint4* q_weight;
+    const uint32_t* q_scale;
+    const __half* q_scale_max;
+    const __half* bias;
+    __half* out;
+    float* partial;
+    int quads, quads_per_slice, slices, packed_rows, n_pad, n, first_tile;
+};
+// q, k and v (or gate and up) read the same input: one launch takes them all, so the launch's
+// fixed cost (staging, the first loads' latency, the tail) is paid once instead of per matrix.
+constexpr int MOST_MATRICES = 3;
+struct GemvGroup {
+    GemvMatrix m[MOST_MATRICES];
+    int count;
+};
+
+// grid (column tiles of 32 of all the matrices, K slices); block: warps taking the slice's quads
+// in turn. A matrix with one slice writes its columns; with several, every block adds its sums
+// into the matrix's `partial` (fp32, zero on entry) by atomics and the last block of a column
+// tile to finish (counted in `done`, one count per tile of the grid) writes fp16 with the bias
+// and leaves `partial` and `done` zeroed.
 template <int NT>
 __global__ void __launch_bounds__(128, 4)
-exl2_gemv_kernel(const __half* __restrict__ x, int x_rows, int k, bool x_in_shared, const uint16_t* __restrict__ xperm,
-                 const int4* __restrict__ units, int quads, int quads_per_slice, const uint4* __restrict__ q_weight,
-                 int packed_rows, int n_pad, int n, const uint32_t* __restrict__ q_scale,
-                 const __half* __restrict__ q_scale_max, float* __restrict__ partial, int* __restrict__ done,
-                 const __half* __restrict__ bias, __half* __restrict__ out) {
+exl2_gemv_kernel(const __half* __restrict__ x, int x_rows, int k, bool x_in_shared, const GemvGroup group,
+                 int* __restrict__ done) {
+    // Whole-struct selects with constant indices: a dynamic index into the parameters would
+    // copy them to local memory.
+    GemvMatrix mat = group.m[0];
+    if (group.count > 1 && (int)blockIdx.x >= group.m[1].first_tile) mat = group.m[1];
+    if (group.count > 2 && (int)blockIdx.x >= group.m[2].first_tile) mat = group.m[2];
+    if ((int)blockIdx.y >= mat.slices) return;  // a matrix split fewer ways than the grid's widest
+    const uint16_t* __restrict__ xperm = mat.xperm;
+    const int4* __restrict__ units = mat.units;
+    const uint32_t* __restrict__ q_scale = mat.q_scale;
+    const __half* __restrict__ q_scale_max = mat.q_scale_max;
+    const int quads = mat.quads, packed_rows = mat.packed_rows, n_pad = mat.n_pad, n = mat.n;
+    const int tile = blockIdx.x - mat.first_tile;
+
     extern __shared__ __align__(16) unsigned char shared[];
     __shared__ bool last;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int col = blockIdx.x * WARP_COLS + COLS_PER_THREAD * g;
-    const int q_first = blockIdx.y * quads_per_slice;
-    const int q_end = min(quads, q_first + quads_per_slice);
+    const int col = tile * WARP_COLS + COLS_PER_THREAD * g;
+    const int q_first = blockIdx.y * mat.quads_per_slice;
+    const int q_end = min(quads, q_first + mat.quads_per_slice);
     const int slots = (q_end - q_first) * QUAD_SLOTS;
     // Rows 64 bytes apart modulo 128: a quarter-warp's 16-byte reads of two rows hit different banks.
     const int x_stride = slots + 32;
     __half* xs = reinterpret_cast<__half*>(shared);
     int4* units_s = reinterpret_cast<int4*>(xs + x_rows * x_stride);
-    const uint4* q = q_weight + col / COLS_PER_THREAD;
+    const uint4* q = mat.q_weight + col / COLS_PER_THREAD;
     const int stride4 = n_pad / COLS_PER_THREAD;
 
     // The first quad's table entry is read now, so its words are requested (in walk_width) with
@@ -324,9 +355,17 @@ exl2_gemv_kernel(const __half* __restrict__ x, int x_rows, int k, bool x_in_shar
     Walk walk{q_first + warp, make_int4(0, -1, 0, 0)};
     if (walk.q < q_end) walk.info = __ldg(units + walk.q * 4 + t);
 
-    // Inputs in the slots' order. Where the whole of x fits in shared memory it is first copied
-    // there with wide coalesced loads (their latency overlapping the slot table's), so the
-    // gather is shared-memory reads rather than a second round of global ones.
+    // Inputs in the slots' order. Every global read of the staging (this thread's slot-table
+    // chunks, the unit table, x) is issued before the first wait, so staging costs one round
+    // trip; where the whole of x fits in shared memory it is copied there with wide loads and
+    // the gather reads shared memory. The first quad's words are prefetched into L2 meanwhile.
+    constexpr int TABLE_CHUNKS = 8;  // 8 slots each: 8192 slots per pass at 128 threads
+    uint4 table[TABLE_CHUNKS];
+#pragma unroll
+    for (int c = 0; c < TABLE_CHUNKS; ++c) {
+        const int i = (threadIdx.x + c * blockDim.x) * 8;
+        if (i < slots) table[c] = __ldg(reinterpret_cast<const uint4*>(xperm + (size_t)q_first * QUAD_SLOTS + i));
+    }
     const __half* source_rows = x;
     for (int i = threadIdx.x; i < (q_end - q_first) * 4; i += blockDim.x) units_s[i] = __ldg(units + q_first * 4 + i);
     if (x_in_shared) {
@@ -338,10 +377,13 @@ exl2_gemv_kernel(const __half* __restrict__ x, int x_rows, int k, bool x_in_shar
             for (int i = threadIdx.x; i < x_rows * k; i += blockDim.x) xr[i] = x[i];
         }
         source_rows = xr;
-        __syncthreads();
     }
-    for (int i = threadIdx.x * 8; i < slots; i += blockDim.x * 8) {
-        const uint4 packed = __ldg(reinterpret_cast<const uint4*>(xperm + (size_t)q_first * QUAD_SLOTS + i));
+    if (walk.q < q_end && walk.info.y >= 0) {
+        for (int i = 0; i < walk.info.x && walk.info.y + i < packed_rows; ++i)
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(q + (size_t)(walk.info.y + i) * stride4));
+    }
+    if (x_in_shared) __syncthreads();
+    auto gather = [&](int i, const uint4& packed) {
         uint16_t source[8];
         memcpy(source, &packed, 16);
         for (int m = 0; m < x_rows; ++m) {
@@ -351,7 +393,14 @@ exl2_gemv_kernel(const __half* __restrict__ x, int x_rows, int k, bool x_in_shar
                 v[e] = source[e] == NO_INPUT ? __float2half(0.f) : source_rows[(size_t)m * k + source[e]];
             *reinterpret_cast<uint4*>(xs + m * x_stride + i) = *reinterpret_cast<const uint4*>(v);
         }
+    };
+#pragma unroll
+    for (int c = 0; c < TABLE_CHUNKS; ++c) {
+        const int i = (threadIdx.x + c * blockDim.x) * 8;
+        if (i < slots) gather(i, table[c]);
     }
+    for (int i = (threadIdx.x + TABLE_CHUNKS * blockDim.x) * 8; i < slots; i += blockDim.x * 8)
+        gather(i, __ldg(reinterpret_cast<const uint4*>(xperm + (size_t)q_first * QUAD_SLOTS + i)));
     __syncthreads();
 
     float acc[NT][2][4];
@@ -388,20 +437,20 @@ exl2_gemv_kernel(const __half* __restrict__ x, int x_rows, int k, bool x_in_shar
 #pragma unroll
             for (int i = 0; i < 4; ++i) sums[(warp * ENTRIES + nt * 8 + mt * 4 + i) * 32 + lane] = acc[nt][mt][i];
     __syncthreads();
-    const bool split = gridDim.y > 1;
+    const bool split = mat.slices > 1;
     for (int e = threadIdx.x; e < ENTRIES * 32; e += blockDim.x) {
         // Entry (nt, mt, i) of lane (g, t): column 4g + 2mt + i/2, batch row 8nt + 2t + i%2.
         const int entry = e >> 5, owner = e & 31;
-        const int c = blockIdx.x * WARP_COLS + COLS_PER_THREAD * (owner >> 2) + 2 * ((entry >> 2) & 1) + ((entry >> 1) & 1);
+        const int c = tile * WARP_COLS + COLS_PER_THREAD * (owner >> 2) + 2 * ((entry >> 2) & 1) + ((entry >> 1) & 1);
         const int m = 8 * (entry >> 3) + 2 * (owner & 3) + (entry & 1);
         if (m >= x_rows || c >= n) continue;
         float v = 0.f;
         for (int w = 0; w < warps; ++w) v += sums[(w * ENTRIES + entry) * 32 + owner];
         if (split) {
-            atomicAdd(partial + (size_t)m * n + c, v);
+            atomicAdd(mat.partial + (size_t)m * n + c, v);
         } else {
-            if (bias) v += __half2float(bias[c]);
-            out[(size_t)m * n + c] = __float2half(v);
+            if (mat.bias) v += __half2float(mat.bias[c]);
+            mat.out[(size_t)m * n + c] = __float2half(v);
         }
     }
     if (!split) return;
@@ -410,18 +459,18 @@ exl2_gemv_kernel(const __half* __restrict__ x, int x_rows, int k, bool x_in_shar
     // last block's fence after the count orders its reads after every other block's sums.
     __threadfence();
     __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(done + blockIdx.x, 1) == (int)gridDim.y - 1;
+    if (threadIdx.x == 0) last = atomicAdd(done + blockIdx.x, 1) == mat.slices - 1;
     __syncthreads();
     if (!last) return;
     __threadfence();
     for (int e = threadIdx.x; e < x_rows * WARP_COLS; e += blockDim.x) {
-        const int m = e / WARP_COLS, c = blockIdx.x * WARP_COLS + e % WARP_COLS;
+        const int m = e / WARP_COLS, c = tile * WARP_COLS + e % WARP_COLS;
         if (c >= n) continue;
-        float* p = partial + (size_t)m * n + c;
+        float* p = mat.partial + (size_t)m * n + c;
         float v = __ldcg(p);
         *p = 0.f;
-        if (bias) v += __half2float(bias[c]);
-        out[(size_t)m * n + c] = __float2half(v);
+        if (mat.bias) v += __half2float(mat.bias[c]);
+        mat.out[(size_t)m * n + c] = __float2half(v);
     }
     if (threadIdx.x == 0) done[blockIdx.x] = 0;
 }
@@ -525,38 +574,71 @@ __global__ void exl2_dequant_kernel(const int4* __restrict__ q_weight, int packe
 }
 
 template <int NT>
-void launch_gemv(const Exl2Layer& layer, const __half* x, int x_rows, int k, int slices, int quads_per_slice,
-                 int warps, float* partial, int* done, const __half* bias, __half* out, cudaStream_t stream) {
-    const dim3 grid(layer.n_pad / WARP_COLS, slices);
-    const size_t staged = sizeof(__half) * x_rows * (quads_per_slice * QUAD_SLOTS + 32) + sizeof(int4) * 4 * quads_per_slice;
+void launch_gemv(const Exl2Product* products, int count, const __half* x, int x_rows, int k, int warps,
+                 float* partial, cudaStream_t stream) {
+    GemvGroup group{};
+    group.count = count;
+    int tiles = 0, slices = 1;
+    size_t staged = 0;
+    float* sums = partial;
+    for (int i = 0; i < count; ++i) {
+        const Exl2Product& p = products[i];
+        const Exl2Layer& layer = p.layer;
+        GemvMatrix& m = group.m[i];
+        m.xperm = layer.xperm;
+        m.units = reinterpret_cast<const int4*>(layer.units);
+        m.q_weight = reinterpret_cast<const uint4*>(layer.q_weight);
+        m.q_scale = reinterpret_cast<const uint32_t*>(layer.q_scale);
+        m.q_scale_max = static_cast<const __half*>(layer.q_scale_max);
+        m.bias = static_cast<const __half*>(p.bias);
+        m.out = static_cast<__half*>(p.out);
+        m.quads = layer.quads;
+        m.quads_per_slice = p.quads_per_slice;
+        m.slices = p.slices;
+        m.packed_rows = layer.packed_rows;
+        m.n_pad = layer.n_pad;
+        m.n = layer.n;
+        m.first_tile = tiles;
+        // Only a split matrix adds into the scratch: each its own stretch of it.
+        m.partial = sums;
+        if (p.slices > 1) sums += (size_t)x_rows * layer.n;
+        tiles += layer.n_pad / WARP_COLS;
+        slices = std::max(slices, p.slices);
+        staged = std::max(staged, sizeof(__half) * x_rows * (p.quads_per_slice * QUAD_SLOTS + 32) +
+                                      sizeof(int4) * 4 * p.quads_per_slice);
+    }
+    // The grid's completion counts sit right after the sums, zero like them between launches.
+    int* done = reinterpret_cast<int*>(sums);
+    const dim3 grid(tiles, slices);
     const size_t whole_x = sizeof(__half) * x_rows * k;
     const bool x_in_shared = staged + whole_x <= X_SHARED_BYTES;
-    const size_t sums = sizeof(float) * warps * NT * 8 * 32;
-    const size_t smem = std::max(staged + (x_in_shared ? whole_x : 0), sums);
+    const size_t warp_sums = sizeof(float) * warps * NT * 8 * 32;
+    const size_t smem = std::max(staged + (x_in_shared ? whole_x : 0), warp_sums);
     auto kernel = exl2_gemv_kernel<NT>;
     if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    kernel<<<grid, warps * 32, smem, stream>>>(
-        x, x_rows, k, x_in_shared, layer.xperm, reinterpret_cast<const int4*>(layer.units), layer.quads,
-        quads_per_slice, reinterpret_cast<const uint4*>(layer.q_weight), layer.packed_rows, layer.n_pad, layer.n,
-        reinterpret_cast<const uint32_t*>(layer.q_scale), static_cast<const __half*>(layer.q_scale_max), partial, done,
-        bias, out);
+    kernel<<<grid, warps * 32, smem, stream>>>(x, x_rows, k, x_in_shared, group, done);
 }
 
 }  // namespace
 
-int exl2_gemm_small_tiles(const Exl2Layer& layer) { return layer.n_pad / WARP_COLS; }
+int exl2_gemm_group_max() { return MOST_MATRICES; }
 
-void exl2_gemm_small_launch(const Exl2Layer& layer, const void* x, int x_rows, int k, int slices, int quads_per_slice,
-                            int warps, float* partial, const void* bias, void* out, cudaStream_t stream) {
+size_t exl2_gemm_scratch(const Exl2Product* products, int count, int x_rows) {
+    size_t floats = 0, tiles = 0;
+    for (int i = 0; i < count; ++i) {
+        if (products[i].slices > 1) floats += (size_t)x_rows * products[i].layer.n;
+        tiles += products[i].layer.n_pad / WARP_COLS;
+    }
+    return floats + tiles;
+}
+
+void exl2_gemm_group_launch(const Exl2Product* products, int count, const void* x, int x_rows, int k, int warps,
+                            float* partial, cudaStream_t stream) {
     const __half* xh = static_cast<const __half*>(x);
-    const __half* bh = static_cast<const __half*>(bias);
-    __half* oh = static_cast<__half*>(out);
-    // The column tiles' completion counts sit right after the sums, zero like them between launches.
-    int* done = reinterpret_cast<int*>(partial + (size_t)x_rows * layer.n);
     if (x_rows <= 8) {
-        launch_gemv<1>(layer, xh, x_rows, k, slices, quads_per_slice, warps, partial, done, bh, oh, stream);
+        launch_gemv<1>(products, count, xh, x_rows, k, warps, partial, stream);
     } else {
-        launch_gemv<2>(layer, xh, x_rows, k, slices, quads_per_slice, warps, partial, done, bh, oh, stream);
+        launch_gemv<2>(products, count, xh, x_rows, k, warps, partial, stream);
     }
 }
 

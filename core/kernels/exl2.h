@@ -1,6 +1,7 @@
 // Launchers of the EXL2 kernels, free of torch headers so the .cu files compile
 // quickly on their own (tests/test_kernel_build.py does that for every target).
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include <cuda_runtime.h>
 
@@ -18,13 +19,22 @@ struct Exl2Layer {
     int n;
 };
 
-// out fp16 [x_rows <= 16, n] = x fp16 [x_rows, k] @ layer (+ bias fp16 [n] or null), the
-// quads cut into `slices` runs of `quads_per_slice`, `warps` warps per block. With more
-// than one slice `partial` is fp32 scratch of x_rows * n + exl2_gemm_small_tiles() zeros,
-// left zeroed.
-int exl2_gemm_small_tiles(const Exl2Layer& layer);
-void exl2_gemm_small_launch(const Exl2Layer& layer, const void* x, int x_rows, int k, int slices, int quads_per_slice,
-                            int warps, float* partial, const void* bias, void* out, cudaStream_t stream);
+// One product of a launch: out fp16 [x_rows <= 16, layer.n] = x @ layer (+ bias fp16 [n] or
+// null), its quads cut into `slices` runs of `quads_per_slice`.
+struct Exl2Product {
+    Exl2Layer layer;
+    int slices;
+    int quads_per_slice;
+    const void* bias;
+    void* out;
+};
+
+// Up to exl2_gemm_group_max() products of one input x fp16 [x_rows, k] in one launch, `warps`
+// warps per block. `partial` is fp32 scratch of exl2_gemm_scratch() zeros, left zeroed.
+int exl2_gemm_group_max();
+size_t exl2_gemm_scratch(const Exl2Product* products, int count, int x_rows);
+void exl2_gemm_group_launch(const Exl2Product* products, int count, const void* x, int x_rows, int k, int warps,
+                            float* partial, cudaStream_t stream);
 
 // out fp16 [k, n] = the layer's weight with rows in act-order.
 void exl2_dequant_launch(const Exl2Layer& layer, int groups, void* out, cudaStream_t stream);

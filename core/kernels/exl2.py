@@ -11,6 +11,7 @@ tile is freed after the product: keeping it would undo the point of quantizing.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,8 @@ STAGED_BYTES = 40 * 1024
 UNIT_ROWS = 32
 QUAD_SLOTS = 128
 NO_INPUT = 0xFFFF
+# Layers one launch of the small-batch kernel takes (exl2.cu, MOST_MATRICES): q, k and v.
+GROUP_MOST = 3
 
 @dataclass(frozen=True)
 class Exl2Plan:
@@ -142,15 +145,29 @@ def reserve_scratch(device: torch.device, rows: int, out_features: int) -> None:
     _scratch.get(device, rows * out_features + COUNT_ROOM)
 
 
+def gemm_group(x: torch.Tensor, layers: Sequence[tuple[dict[str, torch.Tensor], Exl2Plan, torch.Tensor | None]]
+               ) -> list[torch.Tensor]:
+    """fp16 x [M <= dispatch.SMALL_BATCH, K] @ each layer's weight (+ its fp16 bias) -> fp16 [M, N_i],
+    straight from the packed weights, up to GROUP_MOST layers (tensors, plan, bias) in one launch."""
+    rows = x.shape[0]
+    tiles = sum(plan.column_tiles for _, plan, _ in layers)
+    # The split of K counts the blocks of the whole launch: three 4096-column layers fill an H100 unsplit.
+    shapes = [launch_shape(plan.quads, tiles, plan.multiprocessors, rows, BLOCKS_PER_SM, WARPS) for _, plan, _ in layers]
+    split_sums = sum(rows * plan.out_features for (_, plan, _), shape in zip(layers, shapes) if shape[0] > 1)
+    partial = _scratch.get(x.device, split_sums + max(tiles, COUNT_ROOM))
+    no_bias = x.new_empty(0)
+    return kernels().exl2_gemm_small(
+        x, [plan.xperm for _, plan, _ in layers], [plan.units for _, plan, _ in layers],
+        [tensors["q_weight"] for tensors, _, _ in layers], [plan.out_features for _, plan, _ in layers],
+        [tensors["q_scale"] for tensors, _, _ in layers], [tensors["q_scale_max"] for tensors, _, _ in layers],
+        [shape[0] for shape in shapes], [shape[1] for shape in shapes], max(shape[2] for shape in shapes), partial,
+        [bias if bias is not None else no_bias for _, _, bias in layers])
+
+
 def gemm_small(x: torch.Tensor, tensors: dict[str, torch.Tensor], plan: Exl2Plan,
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """fp16 x [M <= dispatch.SMALL_BATCH, K] @ weight -> fp16 [M, N], straight from the packed weights."""
-    slices, per_slice, warps = launch_shape(plan.quads, plan.column_tiles, plan.multiprocessors, x.shape[0],
-                                            BLOCKS_PER_SM, WARPS)
-    partial = _scratch.get(x.device, x.shape[0] * plan.out_features + max(plan.column_tiles, COUNT_ROOM))
-    return kernels().exl2_gemm_small(
-        x, plan.xperm, plan.units, tensors["q_weight"], plan.out_features, tensors["q_scale"], tensors["q_scale_max"],
-        slices, per_slice, warps, partial, bias)
+    return gemm_group(x, [(tensors, plan, bias)])[0]
 
 
 def dequant(tensors: dict[str, torch.Tensor], plan: Exl2Plan) -> torch.Tensor:
@@ -164,6 +181,19 @@ def matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor], plan: Exl2Plan,
     """x [..., K] @ weight (+ bias) -> [..., N] in x's dtype, on the kernels (tile rows in act-order)."""
     return product(x, bias, plan.out_features, lambda x16, bias16: gemm_small(x16, tensors, plan, bias16),
                    lambda: dequant(tensors, plan), plan.perm)
+
+
+def matmul_group(x: torch.Tensor, layers: Sequence[tuple[dict[str, torch.Tensor], Exl2Plan, torch.Tensor | None]]
+                 ) -> list[torch.Tensor]:
+    """x [..., K] (at most dispatch.SMALL_BATCH rows) through up to GROUP_MOST layers in one launch,
+    each -> [..., N_i] in x's dtype."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.dtype != torch.float16 or not x2.is_contiguous():
+        x2 = x2.to(torch.float16).contiguous()
+    fp16 = [(tensors, plan, bias.to(torch.float16) if bias is not None else None) for tensors, plan, bias in layers]
+    outs = gemm_group(x2, fp16)
+    return [out.to(x.dtype).reshape(*shape[:-1], plan.out_features) for out, (_, plan, _) in zip(outs, layers)]
 
 
 def matmul_reference(x: torch.Tensor, tensors: dict[str, torch.Tensor], out_features: int,
