@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .cache import KVCache
 from .kernels import reference
-from .linear import project
+from .linear import project, share_input_weights
 from .model import CausalLM
 
 # QUANTLAB_FUSED=0 takes the torch twins of the fused norm, rope and SwiGLU kernels.
@@ -41,6 +41,7 @@ class GraphDecoder:
             raise ValueError("graph decoding needs the model on a CUDA device")
         self.model = model
         self.cache = cache
+        share_input_weights(model)
         device, dtype = model.device, model.dtype
         positions = torch.arange(cache.max_seq_len, device=device, dtype=torch.float32)
         angles = torch.outer(positions, model.inv_freq.float())
@@ -116,7 +117,9 @@ class GraphDecoder:
             allowed = allowed & (keys_seen > self.position - window)
         # As core.model.attention_mask: a row always sees its own token, so no row is left with no key at all.
         allowed = (allowed & self.key_mask[:, :length]) | (keys_seen == self.position)
-        mask = allowed.view(batch, 1, 1, length)
+        # Additive, made once per step: with a boolean mask SDPA converts it again in every layer.
+        mask = torch.zeros(batch, 1, 1, length, dtype=model.dtype, device=allowed.device)
+        mask.masked_fill_(~allowed.view(batch, 1, 1, length), float("-inf"))
         rope_cache = ops.rope_cache if batch == 1 else reference.rope_cache
         layers = model.model.layers
         x = model.model.embed_tokens(self.tokens)

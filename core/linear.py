@@ -104,6 +104,13 @@ def project(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> list[torch.Tensor
     from .kernels.dispatch import SMALL_BATCH
 
     kind = type(layers[0])
+    if kind is DenseLinear and len(layers) > 1:
+        shared = _shared_weight(layers)
+        if shared is not None:
+            weight, bias = shared
+            outs = F.linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)
+            # Each as its own tensor, as layer(x) gives it (a no-op for a single row): kernels take contiguous inputs.
+            return [out.contiguous() for out in outs]
     if (len(layers) > 1 and x.is_cuda and issubclass(kind, QuantizedLinear) and len(layers) <= kind.group_most
             and all(type(layer) is kind and layer.in_features == layers[0].in_features for layer in layers)
             and x.numel() <= SMALL_BATCH * x.shape[-1]):
@@ -111,6 +118,62 @@ def project(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> list[torch.Tensor
         if all(plan is not None for plan in plans):
             return kind.kernel_matmul_group(x, list(layers), plans)
     return [layer(x) for layer in layers]
+
+
+def share_input_weights(model: nn.Module) -> None:
+    """Place the weights of dense layers that read one input (q, k and v; gate and up) one
+    after the other in one tensor, so project() multiplies them as one matrix: one wide
+    product keeps the GPU's memory busier than three narrow ones. Each layer keeps its own
+    weight, now a view; quantized layers are left as they are."""
+    for module in model.modules():
+        groups = []
+        if all(hasattr(module, name) for name in ("q_proj", "k_proj", "v_proj")):
+            groups.append((module.q_proj, module.k_proj, module.v_proj))
+        if all(hasattr(module, name) for name in ("gate_proj", "up_proj")):
+            groups.append((module.gate_proj, module.up_proj))
+        for layers in groups:
+            if not all(type(layer) is DenseLinear for layer in layers) or _shared_weight(layers) is not None:
+                continue
+            weights = [layer.weight for layer in layers]
+            if len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1 or any(w.is_meta for w in weights):
+                continue
+            if len({layer.bias is None for layer in layers}) != 1:
+                continue
+            with torch.no_grad():
+                weight = torch.cat(weights)
+                bias = torch.cat([layer.bias for layer in layers]) if layers[0].bias is not None else None
+                start = 0
+                for layer in layers:
+                    rows = layer.out_features
+                    layer.weight = nn.Parameter(weight[start:start + rows], requires_grad=False)
+                    if bias is not None:
+                        layer.bias = nn.Parameter(bias[start:start + rows], requires_grad=False)
+                    start += rows
+
+
+def _shared_weight(layers) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, bias) of the whole group where share_input_weights placed the layers' tensors
+    back to back, else None."""
+    tensors = [[layer.weight for layer in layers]]
+    if layers[0].bias is not None:
+        if any(layer.bias is None for layer in layers):
+            return None
+        tensors.append([layer.bias for layer in layers])
+    elif any(layer.bias is not None for layer in layers):
+        return None
+    joined = []
+    for parts in tensors:
+        base = parts[0]
+        offset = base.storage_offset()
+        for part in parts:
+            if (not part.is_contiguous() or part.dtype != base.dtype or part.device != base.device
+                    or part.untyped_storage().data_ptr() != base.untyped_storage().data_ptr()
+                    or part.storage_offset() != offset or part.shape[1:] != base.shape[1:]):
+                return None
+            offset += part.numel()
+        rows = sum(part.shape[0] for part in parts)
+        joined.append(base.as_strided((rows, *base.shape[1:]), base.stride()))
+    return joined[0], joined[1] if len(joined) > 1 else None
 
 
 class EXL2Linear(QuantizedLinear):

@@ -17,6 +17,7 @@
 // decoding cheap; the host stages the inputs in that same order (`xperm`).
 
 #include "exl2.h"
+#include "launch.h"
 
 #include <cuda_fp16.h>
 #include <algorithm>
@@ -327,6 +328,7 @@ exl2_gemv_kernel(const __half* __restrict__ x, int x_rows, int k, bool x_in_shar
     GemvMatrix mat = group.m[0];
     if (group.count > 1 && (int)blockIdx.x >= group.m[1].first_tile) mat = group.m[1];
     if (group.count > 2 && (int)blockIdx.x >= group.m[2].first_tile) mat = group.m[2];
+    allow_dependents();
     if ((int)blockIdx.y >= mat.slices) return;  // a matrix split fewer ways than the grid's widest
     const uint16_t* __restrict__ xperm = mat.xperm;
     const int4* __restrict__ units = mat.units;
@@ -368,6 +370,12 @@ exl2_gemv_kernel(const __half* __restrict__ x, int x_rows, int k, bool x_in_shar
     }
     const __half* source_rows = x;
     for (int i = threadIdx.x; i < (q_end - q_first) * 4; i += blockDim.x) units_s[i] = __ldg(units + q_first * 4 + i);
+    if (walk.q < q_end && walk.info.y >= 0) {
+        for (int i = 0; i < walk.info.x && walk.info.y + i < packed_rows; ++i)
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(q + (size_t)(walk.info.y + i) * stride4));
+    }
+    // Everything above reads only the layer's own tensors; x is the previous kernel's output.
+    wait_for_producer();
     if (x_in_shared) {
         __half* xr = reinterpret_cast<__half*>(units_s + (q_end - q_first) * 4);
         if ((k & 7) == 0) {
@@ -377,10 +385,6 @@ exl2_gemv_kernel(const __half* __restrict__ x, int x_rows, int k, bool x_in_shar
             for (int i = threadIdx.x; i < x_rows * k; i += blockDim.x) xr[i] = x[i];
         }
         source_rows = xr;
-    }
-    if (walk.q < q_end && walk.info.y >= 0) {
-        for (int i = 0; i < walk.info.x && walk.info.y + i < packed_rows; ++i)
-            asm volatile("prefetch.global.L2 [%0];" ::"l"(q + (size_t)(walk.info.y + i) * stride4));
     }
     if (x_in_shared) __syncthreads();
     auto gather = [&](int i, const uint4& packed) {
@@ -616,7 +620,7 @@ void launch_gemv(const Exl2Product* products, int count, const __half* x, int x_
     const size_t smem = std::max(staged + (x_in_shared ? whole_x : 0), warp_sums);
     auto kernel = exl2_gemv_kernel<NT>;
     if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    kernel<<<grid, warps * 32, smem, stream>>>(x, x_rows, k, x_in_shared, group, done);
+    launch_chained(kernel, grid, dim3(warps * 32), smem, stream, x, x_rows, k, x_in_shared, group, done);
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 // to fp16 where the torch reference (core/kernels/reference.py) rounds.
 
 #include "fused.h"
+#include "launch.h"
 
 #include <cuda_fp16.h>
 #include <algorithm>
@@ -29,6 +30,8 @@ constexpr int MAX_PER_THREAD = 16;
 __global__ void rms_norm_kernel(__half* __restrict__ x, const __half* __restrict__ residual,
                                 const __half* __restrict__ weight, __half* __restrict__ out, int hidden, float eps) {
     __shared__ float shared[32];
+    allow_dependents();
+    wait_for_producer();
     const size_t base = (size_t)blockIdx.x * hidden;
     float values[MAX_PER_THREAD];
     float squares = 0.f;
@@ -78,14 +81,21 @@ __global__ void rms_norm_vec_kernel(__half* __restrict__ x, const __half* __rest
     __shared__ float shared[32];
     const size_t base = (size_t)blockIdx.x * hidden;
     uint4 xv[VEC_CHUNKS], rv[VEC_CHUNKS], wv[VEC_CHUNKS];
+    allow_dependents();
+    // The norm's weight is the layer's own; x and the residual are the previous kernels' outputs.
 #pragma unroll
     for (int c = 0; c < VEC_CHUNKS; ++c) {
         const int i = (threadIdx.x + c * blockDim.x) * 8;
-        xv[c] = rv[c] = wv[c] = make_uint4(0, 0, 0, 0);
+        wv[c] = i < hidden ? *reinterpret_cast<const uint4*>(weight + i) : make_uint4(0, 0, 0, 0);
+    }
+    wait_for_producer();
+#pragma unroll
+    for (int c = 0; c < VEC_CHUNKS; ++c) {
+        const int i = (threadIdx.x + c * blockDim.x) * 8;
+        xv[c] = rv[c] = make_uint4(0, 0, 0, 0);
         if (i < hidden) {
             xv[c] = *reinterpret_cast<const uint4*>(x + base + i);
             if (residual) rv[c] = *reinterpret_cast<const uint4*>(residual + base + i);
-            wv[c] = *reinterpret_cast<const uint4*>(weight + i);
         }
     }
     float values[VEC_CHUNKS][8];
@@ -134,6 +144,8 @@ __global__ void rope_cache_kernel(__half* __restrict__ q, const __half* __restri
                                   const int64_t* __restrict__ position, __half* __restrict__ key_cache,
                                   __half* __restrict__ value_cache, int heads, int dim, int max_seq) {
     const int d = threadIdx.x, half_dim = dim / 2;
+    allow_dependents();
+    wait_for_producer();
     const int64_t pos = *position;
     const float c = __half2float(cos_table[pos * dim + d]);
     const float s = __half2float(sin_table[pos * dim + d]);
@@ -157,6 +169,8 @@ __global__ void rope_cache_kernel(__half* __restrict__ q, const __half* __restri
 __global__ void silu_mul_kernel(const __half2* __restrict__ gate, const __half2* __restrict__ up,
                                 __half2* __restrict__ out, int64_t pairs) {
     const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    allow_dependents();
+    wait_for_producer();
     if (i >= pairs) return;
     const float2 g = __half22float2(gate[i]);
     const float2 u = __half22float2(up[i]);
@@ -173,21 +187,22 @@ void rms_norm_launch(void* x, const void* residual, const void* weight, void* ou
     const int chunks = hidden / 8;
     if (hidden % 8 == 0 && chunks <= VEC_CHUNKS * 1024) {
         const int threads = std::max(32, (chunks + VEC_CHUNKS * 32 - 1) / (VEC_CHUNKS * 32) * 32);
-        rms_norm_vec_kernel<<<rows, threads, 0, stream>>>(static_cast<__half*>(x), static_cast<const __half*>(residual),
-                                                          static_cast<const __half*>(weight), static_cast<__half*>(out),
-                                                          hidden, eps);
+        launch_chained(rms_norm_vec_kernel, dim3(rows), dim3(threads), 0, stream, static_cast<__half*>(x),
+                       static_cast<const __half*>(residual), static_cast<const __half*>(weight), static_cast<__half*>(out),
+                       hidden, eps);
         return;
     }
     int threads = 1024;
     while (threads > 128 && (threads / 2) * MAX_PER_THREAD >= hidden) threads /= 2;
-    rms_norm_kernel<<<rows, threads, 0, stream>>>(static_cast<__half*>(x), static_cast<const __half*>(residual),
-                                                  static_cast<const __half*>(weight), static_cast<__half*>(out), hidden, eps);
+    launch_chained(rms_norm_kernel, dim3(rows), dim3(threads), 0, stream, static_cast<__half*>(x),
+                   static_cast<const __half*>(residual), static_cast<const __half*>(weight), static_cast<__half*>(out),
+                   hidden, eps);
 }
 
 void rope_cache_launch(void* q, const void* k, const void* v, const void* cos_table, const void* sin_table,
                        const int64_t* position, void* key_cache, void* value_cache, int heads, int kv_heads, int dim,
                        int max_seq, cudaStream_t stream) {
-    rope_cache_kernel<<<heads + kv_heads, dim, 0, stream>>>(
+    launch_chained(rope_cache_kernel, dim3(heads + kv_heads), dim3(dim), 0, stream,
         static_cast<__half*>(q), static_cast<const __half*>(k), static_cast<const __half*>(v),
         static_cast<const __half*>(cos_table), static_cast<const __half*>(sin_table), position,
         static_cast<__half*>(key_cache), static_cast<__half*>(value_cache), heads, dim, max_seq);
@@ -196,6 +211,6 @@ void rope_cache_launch(void* q, const void* k, const void* v, const void* cos_ta
 void silu_mul_launch(const void* gate, const void* up, void* out, int64_t n, cudaStream_t stream) {
     const int64_t pairs = n / 2;
     const int threads = 256;
-    silu_mul_kernel<<<(pairs + threads - 1) / threads, threads, 0, stream>>>(
+    launch_chained(silu_mul_kernel, dim3((pairs + threads - 1) / threads), dim3(threads), 0, stream,
         static_cast<const __half2*>(gate), static_cast<const __half2*>(up), static_cast<__half2*>(out), pairs);
 }
