@@ -17,18 +17,15 @@ the cache append runs as its torch twin, the fused kernel being batch-1.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
 
 from .cache import KVCache
-from .kernels import reference
+from .kernels import dispatch, reference
 from .linear import project, share_input_weights
 from .model import CausalLM
 
-# QUANTLAB_FUSED=0 takes the torch twins of the fused norm, rope and SwiGLU kernels.
-FUSED_SWITCH = "QUANTLAB_FUSED"
 # Attention reads the cache prefix rounded up to this many positions: few graphs, little wasted reading.
 BUCKET = 256
 
@@ -56,9 +53,7 @@ class GraphDecoder:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         # The fused kernels where they are built (fp16), else their torch twins: the same step either way.
-        from .kernels.build import kernels
-
-        built = kernels() if dtype == torch.float16 and os.environ.get(FUSED_SWITCH, "1") != "0" else None
+        built = dispatch.fused(self.tokens.new_empty(0, dtype=dtype))
         self.ops = built if built is not None else reference
 
     def set_key_mask(self, key_mask: torch.Tensor) -> None:

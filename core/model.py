@@ -15,6 +15,7 @@ from torch import nn
 
 from .cache import KVCache
 from .config import ModelConfig
+from .kernels import dispatch
 from .linear import DenseLinear, project
 
 
@@ -25,6 +26,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(size, device=device, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernels = dispatch.fused(x)
+        if kernels is not None:  # one launch instead of seven, rounding where this code rounds
+            return kernels.rms_norm(x.contiguous(), self.weight, self.eps)
         # Normalise in float32 whatever the storage dtype: fp16 sums of squares overflow.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -80,13 +84,22 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache: KVCache | None, position: int, key_mask=None) -> torch.Tensor:
         batch, seq, _ = x.shape
         q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))
-        q = q.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        if cache is not None:
-            k, v = cache.update(self.layer_index, position, k, v)
+        kernels = dispatch.fused(x) if cache is not None and cache.batch_size == 1 else None
+        if kernels is not None:
+            # Rope and the cache write as one kernel: a dozen launches per layer in a long prompt.
+            q = q.contiguous()
+            keys, values = cache.keys[self.layer_index], cache.values[self.layer_index]
+            kernels.rope_cache_rows(q, k.contiguous(), v.contiguous(), cos, sin, position, keys, values)
+            q = q.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+            k, v = keys[:, :, : position + seq], values[:, :, : position + seq]
+        else:
+            q = q.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+            k = k.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            if cache is not None:
+                k, v = cache.update(self.layer_index, position, k, v)
         # A prompt from position 0 with nothing else masked is plain causal
         # attention: is_causal lets SDPA take its flash kernels (GPU and CPU),
         # which an explicit mask rules out.
@@ -130,7 +143,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = project(x, (self.gate_proj, self.up_proj))
-        return self.down_proj(F.silu(gate) * up)
+        kernels = dispatch.fused(gate)
+        hidden = kernels.silu_mul(gate.contiguous(), up.contiguous()) if kernels is not None else F.silu(gate) * up
+        return self.down_proj(hidden)
 
 
 class DecoderLayer(nn.Module):

@@ -61,7 +61,8 @@ def filter_logits(logits: torch.Tensor, settings: SamplingSettings) -> torch.Ten
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         # Drop the low tail whose mass is at most 1 - top_p; the most likely token always stays.
         drop_sorted = cumulative <= 1 - settings.top_p
-        drop_sorted[-1] = False
+        # fill_ takes the value as a kernel argument; item assignment copies it from the host (a sync).
+        drop_sorted[-1:].fill_(False)
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     if settings.min_p > 0.0:
         probs = logits.softmax(-1)

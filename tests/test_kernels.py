@@ -158,6 +158,11 @@ def test_exl2_dequant_is_bit_exact(bits, shape):
     tile = exl2.dequant(tensors, plan)
     assert not tile.isnan().any()
     assert torch.equal(tile, reference.exl2_dequant(tensors, shape[1]))
+    # In input order, as a prefill multiplies it: every row written, each where the format puts it.
+    poison(shape[0] * shape[1])
+    tile = exl2.dequant(tensors, plan, input_order=True)
+    assert not tile.isnan().any()
+    assert torch.equal(tile, dequantize_exl2(tensors, shape[1]).half())
 
 
 @pytest.mark.cuda
@@ -292,6 +297,34 @@ def test_fused_rope_and_cache_append_match_reference(heads, kv_heads, dim):
         assert close(ours, expected, 1e-3)
         # Nothing but the token's slot changed.
         assert torch.equal(ours[:, :, :137], expected[:, :, :137]) and torch.equal(ours[:, :, 138:], expected[:, :, 138:])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (32, 8, 128)])
+@pytest.mark.parametrize("position,tokens", [(0, 1), (0, 300), (57, 13)])
+def test_fused_rope_and_cache_write_of_a_prompt_match_the_model(heads, kv_heads, dim, position, tokens):
+    # A prompt's tokens from `position` on, as Attention.forward computes them in torch.
+    from core.model import rotate_half
+
+    max_seq = 400
+    angles = torch.rand(tokens, dim // 2, device="cuda") * 100
+    angles = torch.cat((angles, angles), dim=-1)
+    cos, sin = angles.cos().half(), angles.sin().half()
+    q = torch.randn(1, tokens, heads * dim, device="cuda").half()
+    k = torch.randn(1, tokens, kv_heads * dim, device="cuda").half()
+    v = torch.randn(1, tokens, kv_heads * dim, device="cuda").half()
+    caches = [torch.randn(1, kv_heads, max_seq, dim, device="cuda").half() for _ in range(2)]
+    ours_q, ours_caches = q.clone(), [c.clone() for c in caches]
+    kernels().rope_cache_rows(ours_q, k, v, cos, sin, position, *ours_caches)
+    heads_first = lambda t, n: t.view(1, tokens, n, dim).transpose(1, 2)
+    expected_q = heads_first(q, heads) * cos + rotate_half(heads_first(q, heads)) * sin
+    caches[0][:, :, position : position + tokens] = heads_first(k, kv_heads) * cos + rotate_half(heads_first(k, kv_heads)) * sin
+    caches[1][:, :, position : position + tokens] = heads_first(v, kv_heads)
+    assert close(heads_first(ours_q, heads), expected_q, 1e-3)
+    for ours, expected in zip(ours_caches, caches):
+        assert close(ours, expected, 1e-3)
+        end = position + tokens
+        assert torch.equal(ours[:, :, :position], expected[:, :, :position]) and torch.equal(ours[:, :, end:], expected[:, :, end:])
 
 
 @pytest.mark.cuda

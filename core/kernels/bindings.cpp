@@ -89,15 +89,22 @@ std::vector<torch::Tensor> exl2_gemm_small(torch::Tensor x, std::vector<torch::T
     return outs;
 }
 
+// row_of (int32 [k], or no elements): the output row of each act-order row.
 torch::Tensor exl2_dequant(torch::Tensor q_weight, int64_t n, torch::Tensor q_scale, torch::Tensor q_scale_max,
-                           torch::Tensor groups, int64_t k) {
+                           torch::Tensor groups, int64_t k, torch::Tensor row_of) {
     Exl2Layer layer = layer_view(q_weight, n, q_scale, q_scale_max);
     check(groups, torch::kInt32, "groups");
     TORCH_CHECK(groups.dim() == 2 && groups.size(1) == 4 && q_scale.size(0) == groups.size(0), "groups: [G, 4], one per q_scale row");
+    const int* row_of_ptr = nullptr;
+    if (row_of.numel() > 0) {
+        check(row_of, torch::kInt32, "row_of");
+        TORCH_CHECK(row_of.numel() == k, "row_of: one output row per input row");
+        row_of_ptr = row_of.data_ptr<int>();
+    }
     layer.groups = groups.data_ptr<int>();
     const c10::cuda::CUDAGuard guard(q_weight.device());
     auto out = torch::empty({k, n}, q_weight.options().dtype(torch::kHalf));
-    exl2_dequant_launch(layer, groups.size(0), out.data_ptr<at::Half>(), c10::cuda::getCurrentCUDAStream());
+    exl2_dequant_launch(layer, groups.size(0), row_of_ptr, out.data_ptr<at::Half>(), c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return out;
 }
@@ -183,24 +190,41 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps, c10::o
     return out;
 }
 
-void rope_cache(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos_table, torch::Tensor sin_table,
-                torch::Tensor position, torch::Tensor key_cache, torch::Tensor value_cache) {
+void rope_cache_checked(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos_table,
+                        torch::Tensor sin_table, const int64_t* position, int64_t first_position, int64_t table_first,
+                        int64_t tokens, torch::Tensor key_cache, torch::Tensor value_cache) {
     for (const auto* t : {&q, &k, &v, &cos_table, &sin_table, &key_cache, &value_cache}) check(*t, torch::kHalf, "rope_cache");
-    check(position, torch::kLong, "position");
     TORCH_CHECK(key_cache.dim() == 4 && key_cache.size(0) == 1 && value_cache.sizes() == key_cache.sizes(),
                 "rope_cache: caches [1, kv_heads, max_seq, dim]");
     const int64_t kv_heads = key_cache.size(1), max_seq = key_cache.size(2), dim = key_cache.size(3);
-    TORCH_CHECK(dim % 2 == 0 && dim <= 1024 && k.numel() == kv_heads * dim && v.numel() == k.numel() &&
-                q.numel() % dim == 0, "rope_cache: one token of q, k, v for the caches' heads");
-    TORCH_CHECK(cos_table.size(-1) == dim && sin_table.sizes() == cos_table.sizes() && cos_table.size(0) >= max_seq,
-                "rope_cache: cos and sin tables [max_seq, dim]");
-    TORCH_CHECK(position.numel() == 1, "rope_cache: one position");
+    TORCH_CHECK(tokens >= 1 && dim % 2 == 0 && dim <= 1024 && k.numel() == tokens * kv_heads * dim &&
+                v.numel() == k.numel() && q.numel() % (tokens * dim) == 0,
+                "rope_cache: q, k, v of the tokens for the caches' heads");
+    TORCH_CHECK(cos_table.size(-1) == dim && sin_table.sizes() == cos_table.sizes(), "rope_cache: cos and sin tables [*, dim]");
     const c10::cuda::CUDAGuard guard(q.device());
     rope_cache_launch(q.data_ptr<at::Half>(), k.data_ptr<at::Half>(), v.data_ptr<at::Half>(),
-                      cos_table.data_ptr<at::Half>(), sin_table.data_ptr<at::Half>(), position.data_ptr<int64_t>(),
-                      key_cache.data_ptr<at::Half>(), value_cache.data_ptr<at::Half>(), q.numel() / dim, kv_heads, dim,
-                      max_seq, c10::cuda::getCurrentCUDAStream());
+                      cos_table.data_ptr<at::Half>(), sin_table.data_ptr<at::Half>(), position, first_position,
+                      table_first, tokens, key_cache.data_ptr<at::Half>(), value_cache.data_ptr<at::Half>(),
+                      q.numel() / (tokens * dim), kv_heads, dim, max_seq, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// One decode token at the device-held position; the tables cover every position of the cache.
+void rope_cache(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos_table, torch::Tensor sin_table,
+                torch::Tensor position, torch::Tensor key_cache, torch::Tensor value_cache) {
+    check(position, torch::kLong, "position");
+    TORCH_CHECK(position.numel() == 1, "rope_cache: one position");
+    TORCH_CHECK(cos_table.size(0) >= key_cache.size(2), "rope_cache: cos and sin tables [max_seq, dim]");
+    rope_cache_checked(q, k, v, cos_table, sin_table, position.data_ptr<int64_t>(), 0, 0, 1, key_cache, value_cache);
+}
+
+// A prompt's tokens from `position` on; the tables hold exactly their positions.
+void rope_cache_rows(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos, torch::Tensor sin,
+                     int64_t position, torch::Tensor key_cache, torch::Tensor value_cache) {
+    const int64_t tokens = cos.size(0);
+    TORCH_CHECK(cos.dim() == 2 && position >= 0 && position + tokens <= key_cache.size(2),
+                "rope_cache_rows: cos and sin [tokens, dim] for positions inside the cache");
+    rope_cache_checked(q, k, v, cos, sin, nullptr, position, position, tokens, key_cache, value_cache);
 }
 
 torch::Tensor silu_mul(torch::Tensor gate, torch::Tensor up) {
@@ -297,6 +321,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("rms_norm", &rms_norm, "RMSNorm of fp16 rows, optionally after adding a residual into x",
           py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("residual") = py::none());
     m.def("rope_cache", &rope_cache, "Rotary embedding of one token's q (in place) and k, appended with v to the caches");
+    m.def("rope_cache_rows", &rope_cache_rows, "Rotary embedding of a prompt's q (in place) and k, written with v into the caches");
     m.def("silu_mul", &silu_mul, "fp16(silu(gate)) * up");
     m.def("gptq_block", &gptq_block, "GPTQ's row walk inside one block of at most 32 input rows");
     m.def("gptq_scale_search", &gptq_scale_search, "GPTQ's scale search of one group start for several settings");

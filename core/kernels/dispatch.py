@@ -35,6 +35,17 @@ def enabled(device: torch.device) -> bool:
     return kernels() is not None
 
 
+# QUANTLAB_FUSED=0 takes the torch twins of the fused norm, rope and SwiGLU kernels.
+FUSED_SWITCH = "QUANTLAB_FUSED"
+
+
+def fused(x: torch.Tensor):
+    """The built kernels where the fused norm, rope and SwiGLU kernels take x (fp16 on a GPU), else None."""
+    if x.dtype != torch.float16 or os.environ.get(FUSED_SWITCH, "1") == "0" or not enabled(x.device):
+        return None
+    return kernels()
+
+
 class SplitKScratch:
     """fp32 zeros a split-K kernel adds into; the kernel leaves them zeroed again,
     so one buffer per device serves every layer in stream order. A buffer outgrown

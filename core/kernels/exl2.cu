@@ -522,10 +522,13 @@ __device__ __forceinline__ void group_scales(const int* q_scale, const __half* q
     }
 }
 
-// grid (column tiles, groups): each thread writes four columns of one group's rows, in act-order.
+// grid (column tiles, groups): each thread writes four columns of one group's rows, act-order
+// row r at row `row_of[r]` (input order: the product then needs no permuted copy of x), or at r
+// where row_of is null.
 template <int BITS>
 __device__ __forceinline__ void dequant_group(const int4* q, int stride4, int qrow, int qrow_end, int rows,
-                                              const float (&scale)[COLS_PER_THREAD], __half* out, int n, int col) {
+                                              const float (&scale)[COLS_PER_THREAD], const int* row_of, int first_row,
+                                              __half* out, int n, int col) {
     using U = Unit<BITS>;
     constexpr float two_b = float(1 << BITS);
     for (int r = 0; r < rows; r += U::rows, qrow += U::words) {
@@ -545,7 +548,8 @@ __device__ __forceinline__ void dequant_group(const int4* q, int stride4, int qr
                 const float f = code_as_unit_float<BITS>(col_words, j * BITS);
                 vals[c] = __float2half((f - 1.5f) * two_b * scale[c]);
             }
-            __half* dst = out + (size_t)(r + j) * n + col;
+            const int row = first_row + r + j;
+            __half* dst = out + (size_t)(row_of ? __ldg(row_of + row) : row) * n + col;
             if ((n & 3) == 0 && col + COLS_PER_THREAD <= n) {
                 *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<uint2*>(vals);
             } else {
@@ -557,7 +561,8 @@ __device__ __forceinline__ void dequant_group(const int4* q, int stride4, int qr
 
 __global__ void exl2_dequant_kernel(const int4* __restrict__ q_weight, int packed_rows, int n_pad, int n,
                                     const int* __restrict__ q_scale, const __half* __restrict__ q_scale_max,
-                                    const int4* __restrict__ groups, __half* __restrict__ out) {
+                                    const int4* __restrict__ groups, const int* __restrict__ row_of,
+                                    __half* __restrict__ out) {
     const int col = (blockIdx.x * blockDim.x + threadIdx.x) * COLS_PER_THREAD;
     if (col >= n) return;
     const int g = blockIdx.y;
@@ -566,14 +571,13 @@ __global__ void exl2_dequant_kernel(const int4* __restrict__ q_weight, int packe
     group_scales(q_scale, q_scale_max, g, n_pad, col, scale);
     const int4* q = q_weight + col / COLS_PER_THREAD;
     const int stride4 = n_pad / COLS_PER_THREAD;
-    __half* dst = out + (size_t)gi.z * n;
     switch (gi.x) {
-        case 2: dequant_group<2>(q, stride4, gi.y, packed_rows, gi.w, scale, dst, n, col); break;
-        case 3: dequant_group<3>(q, stride4, gi.y, packed_rows, gi.w, scale, dst, n, col); break;
-        case 4: dequant_group<4>(q, stride4, gi.y, packed_rows, gi.w, scale, dst, n, col); break;
-        case 5: dequant_group<5>(q, stride4, gi.y, packed_rows, gi.w, scale, dst, n, col); break;
-        case 6: dequant_group<6>(q, stride4, gi.y, packed_rows, gi.w, scale, dst, n, col); break;
-        default: dequant_group<8>(q, stride4, gi.y, packed_rows, gi.w, scale, dst, n, col); break;
+        case 2: dequant_group<2>(q, stride4, gi.y, packed_rows, gi.w, scale, row_of, gi.z, out, n, col); break;
+        case 3: dequant_group<3>(q, stride4, gi.y, packed_rows, gi.w, scale, row_of, gi.z, out, n, col); break;
+        case 4: dequant_group<4>(q, stride4, gi.y, packed_rows, gi.w, scale, row_of, gi.z, out, n, col); break;
+        case 5: dequant_group<5>(q, stride4, gi.y, packed_rows, gi.w, scale, row_of, gi.z, out, n, col); break;
+        case 6: dequant_group<6>(q, stride4, gi.y, packed_rows, gi.w, scale, row_of, gi.z, out, n, col); break;
+        default: dequant_group<8>(q, stride4, gi.y, packed_rows, gi.w, scale, row_of, gi.z, out, n, col); break;
     }
 }
 
@@ -646,10 +650,11 @@ void exl2_gemm_group_launch(const Exl2Product* products, int count, const void* 
     }
 }
 
-void exl2_dequant_launch(const Exl2Layer& layer, int groups, void* out, cudaStream_t stream) {
+void exl2_dequant_launch(const Exl2Layer& layer, int groups, const int* row_of, void* out, cudaStream_t stream) {
     const int threads = 128;
     const dim3 grid(((layer.n + COLS_PER_THREAD - 1) / COLS_PER_THREAD + threads - 1) / threads, groups);
     exl2_dequant_kernel<<<grid, threads, 0, stream>>>(
         reinterpret_cast<const int4*>(layer.q_weight), layer.packed_rows, layer.n_pad, layer.n, layer.q_scale,
-        static_cast<const __half*>(layer.q_scale_max), reinterpret_cast<const int4*>(layer.groups), static_cast<__half*>(out));
+        static_cast<const __half*>(layer.q_scale_max), reinterpret_cast<const int4*>(layer.groups), row_of,
+        static_cast<__half*>(out));
 }

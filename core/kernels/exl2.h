@@ -36,5 +36,5 @@ size_t exl2_gemm_scratch(const Exl2Product* products, int count, int x_rows);
 void exl2_gemm_group_launch(const Exl2Product* products, int count, const void* x, int x_rows, int k, int warps,
                             float* partial, cudaStream_t stream);
 
-// out fp16 [k, n] = the layer's weight with rows in act-order.
-void exl2_dequant_launch(const Exl2Layer& layer, int groups, void* out, cudaStream_t stream);
+// out fp16 [k, n] = the layer's weight, act-order row r at row row_of[r] (null: at r).
+void exl2_dequant_launch(const Exl2Layer& layer, int groups, const int* row_of, void* out, cudaStream_t stream);

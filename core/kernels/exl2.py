@@ -170,17 +170,21 @@ def gemm_small(x: torch.Tensor, tensors: dict[str, torch.Tensor], plan: Exl2Plan
     return gemm_group(x, [(tensors, plan, bias)])[0]
 
 
-def dequant(tensors: dict[str, torch.Tensor], plan: Exl2Plan) -> torch.Tensor:
-    """fp16 [K, N], rows in act-order (reference.exl2_dequant's twin)."""
+def dequant(tensors: dict[str, torch.Tensor], plan: Exl2Plan, input_order: bool = False) -> torch.Tensor:
+    """fp16 [K, N], rows in act-order (reference.exl2_dequant's twin), or in input order
+    (dequantize_exl2's twin), which a product can take without permuting its input."""
+    row_of = plan.perm if input_order else plan.perm.new_empty(0)
     return kernels().exl2_dequant(tensors["q_weight"], plan.out_features, tensors["q_scale"],
-                                  tensors["q_scale_max"], plan.groups, plan.in_features)
+                                  tensors["q_scale_max"], plan.groups, plan.in_features, row_of)
 
 
 def matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor], plan: Exl2Plan,
            bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ weight (+ bias) -> [..., N] in x's dtype, on the kernels (tile rows in act-order)."""
+    """x [..., K] @ weight (+ bias) -> [..., N] in x's dtype, on the kernels."""
+    # The tile is written in input order: permuting the rows while writing them is free, and
+    # a permuted copy of a long prompt's inputs for every layer is not.
     return product(x, bias, plan.out_features, lambda x16, bias16: gemm_small(x16, tensors, plan, bias16),
-                   lambda: dequant(tensors, plan), plan.perm)
+                   lambda: dequant(tensors, plan, input_order=True), None)
 
 
 def matmul_group(x: torch.Tensor, layers: Sequence[tuple[dict[str, torch.Tensor], Exl2Plan, torch.Tensor | None]]

@@ -138,31 +138,36 @@ __global__ void rms_norm_vec_kernel(__half* __restrict__ x, const __half* __rest
     }
 }
 
-// One block per head (query heads first, then key/value heads), one thread per element.
+// One block per head (query heads first, then key/value heads) and token, one thread per
+// element. Token t sits at position *position + t (or first_position + t where position is
+// null: a prompt's start is known on the host); row r of the cos and sin tables holds
+// position table_first + r.
 __global__ void rope_cache_kernel(__half* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
                                   const __half* __restrict__ cos_table, const __half* __restrict__ sin_table,
-                                  const int64_t* __restrict__ position, __half* __restrict__ key_cache,
-                                  __half* __restrict__ value_cache, int heads, int dim, int max_seq) {
-    const int d = threadIdx.x, half_dim = dim / 2;
+                                  const int64_t* __restrict__ position, int64_t first_position, int64_t table_first,
+                                  __half* __restrict__ key_cache, __half* __restrict__ value_cache, int heads,
+                                  int kv_heads, int dim, int max_seq) {
+    const int d = threadIdx.x, half_dim = dim / 2, token = blockIdx.y;
     allow_dependents();
     wait_for_producer();
-    const int64_t pos = *position;
-    const float c = __half2float(cos_table[pos * dim + d]);
-    const float s = __half2float(sin_table[pos * dim + d]);
+    const int64_t pos = (position ? *position : first_position) + token;
+    const int64_t row = pos - table_first;
+    const float c = __half2float(cos_table[row * dim + d]);
+    const float s = __half2float(sin_table[row * dim + d]);
     const bool is_query = blockIdx.x < heads;
     const int head = is_query ? blockIdx.x : blockIdx.x - heads;
-    const __half* src = is_query ? q + (size_t)head * dim : k + (size_t)head * dim;
+    const __half* src = is_query ? q + ((size_t)token * heads + head) * dim : k + ((size_t)token * kv_heads + head) * dim;
     const float own = __half2float(src[d]);
     const float partner = d < half_dim ? -__half2float(src[d + half_dim]) : __half2float(src[d - half_dim]);
     // As the reference: fp16(x * cos) + fp16(rotate_half(x) * sin), rounded again.
     const float rotated = __half2float(__float2half(own * c)) + __half2float(__float2half(partner * s));
     if (is_query) {
         __syncthreads();  // every partner read before any write of this head
-        q[(size_t)head * dim + d] = __float2half(rotated);
+        q[((size_t)token * heads + head) * dim + d] = __float2half(rotated);
     } else {
         const size_t slot = ((size_t)head * max_seq + pos) * dim + d;
         key_cache[slot] = __float2half(rotated);
-        value_cache[slot] = v[(size_t)head * dim + d];
+        value_cache[slot] = v[((size_t)token * kv_heads + head) * dim + d];
     }
 }
 
@@ -200,12 +205,13 @@ void rms_norm_launch(void* x, const void* residual, const void* weight, void* ou
 }
 
 void rope_cache_launch(void* q, const void* k, const void* v, const void* cos_table, const void* sin_table,
-                       const int64_t* position, void* key_cache, void* value_cache, int heads, int kv_heads, int dim,
-                       int max_seq, cudaStream_t stream) {
-    launch_chained(rope_cache_kernel, dim3(heads + kv_heads), dim3(dim), 0, stream,
-        static_cast<__half*>(q), static_cast<const __half*>(k), static_cast<const __half*>(v),
-        static_cast<const __half*>(cos_table), static_cast<const __half*>(sin_table), position,
-        static_cast<__half*>(key_cache), static_cast<__half*>(value_cache), heads, dim, max_seq);
+                       const int64_t* position, int64_t first_position, int64_t table_first, int tokens,
+                       void* key_cache, void* value_cache, int heads, int kv_heads, int dim, int max_seq,
+                       cudaStream_t stream) {
+    launch_chained(rope_cache_kernel, dim3(heads + kv_heads, tokens), dim3(dim), 0, stream, static_cast<__half*>(q),
+                   static_cast<const __half*>(k), static_cast<const __half*>(v), static_cast<const __half*>(cos_table),
+                   static_cast<const __half*>(sin_table), position, first_position, table_first,
+                   static_cast<__half*>(key_cache), static_cast<__half*>(value_cache), heads, kv_heads, dim, max_seq);
 }
 
 void silu_mul_launch(const void* gate, const void* up, void* out, int64_t n, cudaStream_t stream) {
