@@ -278,7 +278,7 @@ def test_fused_rms_norm_matches_reference(hidden, with_residual):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (32, 8, 128), (32, 32, 128)])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (32, 8, 128), (32, 32, 128), (4, 2, 18)])
 def test_fused_rope_and_cache_append_match_reference(heads, kv_heads, dim):
     max_seq = 300
     angles = torch.rand(max_seq, dim // 2, device="cuda") * 100
@@ -300,7 +300,7 @@ def test_fused_rope_and_cache_append_match_reference(heads, kv_heads, dim):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (32, 8, 128)])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (32, 8, 128), (4, 2, 18)])
 @pytest.mark.parametrize("position,tokens", [(0, 1), (0, 300), (57, 13)])
 def test_fused_rope_and_cache_write_of_a_prompt_match_the_model(heads, kv_heads, dim, position, tokens):
     # A prompt's tokens from `position` on, as Attention.forward computes them in torch.

@@ -171,6 +171,53 @@ __global__ void rope_cache_kernel(__half* __restrict__ q, const __half* __restri
     }
 }
 
+// The same, for dims of a multiple of 4: a thread takes elements 2i, 2i + 1 and their rotation
+// partners dim/2 + 2i, dim/2 + 2i + 1 with half2 accesses, reading all four before it writes
+// them, so no barrier; a block takes several heads of one token.
+__global__ void rope_cache_pairs_kernel(__half* __restrict__ q, const __half* __restrict__ k,
+                                        const __half* __restrict__ v, const __half* __restrict__ cos_table,
+                                        const __half* __restrict__ sin_table, const int64_t* __restrict__ position,
+                                        int64_t first_position, int64_t table_first, __half* __restrict__ key_cache,
+                                        __half* __restrict__ value_cache, int heads, int kv_heads, int dim,
+                                        int max_seq) {
+    const int half_dim = dim / 2, lo = 2 * threadIdx.x, hi = lo + half_dim, token = blockIdx.y;
+    const int index = blockIdx.x * blockDim.y + threadIdx.y;  // query heads, then key/value heads
+    allow_dependents();
+    wait_for_producer();
+    if (index >= heads + kv_heads) return;
+    const int64_t pos = (position ? *position : first_position) + token;
+    const __half* cos_row = cos_table + (pos - table_first) * dim;
+    const __half* sin_row = sin_table + (pos - table_first) * dim;
+    const float2 c_lo = __half22float2(*reinterpret_cast<const __half2*>(cos_row + lo));
+    const float2 c_hi = __half22float2(*reinterpret_cast<const __half2*>(cos_row + hi));
+    const float2 s_lo = __half22float2(*reinterpret_cast<const __half2*>(sin_row + lo));
+    const float2 s_hi = __half22float2(*reinterpret_cast<const __half2*>(sin_row + hi));
+    const bool is_query = index < heads;
+    const int head = is_query ? index : index - heads;
+    __half* src = is_query ? q + ((size_t)token * heads + head) * dim
+                           : const_cast<__half*>(k) + ((size_t)token * kv_heads + head) * dim;
+    const float2 x_lo = __half22float2(*reinterpret_cast<const __half2*>(src + lo));
+    const float2 x_hi = __half22float2(*reinterpret_cast<const __half2*>(src + hi));
+    // As the reference: fp16(x * cos) + fp16(rotate_half(x) * sin), rounded again; rotate_half
+    // puts -x[d + dim/2] in the first half and x[d - dim/2] in the second.
+    auto rope = [](float own, float c, float partner, float s) {
+        return __half2float(__float2half(own * c)) + __half2float(__float2half(partner * s));
+    };
+    const __half2 out_lo = __floats2half2_rn(rope(x_lo.x, c_lo.x, -x_hi.x, s_lo.x), rope(x_lo.y, c_lo.y, -x_hi.y, s_lo.y));
+    const __half2 out_hi = __floats2half2_rn(rope(x_hi.x, c_hi.x, x_lo.x, s_hi.x), rope(x_hi.y, c_hi.y, x_lo.y, s_hi.y));
+    if (is_query) {
+        *reinterpret_cast<__half2*>(src + lo) = out_lo;
+        *reinterpret_cast<__half2*>(src + hi) = out_hi;
+    } else {
+        const size_t slot = ((size_t)head * max_seq + pos) * dim;
+        *reinterpret_cast<__half2*>(key_cache + slot + lo) = out_lo;
+        *reinterpret_cast<__half2*>(key_cache + slot + hi) = out_hi;
+        const __half* v_row = v + ((size_t)token * kv_heads + head) * dim;
+        *reinterpret_cast<__half2*>(value_cache + slot + lo) = *reinterpret_cast<const __half2*>(v_row + lo);
+        *reinterpret_cast<__half2*>(value_cache + slot + hi) = *reinterpret_cast<const __half2*>(v_row + hi);
+    }
+}
+
 __global__ void silu_mul_kernel(const __half2* __restrict__ gate, const __half2* __restrict__ up,
                                 __half2* __restrict__ out, int64_t pairs) {
     const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -208,6 +255,16 @@ void rope_cache_launch(void* q, const void* k, const void* v, const void* cos_ta
                        const int64_t* position, int64_t first_position, int64_t table_first, int tokens,
                        void* key_cache, void* value_cache, int heads, int kv_heads, int dim, int max_seq,
                        cudaStream_t stream) {
+    if (dim % 4 == 0) {
+        // About 128 threads a block: dim / 4 per head.
+        const int per_head = dim / 4, heads_per_block = std::max(1, 128 / per_head);
+        launch_chained(rope_cache_pairs_kernel, dim3((heads + kv_heads + heads_per_block - 1) / heads_per_block, tokens),
+                       dim3(per_head, heads_per_block), 0, stream, static_cast<__half*>(q), static_cast<const __half*>(k),
+                       static_cast<const __half*>(v), static_cast<const __half*>(cos_table),
+                       static_cast<const __half*>(sin_table), position, first_position, table_first,
+                       static_cast<__half*>(key_cache), static_cast<__half*>(value_cache), heads, kv_heads, dim, max_seq);
+        return;
+    }
     launch_chained(rope_cache_kernel, dim3(heads + kv_heads, tokens), dim3(dim), 0, stream, static_cast<__half*>(q),
                    static_cast<const __half*>(k), static_cast<const __half*>(v), static_cast<const __half*>(cos_table),
                    static_cast<const __half*>(sin_table), position, first_position, table_first,
