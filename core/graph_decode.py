@@ -5,10 +5,13 @@ launch costs more than the kernel itself on a slow host, so the step is
 captured once and replayed. A graph fixes every shape and address, so the step
 here reads the token and its position from device tensors: rope angles come
 from a table, the cache is written with index_copy_, and attention reads a
-fixed-length prefix of the cache (the bucket) with a mask that hides what lies
-past the position. The model's linear layers run as they are; norms, rope with
-the cache append, and SwiGLU run as fused kernels (core/kernels/fused.cu) or
-their torch twins, which compute what CausalLM.forward computes.
+fixed-length prefix of the cache (the bucket), hiding what lies past the
+position: a single row through the decode attention kernel
+(core/kernels/attention.cu), which reads the position itself, several rows
+through SDPA with a mask. The model's linear layers run as they are; norms,
+rope with the cache append, and SwiGLU run as fused kernels
+(core/kernels/fused.cu) or their torch twins, which compute what
+CausalLM.forward computes.
 
 A batch of several rows decodes in lockstep (one shared position, as a
 left-padded batch does): each row's key mask hides its padding, and rope with
@@ -55,11 +58,23 @@ class GraphDecoder:
         # The fused kernels where they are built (fp16), else their torch twins: the same step either way.
         built = dispatch.fused(self.tokens.new_empty(0, dtype=dtype))
         self.ops = built if built is not None else reference
+        # One row with nothing masked but the future (and a sliding window): the decode attention
+        # kernel, which takes the position from the device; else SDPA with a mask. Its scratch
+        # holds a running max, sum and weighted values per head and chunk of 128 keys.
+        config = model.config
+        self.attention_kernel = (built is not None and self.batch == 1 and config.head_dim % 8 == 0
+                                 and config.head_dim <= 256)
+        chunks = -(-cache.max_seq_len // 128)
+        self.attention_scratch = (torch.empty(config.num_heads * chunks * (config.head_dim + 2), device=device)
+                                  if self.attention_kernel else None)
 
     def set_key_mask(self, key_mask: torch.Tensor) -> None:
         """Rows' real tokens [batch, n] (True = attend) for the first n positions; later positions are all real."""
         self.key_mask.fill_(True)
         self.key_mask[:, : key_mask.shape[1]].copy_(key_mask)
+        if self.attention_kernel:  # it hides only the future; a masked row needs SDPA, so new graphs
+            self.attention_kernel = False
+            self.graphs.clear()
 
     @torch.inference_mode()
     def step(self, token: int, position: int) -> torch.Tensor:
@@ -101,20 +116,25 @@ class GraphDecoder:
         self.pool = graph.pool()
         return graph, logits
 
-    def _forward(self, length: int) -> torch.Tensor:
-        model, cache, ops = self.model, self.cache, self.ops
-        heads, kv_heads, dim = model.config.num_heads, model.config.num_kv_heads, model.config.head_dim
-        batch = self.batch
+    def _mask(self, length: int) -> torch.Tensor:
+        """SDPA's additive mask [batch, 1, 1, length], made once per step: with a boolean mask SDPA
+        converts it again in every layer."""
         keys_seen = self.key_positions[:length]
         allowed = keys_seen <= self.position
-        window = model.config.sliding_window
+        window = self.model.config.sliding_window
         if window:
             allowed = allowed & (keys_seen > self.position - window)
         # As core.model.attention_mask: a row always sees its own token, so no row is left with no key at all.
         allowed = (allowed & self.key_mask[:, :length]) | (keys_seen == self.position)
-        # Additive, made once per step: with a boolean mask SDPA converts it again in every layer.
-        mask = torch.zeros(batch, 1, 1, length, dtype=model.dtype, device=allowed.device)
-        mask.masked_fill_(~allowed.view(batch, 1, 1, length), float("-inf"))
+        mask = torch.zeros(self.batch, 1, 1, length, dtype=self.model.dtype, device=allowed.device)
+        return mask.masked_fill_(~allowed.view(self.batch, 1, 1, length), float("-inf"))
+
+    def _forward(self, length: int) -> torch.Tensor:
+        model, cache, ops = self.model, self.cache, self.ops
+        heads, kv_heads, dim = model.config.num_heads, model.config.num_kv_heads, model.config.head_dim
+        batch = self.batch
+        window = model.config.sliding_window
+        mask = None if self.attention_kernel else self._mask(length)
         rope_cache = ops.rope_cache if batch == 1 else reference.rope_cache
         layers = model.model.layers
         x = model.model.embed_tokens(self.tokens)
@@ -124,10 +144,15 @@ class GraphDecoder:
             q, k, v = project(h, (attn.q_proj, attn.k_proj, attn.v_proj))
             key_buffer, value_buffer = cache.keys[attn.layer_index], cache.values[attn.layer_index]
             rope_cache(q, k, v, self.cos_table, self.sin_table, self.position, key_buffer, value_buffer)
-            out = F.scaled_dot_product_attention(q.view(batch, 1, heads, dim).transpose(1, 2), key_buffer[:, :, :length],
-                                                 value_buffer[:, :, :length], attn_mask=mask,
-                                                 enable_gqa=heads != kv_heads)
-            o = attn.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
+            if self.attention_kernel:
+                out = ops.decode_attention(q.view(-1), key_buffer, value_buffer, self.position, length, window or 0,
+                                           self.attention_scratch).view(batch, 1, -1)
+            else:
+                out = F.scaled_dot_product_attention(q.view(batch, 1, heads, dim).transpose(1, 2),
+                                                     key_buffer[:, :, :length], value_buffer[:, :, :length],
+                                                     attn_mask=mask, enable_gqa=heads != kv_heads)
+                out = out.transpose(1, 2).reshape(batch, 1, -1)
+            o = attn.o_proj(out)
             norm = layer.post_attention_layernorm
             h = ops.rms_norm(x, norm.weight, norm.eps, o)  # x += o, then the norm
             mlp = layer.mlp

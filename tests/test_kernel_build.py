@@ -14,10 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from core.kernels.build import COMPILED
+
 KERNELS = Path(__file__).resolve().parents[1] / "core" / "kernels"
 # T4, A100, A10G, L4, H100.
 ARCHITECTURES = ("75", "80", "86", "89", "90")
-CUDA_SOURCES = ("exl2.cu", "fused.cu", "gptq.cu", "gptq4.cu")
+# Every CUDA unit the extension builds.
+CUDA_SOURCES = tuple(name for name in COMPILED if name.endswith(".cu"))
 
 
 def _nvcc() -> str:

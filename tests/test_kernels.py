@@ -332,3 +332,21 @@ def test_fused_silu_mul_matches_reference():
     gate, up = torch.randn(2, 11008, device="cuda").half() * 4, torch.randn(2, 11008, device="cuda").half()
     poison(gate.numel())
     assert close(kernels().silu_mul(gate, up), reference.silu_mul(gate, up))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (32, 8, 128), (32, 32, 128), (4, 4, 256)])
+@pytest.mark.parametrize("position,length,window", [(0, 256, 0), (130, 256, 0), (255, 256, 0), (700, 768, 0),
+                                                    (700, 768, 100), (3, 256, 8)])
+def test_decode_attention_matches_sdpa(heads, kv_heads, dim, position, length, window):
+    max_seq = 1024
+    q = torch.randn(heads * dim, device="cuda").half()
+    caches = [torch.randn(1, kv_heads, max_seq, dim, device="cuda").half() for _ in range(2)]
+    # Keys past the position hold what an earlier, longer conversation left: large, so a leak shows.
+    caches[0][:, :, position + 1 :] *= 50
+    where = torch.tensor([position], device="cuda")
+    scratch = torch.full((heads * -(-max_seq // 128) * (dim + 2),), float("nan"), device="cuda")
+    poison(q.numel())
+    ours = kernels().decode_attention(q, *caches, where, length, window, scratch)
+    expected = reference.decode_attention(q.float(), *(c.float() for c in caches), where, length, window)
+    assert close(ours, expected, 2e-3)

@@ -51,3 +51,19 @@ def rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_table: tor
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
+
+
+def decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, position: torch.Tensor,
+                     length: int, window: int, partial: torch.Tensor | None = None) -> torch.Tensor:
+    """One token (batch 1) at `position` over the first `length` cache positions: keys after the
+    position, or window or more positions before it, are hidden. q [heads * dim] -> same shape."""
+    dim, kv_heads = key_cache.shape[-1], key_cache.shape[1]
+    heads = q.numel() // dim
+    keys = torch.arange(length, device=q.device)
+    allowed = keys <= position
+    if window:
+        allowed &= keys > position - window
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.view(1, heads, 1, dim), key_cache[:, :, :length], value_cache[:, :, :length],
+        attn_mask=allowed.view(1, 1, 1, length), enable_gqa=heads != kv_heads)
+    return out.reshape(q.shape)
