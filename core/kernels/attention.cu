@@ -12,13 +12,13 @@
 
 #include <cuda_fp16.h>
 #include <math_constants.h>
+#include <cstring>
 
 namespace {
 
 constexpr int WARPS = 4;               // per block
 constexpr int CHUNK = WARPS * 32;      // keys per block: one per lane
 constexpr int MAX_DIM = 256;           // head dims up to this, multiples of 8
-constexpr int PAIRS = MAX_DIM / 64;    // value dims per lane, as half2: 2 * lane + 64 * i
 
 struct KeyRange {
     int64_t first, last;  // inclusive
@@ -42,8 +42,11 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 // grid (heads, chunks); partial [heads, chunks, dim + 2]: weighted value sums, then max and sum.
-// Lane l of warp w scores key chunk * CHUNK + 32 w + l (a whole row each, so every load of the
-// scores is issued at once), then the warp sums p * v with lanes over the value dims.
+// Lane l of warp w scores key chunk * CHUNK + 32 w + l (a whole row each), then the warp sums
+// p * v with lanes over the value dims (PAIRS half2 each: dims 2 * lane + 64 * i). Every load
+// (the keys' rows and the values the lane will weigh) is issued before the first wait on memory,
+// so the block pays one round trip.
+template <int PAIRS>
 __global__ void __launch_bounds__(WARPS * 32)
 decode_attention_chunks(const __half* __restrict__ q, const __half* __restrict__ keys, const __half* __restrict__ values,
                         const int64_t* __restrict__ position, int window, int heads, int kv_heads, int dim, int max_seq,
@@ -60,21 +63,39 @@ decode_attention_chunks(const __half* __restrict__ q, const __half* __restrict__
     const int kv_head = head / (heads / kv_heads);
     const __half* k_head = keys + (size_t)kv_head * max_seq * dim;
     const __half* v_head = values + (size_t)kv_head * max_seq * dim;
+
+    const int64_t warp_first = (int64_t)chunk * CHUNK + warp * 32;
+    const int64_t key = warp_first + lane;
+    const bool visible = key >= range.first && key <= range.last;
+    // A row of up to 128 dims in one round of loads (longer rows take a second round).
+    constexpr int ROW_LOADS = 16;
+    const uint4* k_row = reinterpret_cast<const uint4*>(k_head + (visible ? key : range.last) * dim);
+    uint4 packed[ROW_LOADS];
+#pragma unroll
+    for (int c = 0; c < ROW_LOADS; ++c) packed[c] = c < dim / 8 ? __ldg(k_row + c) : make_uint4(0, 0, 0, 0);
+    // An invisible key weighs 0; its values are read from a visible position instead of a branch.
+    uint32_t v_pairs[32][PAIRS];
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+        const __half* v_row = v_head + min(warp_first + j, range.last) * dim;
+#pragma unroll
+        for (int i = 0; i < PAIRS; ++i) {
+            const int d = 2 * lane + 64 * i;
+            v_pairs[j][i] = d < dim ? __ldg(reinterpret_cast<const unsigned int*>(v_row + d)) : 0u;
+        }
+    }
     for (int d = threadIdx.x; d < dim; d += blockDim.x) q_s[d] = __half2float(q[(size_t)head * dim + d]) * scale;
     __syncthreads();
 
-    const int64_t key = (int64_t)chunk * CHUNK + warp * 32 + lane;
-    const bool visible = key >= range.first && key <= range.last;
     float score = -CUDART_INF_F;
     if (visible) {
-        const uint4* k_row = reinterpret_cast<const uint4*>(k_head + key * dim);
         float dot = 0.f;
-        // A row of up to 128 dims in one round of loads.
-        constexpr int ROW_LOADS = 16;
         for (int c0 = 0; c0 < dim / 8; c0 += ROW_LOADS) {
-            uint4 packed[ROW_LOADS];
+            if (c0 > 0) {
 #pragma unroll
-            for (int c = 0; c < ROW_LOADS; ++c) packed[c] = c0 + c < dim / 8 ? __ldg(k_row + c0 + c) : make_uint4(0, 0, 0, 0);
+                for (int c = 0; c < ROW_LOADS; ++c)
+                    packed[c] = c0 + c < dim / 8 ? __ldg(k_row + c0 + c) : make_uint4(0, 0, 0, 0);
+            }
 #pragma unroll
             for (int c = 0; c < ROW_LOADS; ++c) {
                 if (c0 + c >= dim / 8) break;
@@ -95,21 +116,16 @@ decode_attention_chunks(const __half* __restrict__ q, const __half* __restrict__
     float2 acc[PAIRS];
 #pragma unroll
     for (int i = 0; i < PAIRS; ++i) acc[i] = make_float2(0.f, 0.f);
-    const int64_t warp_first = (int64_t)chunk * CHUNK + warp * 32;
-#pragma unroll 8
+#pragma unroll
     for (int j = 0; j < 32; ++j) {
         const float pj = __shfl_sync(0xffffffffu, p, j);
-        // An invisible key weighs 0; its row is read from a visible position instead of a branch,
-        // so the loads of several keys are in flight together.
-        const __half* v_row = v_head + min(warp_first + j, range.last) * dim;
 #pragma unroll
         for (int i = 0; i < PAIRS; ++i) {
-            const int d = 2 * lane + 64 * i;
-            if (d < dim) {
-                const float2 v = __half22float2(*reinterpret_cast<const __half2*>(v_row + d));
-                acc[i].x += pj * v.x;
-                acc[i].y += pj * v.y;
-            }
+            __half2 h;
+            memcpy(&h, &v_pairs[j][i], 4);
+            const float2 v = __half22float2(h);
+            acc[i].x += pj * v.x;
+            acc[i].y += pj * v.y;
         }
     }
 #pragma unroll
@@ -173,9 +189,11 @@ void decode_attention_launch(const void* q, const void* keys, const void* values
                              int heads, int kv_heads, int dim, int max_seq, int length, float scale, float* partial,
                              void* out, cudaStream_t stream) {
     const int chunks = decode_attention_chunks_for(length);
-    launch_chained(decode_attention_chunks, dim3(heads, chunks), dim3(WARPS * 32), 0, stream,
-                   static_cast<const __half*>(q), static_cast<const __half*>(keys), static_cast<const __half*>(values),
-                   position, window, heads, kv_heads, dim, max_seq, scale, partial);
+    // Value dims per lane in half2: as few as the head needs, they are all held in registers.
+    auto kernel = dim <= 64 ? decode_attention_chunks<1> : dim <= 128 ? decode_attention_chunks<2> : decode_attention_chunks<4>;
+    launch_chained(kernel, dim3(heads, chunks), dim3(WARPS * 32), 0, stream, static_cast<const __half*>(q),
+                   static_cast<const __half*>(keys), static_cast<const __half*>(values), position, window, heads,
+                   kv_heads, dim, max_seq, scale, partial);
     launch_chained(decode_attention_merge, dim3(heads), dim3(dim < 128 ? 64 : 128), 0, stream,
                    static_cast<const float*>(partial), position, window, dim, chunks, static_cast<__half*>(out));
 }
