@@ -20,7 +20,6 @@ the cache append runs as its torch twin, the fused kernel being batch-1.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
