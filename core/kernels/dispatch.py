@@ -65,6 +65,18 @@ class SplitKScratch:
         return buffer
 
 
+def fp16_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] as the kernels take it: contiguous fp16 rows [M, K]."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.dtype != torch.float16 or not x2.is_contiguous():
+        x2 = x2.to(torch.float16).contiguous()
+    return x2
+
+
+def fp16_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
+    return bias.to(torch.float16) if bias is not None and bias.dtype != torch.float16 else bias
+
+
 def product(
     x: torch.Tensor, bias: torch.Tensor | None, out_features: int,
     small: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None,
@@ -77,10 +89,7 @@ def product(
     order `perm` gathers the input columns in (None: already in input order).
     """
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if x2.dtype != torch.float16 or not x2.is_contiguous():
-        x2 = x2.to(torch.float16).contiguous()
-    bias16 = bias.to(torch.float16) if bias is not None and bias.dtype != torch.float16 else bias
+    x2, bias16 = fp16_rows(x), fp16_bias(bias)
     if small is not None and x2.shape[0] <= SMALL_BATCH:
         out = small(x2, bias16)
     else:

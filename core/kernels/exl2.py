@@ -20,7 +20,7 @@ import torch
 from ..exl2_format import group_rows
 from . import reference
 from .build import kernels
-from .dispatch import SplitKScratch, product
+from .dispatch import SplitKScratch, fp16_bias, fp16_rows, product
 
 WARPS = 4  # per block of the small-batch kernel (at most 4); each warp takes 32 columns of one quad at a time
 # Blocks per multiprocessor the K split aims for, so every SM has some to switch between.
@@ -191,13 +191,8 @@ def matmul_group(x: torch.Tensor, layers: Sequence[tuple[dict[str, torch.Tensor]
                  ) -> list[torch.Tensor]:
     """x [..., K] (at most dispatch.SMALL_BATCH rows) through up to GROUP_MOST layers in one launch,
     each -> [..., N_i] in x's dtype."""
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if x2.dtype != torch.float16 or not x2.is_contiguous():
-        x2 = x2.to(torch.float16).contiguous()
-    fp16 = [(tensors, plan, bias.to(torch.float16) if bias is not None else None) for tensors, plan, bias in layers]
-    outs = gemm_group(x2, fp16)
-    return [out.to(x.dtype).reshape(*shape[:-1], plan.out_features) for out, (_, plan, _) in zip(outs, layers)]
+    outs = gemm_group(fp16_rows(x), [(tensors, plan, fp16_bias(bias)) for tensors, plan, bias in layers])
+    return [out.to(x.dtype).reshape(*x.shape[:-1], plan.out_features) for out, (_, plan, _) in zip(outs, layers)]
 
 
 def matmul_reference(x: torch.Tensor, tensors: dict[str, torch.Tensor], out_features: int,
