@@ -94,12 +94,14 @@ def test_exl2_small_batch_llama_mlp_shape(bpw):
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_exl2_small_batch_same_function_for_every_launch_shape(shape, group_size, monkeypatch):
     # One K slice (the block writes its columns) or many (atomics, the last block writes),
-    # few or many warps per block, inputs gathered through shared memory or from global;
+    # few or many warps per block, one to four quads a warp;
     # groups of 128 rows take their scales after the mma, smaller ones on every weight.
     tensors, plan = layer(*shape, [(6, 0.25), (4, 0.5), (3, 0.25)], group_size)
-    for blocks_per_sm, warps, staged_bytes in ((1, 4, 40 * 1024), (8, 1, 40 * 1024), (64, 3, 4096), (2, 2, 20000)):
+    for blocks_per_sm, warps, per_warp, staged_bytes in ((1, 4, 4, 64 * 1024), (8, 1, 1, 64 * 1024),
+                                                         (64, 3, 2, 4096), (2, 8, 2, 20000), (1, 8, 4, 64 * 1024)):
         monkeypatch.setattr(exl2, "BLOCKS_PER_SM", blocks_per_sm)
         monkeypatch.setattr(exl2, "WARPS", warps)
+        monkeypatch.setattr(exl2, "QUADS_PER_WARP", per_warp)
         monkeypatch.setattr(exl2, "STAGED_BYTES", staged_bytes)
         exl2.launch_shape.cache_clear()
         for rows in (1, 7, 16):
@@ -204,6 +206,22 @@ def test_exl2_plan_stages_every_input_once(group_size):
         # Real units walk the packed rows in order, b words each.
         real = units.view(-1, 4)[units.view(-1, 4)[:, 1] >= 0]
         assert torch.equal(real[1:, 1], (real[:-1, 1] + real[:-1, 0]))
+
+
+@pytest.mark.parametrize("rows", [1, 4, 8, 9, 16])
+def test_exl2_launch_shape_keeps_the_kernels_limits(rows):
+    # What exl2_gemm_small refuses (bindings.cpp): slices that miss a quad or hold none, more than
+    # 4 quads or 8 warps a block, more than 96 KiB of staged inputs. Shapes from the demo's 576 to
+    # Llama's 11008 inputs, launches of one matrix up to q/k/v of a wide model.
+    for quads in (1, 3, 5, 32, 86, 87, 200):
+        for tiles in (1, 18, 128, 344, 1024):
+            for blocks_per_sm, warps, per_warp in ((2, 8, 2), (1, 4, 4), (64, 3, 1), (4, 8, 4)):
+                slices, per_slice, used_warps = exl2.launch_shape(quads, tiles, 132, rows, blocks_per_sm, warps, per_warp)
+                assert (slices - 1) * per_slice < quads <= slices * per_slice
+                assert 1 <= used_warps <= min(warps, 8)
+                warp_quads = -(-per_slice // used_warps)
+                assert warp_quads <= min(per_warp, 4)
+                assert used_warps * rows * (warp_quads * 128 + 32) * 2 <= 96 * 1024
 
 
 def greedy(model, prompt, steps):

@@ -53,7 +53,7 @@ std::vector<torch::Tensor> exl2_gemm_small(torch::Tensor x, std::vector<torch::T
     TORCH_CHECK(xperm.size() == count && units.size() == count && n.size() == count && q_scale.size() == count &&
                 q_scale_max.size() == count && slices.size() == count && quads_per_slice.size() == count &&
                 bias.size() == count, "one entry per layer in every list");
-    TORCH_CHECK(warps >= 1 && warps <= 4, "warps: 1 to 4 per block");
+    TORCH_CHECK(warps >= 1 && warps <= exl2_gemm_warps_max(), "warps: 1 to ", exl2_gemm_warps_max(), " per block");
     const c10::cuda::CUDAGuard guard(x.device());
     std::vector<Exl2Product> products(count);
     std::vector<torch::Tensor> outs;
@@ -67,8 +67,11 @@ std::vector<torch::Tensor> exl2_gemm_small(torch::Tensor x, std::vector<torch::T
         TORCH_CHECK(xperm[i].numel() == quads * 128, "xperm: 128 slots per quad");
         TORCH_CHECK(quads_per_slice[i] >= 1 && slices[i] >= 1 && (slices[i] - 1) * quads_per_slice[i] < quads &&
                     slices[i] * quads_per_slice[i] >= quads, "slices of quads_per_slice must cover the quads, none empty");
-        TORCH_CHECK(x.size(0) * (quads_per_slice[i] * 128 + 32) * 2 <= 96 * 1024,
-                    "the staged inputs of a slice: at most 96 KiB");
+        const int64_t warp_quads = (quads_per_slice[i] + warps - 1) / warps;
+        TORCH_CHECK(warp_quads <= exl2_gemm_warp_quads_max(), "at most ", exl2_gemm_warp_quads_max(),
+                    " quads per warp: more slices or warps");
+        TORCH_CHECK(warps * x.size(0) * (warp_quads * 128 + 32) * 2 <= 96 * 1024,
+                    "the staged inputs of a block: at most 96 KiB");
         layer.units = units[i].data_ptr<int>();
         layer.xperm = reinterpret_cast<const uint16_t*>(xperm[i].data_ptr<int16_t>());
         layer.quads = quads;

@@ -14,7 +14,8 @@
 // a time and multiplies them on the tensor cores (mma m16n8k16, fp32 sums), the
 // inputs of the batch as the mma's 8 (or 16) columns. A reduction may visit its
 // terms in any order, so the mma's k index of every weight is whatever makes the
-// decoding cheap; the host stages the inputs in that same order (`xperm`).
+// decoding cheap; each warp stages its quads' inputs in that same order, from a
+// table made on the host (`xperm`).
 
 #include "exl2.h"
 #include "launch.h"
@@ -29,9 +30,6 @@ constexpr int COLS_PER_THREAD = 4;  // one 16-byte load covers four columns of a
 constexpr int WARP_COLS = 32;       // 8 thread groups of 4 columns
 constexpr int QUAD_SLOTS = 128;     // staged inputs per quad: 4 units of 32 rows
 constexpr uint16_t NO_INPUT = 0xFFFF;
-// A block copies all of x to shared memory first when it fits this with the staged slots
-// (three blocks of a multiprocessor then still fit its 228 KiB).
-constexpr size_t X_SHARED_BYTES = 64 * 1024;
 
 // ---- Two codes into one half2 without a conversion -------------------------
 //
@@ -202,14 +200,17 @@ struct UnitWords {
 };
 
 // Unit table entry: bits, first packed row (-1: padding), group, 1 if the quad's four units share one group.
+// `width` words are loaded (the entry's own width where B is only the most there can be).
 template <int B>
 __device__ __forceinline__ void load_words(UnitWords<B>& u, int4 info, const uint4* q, int stride4, int packed_rows,
-                                           const uint32_t* q_scale, const __half* q_scale_max, int n_pad, int col) {
+                                           const uint32_t* q_scale, const __half* q_scale_max, int n_pad, int col,
+                                           int width = B) {
+    const uint4* word = q + (size_t)max(info.y, 0) * stride4;
 #pragma unroll
-    for (int i = 0; i < B; ++i) {
+    for (int i = 0; i < B; ++i, word += stride4) {
         u.words[i] = make_uint4(0, 0, 0, 0);
         // A last group that ends mid-unit stops at the matrix's end; the inputs past its rows are zero.
-        if (info.y >= 0 && info.y + i < packed_rows) u.words[i] = __ldg(q + (size_t)(info.y + i) * stride4);
+        if (i < width && info.y >= 0 && info.y + i < packed_rows) u.words[i] = __ldg(word);
     }
     u.scale_codes = __ldg(q_scale + (size_t)info.z * (n_pad / 8) + col / 8) >> (4 * (col & 7));
     // As the reference rounds: q_scale_max / 256 to fp16, then (code + 1)^2 times that to fp16.
@@ -258,31 +259,41 @@ __device__ __forceinline__ void quad_product(const UnitWords<B>& u, bool one_gro
     }
 }
 
-// Where a warp's walk through its quads stands: the quad in hand, its table entry and loaded words.
+// Where a warp's walk through its quads stands: its i-th quad (of the warp's own, in order) and
+// that quad's table entry.
 struct Walk {
-    int q;
+    int i;
     int4 info;
 };
 
-// Consecutive quads of width B, this warp's every `warps`-th from q: up to 4 bits the next
-// quad's words are requested before this one is decoded (two quads of words fit the registers),
-// wider ones one at a time. Returns at the first quad of another width, its words not yet loaded.
+// The warp's consecutive quads of width B from walk.i: up to 4 bits the next quad's words are
+// requested before this one is decoded (two quads of words fit the registers), wider ones one
+// at a time. The walk's first quad takes the words loaded before the kernel's wait (`first`,
+// loaded for any width) where `have_first`. Returns at the first quad of another width, its
+// words not yet loaded.
 template <int B, int NT>
-__device__ __forceinline__ Walk walk_width(Walk walk, int q_end, int warps, int q_first, const int4* units_s, int t,
-                                           const uint4* q, int stride4, int packed_rows, const uint32_t* q_scale,
-                                           const __half* q_scale_max, int n_pad, int col, const __half* xs,
-                                           int x_stride, int g, int x_rows, float (&acc)[NT][2][4]) {
+__device__ __forceinline__ Walk walk_width(Walk walk, bool have_first, const UnitWords<8>& first, int my_quads,
+                                           const int4* units_w, int t, const uint4* q, int stride4, int packed_rows,
+                                           const uint32_t* q_scale, const __half* q_scale_max, int n_pad, int col,
+                                           const __half* xs, int x_stride, int g, int x_rows,
+                                           float (&acc)[NT][2][4]) {
     constexpr bool AHEAD = B <= 4;
     UnitWords<B> cur;
-    load_words<B>(cur, walk.info, q, stride4, packed_rows, q_scale, q_scale_max, n_pad, col);
+    if (have_first) {
+#pragma unroll
+        for (int i = 0; i < B; ++i) cur.words[i] = first.words[i];
+        cur.scale_codes = first.scale_codes;
+        cur.max_over_256 = first.max_over_256;
+    } else {
+        load_words<B>(cur, walk.info, q, stride4, packed_rows, q_scale, q_scale_max, n_pad, col);
+    }
     for (;;) {
-        const int next = walk.q + warps;
-        const int4 info = next < q_end ? units_s[(next - q_first) * 4 + t] : make_int4(0, -1, 0, 0);
-        const bool same = next < q_end && info.x == B;
+        const int next = walk.i + 1;
+        const int4 info = next < my_quads ? units_w[next * 4 + t] : make_int4(0, -1, 0, 0);
+        const bool same = next < my_quads && info.x == B;
         UnitWords<B> ahead;
         if (AHEAD && same) load_words<B>(ahead, info, q, stride4, packed_rows, q_scale, q_scale_max, n_pad, col);
-        quad_product<B, NT>(cur, walk.info.w != 0, xs + (walk.q - q_first) * QUAD_SLOTS + t * 8, x_stride, g, x_rows,
-                            acc);
+        quad_product<B, NT>(cur, walk.info.w != 0, xs + walk.i * QUAD_SLOTS + t * 8, x_stride, g, x_rows, acc);
         walk = {next, info};
         if (!same) return walk;
         if constexpr (AHEAD) {
@@ -304,23 +315,44 @@ struct GemvMatrix {
     const __half* bias;
     __half* out;
     float* partial;
-    int quads, quads_per_slice, slices, packed_rows, n_pad, n, first_tile;
+    int quads, quads_per_slice, warp_quads, slices, packed_rows, n_pad, n, first_tile;
 };
 // q, k and v (or gate and up) read the same input: one launch takes them all, so the launch's
-// fixed cost (staging, the first loads' latency, the tail) is paid once instead of per matrix.
+// fixed cost (the first loads' latency, the tail) is paid once instead of per matrix.
 constexpr int MOST_MATRICES = 3;
 struct GemvGroup {
     GemvMatrix m[MOST_MATRICES];
     int count;
 };
 
-// grid (column tiles of 32 of all the matrices, K slices); block: warps taking the slice's quads
-// in turn. A matrix with one slice writes its columns; with several, every block adds its sums
+// Blocks of 8 warps a multiprocessor keeps at batch 1..8, which caps a thread at 80 registers.
+// Measured on the H100 (4096x11008, 4 bits): 2 blocks (128 registers, no spills) 15.8 us,
+// 3 blocks (some spills in the 5-8 bit walks) 12.8 us, 4 blocks (64 registers) 17.7 us: the
+// kernel is bound by latency, and warps to switch between matter more than the spills.
+constexpr int MIN_BLOCKS = 3;
+
+// The most quads one warp takes in a launch (the host's K split keeps within it).
+constexpr int WARP_QUADS = 4;
+constexpr int MOST_WARPS = 8;
+
+// Per warp: x_rows rows of staged inputs (its quads' slots), then its quads' unit table.
+__host__ __device__ inline size_t warp_staging_bytes(int warp_quads, int x_rows) {
+    return sizeof(__half) * (size_t)x_rows * (warp_quads * QUAD_SLOTS + 32) + sizeof(int4) * 4 * warp_quads;
+}
+
+// A block copies all of x to shared memory, for its warps to gather from, where it fits this.
+constexpr size_t X_SHARED_BYTES = 48 * 1024;
+
+// grid (column tiles of 32 of all the matrices, K slices); block: warps each taking a few of the
+// slice's quads (warp w: quads w, w + warps, ...), each staging the inputs of its own quads in
+// slot order. Before waiting for the previous kernel a warp requests its first quad's words,
+// so they are on their way while x is copied and gathered.
+// A matrix with one slice writes its columns; with several, every block adds its sums
 // into the matrix's `partial` (fp32, zero on entry) by atomics and the last block of a column
 // tile to finish (counted in `done`, one count per tile of the grid) writes fp16 with the bias
 // and leaves `partial` and `done` zeroed.
 template <int NT>
-__global__ void __launch_bounds__(128, 4)
+__global__ void __launch_bounds__(MOST_WARPS * 32, NT == 1 ? MIN_BLOCKS : 1)
 exl2_gemv_kernel(const __half* __restrict__ x, int x_rows, int k, bool x_in_shared, const GemvGroup group,
                  int* __restrict__ done) {
     // Whole-struct selects with constant indices: a dynamic index into the parameters would
@@ -332,8 +364,6 @@ exl2_gemv_kernel(const __half* __restrict__ x, int x_rows, int k, bool x_in_shar
     if ((int)blockIdx.y >= mat.slices) return;  // a matrix split fewer ways than the grid's widest
     const uint16_t* __restrict__ xperm = mat.xperm;
     const int4* __restrict__ units = mat.units;
-    const uint32_t* __restrict__ q_scale = mat.q_scale;
-    const __half* __restrict__ q_scale_max = mat.q_scale_max;
     const int quads = mat.quads, packed_rows = mat.packed_rows, n_pad = mat.n_pad, n = mat.n;
     const int tile = blockIdx.x - mat.first_tile;
 
@@ -344,68 +374,70 @@ exl2_gemv_kernel(const __half* __restrict__ x, int x_rows, int k, bool x_in_shar
     const int col = tile * WARP_COLS + COLS_PER_THREAD * g;
     const int q_first = blockIdx.y * mat.quads_per_slice;
     const int q_end = min(quads, q_first + mat.quads_per_slice);
-    const int slots = (q_end - q_first) * QUAD_SLOTS;
+    const int warp_quads = mat.warp_quads;  // the most any warp of the launch takes (host: a division less here)
+    auto quad_of = [&](int i) { return q_first + warp + i * warps; };
+    int my_quads = 0;
+#pragma unroll
+    for (int i = 0; i < WARP_QUADS; ++i) my_quads += quad_of(i) < q_end;
     // Rows 64 bytes apart modulo 128: a quarter-warp's 16-byte reads of two rows hit different banks.
-    const int x_stride = slots + 32;
-    __half* xs = reinterpret_cast<__half*>(shared);
-    int4* units_s = reinterpret_cast<int4*>(xs + x_rows * x_stride);
+    const int x_stride = warp_quads * QUAD_SLOTS + 32;
+    const size_t x_bytes = x_in_shared ? (sizeof(__half) * x_rows * k + 15) / 16 * 16 : 0;
+    const __half* x_rows_s = reinterpret_cast<const __half*>(shared);
+    unsigned char* mine = shared + x_bytes + warp * warp_staging_bytes(warp_quads, x_rows);
+    __half* xs = reinterpret_cast<__half*>(mine);
+    int4* units_w = reinterpret_cast<int4*>(mine + sizeof(__half) * x_rows * x_stride);
     const uint4* q = mat.q_weight + col / COLS_PER_THREAD;
     const int stride4 = n_pad / COLS_PER_THREAD;
 
-    // The first quad's table entry is read now, so its words are requested (in walk_width) with
-    // only the staging's shared-memory work in between.
-    Walk walk{q_first + warp, make_int4(0, -1, 0, 0)};
-    if (walk.q < q_end) walk.info = __ldg(units + walk.q * 4 + t);
-
-    // Inputs in the slots' order. Every global read of the staging (this thread's slot-table
-    // chunks, the unit table, x) is issued before the first wait, so staging costs one round
-    // trip; where the whole of x fits in shared memory it is copied there with wide loads and
-    // the gather reads shared memory. The first quad's words are prefetched into L2 meanwhile.
-    constexpr int TABLE_CHUNKS = 8;  // 8 slots each: 8192 slots per pass at 128 threads
-    uint4 table[TABLE_CHUNKS];
+    // Before the wait only the layer's own tensors are read: the first quad's table entry and
+    // words, the warp's unit table and its slots' input indices.
+    Walk walk{0, make_int4(0, -1, 0, 0)};
+    UnitWords<8> first;
+    if (my_quads > 0) {
+        walk.info = __ldg(units + quad_of(0) * 4 + t);
+        load_words<8>(first, walk.info, q, stride4, packed_rows, mat.q_scale, mat.q_scale_max, n_pad, col, walk.info.x);
+    }
+    for (int e = lane; e < my_quads * 4; e += 32) units_w[e] = __ldg(units + quad_of(e / 4) * 4 + e % 4);
+    uint2 slot_inputs[WARP_QUADS];
 #pragma unroll
-    for (int c = 0; c < TABLE_CHUNKS; ++c) {
-        const int i = (threadIdx.x + c * blockDim.x) * 8;
-        if (i < slots) table[c] = __ldg(reinterpret_cast<const uint4*>(xperm + (size_t)q_first * QUAD_SLOTS + i));
-    }
-    const __half* source_rows = x;
-    for (int i = threadIdx.x; i < (q_end - q_first) * 4; i += blockDim.x) units_s[i] = __ldg(units + q_first * 4 + i);
-    if (walk.q < q_end && walk.info.y >= 0) {
-        for (int i = 0; i < walk.info.x && walk.info.y + i < packed_rows; ++i)
-            asm volatile("prefetch.global.L2 [%0];" ::"l"(q + (size_t)(walk.info.y + i) * stride4));
-    }
-    // Everything above reads only the layer's own tensors; x is the previous kernel's output.
+    for (int i = 0; i < WARP_QUADS; ++i)
+        if (i < my_quads)
+            slot_inputs[i] = __ldg(reinterpret_cast<const uint2*>(xperm + (size_t)quad_of(i) * QUAD_SLOTS) + lane);
+
+    // x is the previous kernel's output.
     wait_for_producer();
+    auto gather = [&](const __half* rows) {
+        for (int m = 0; m < x_rows; ++m) {
+            const __half* row = rows + (size_t)m * k;
+#pragma unroll
+            for (int i = 0; i < WARP_QUADS; ++i) {
+                if (i >= my_quads) break;
+                const uint32_t pair[2] = {slot_inputs[i].x, slot_inputs[i].y};
+                __half v[4];
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const uint32_t source = (pair[e / 2] >> (16 * (e % 2))) & 0xFFFFu;
+                    v[e] = source == NO_INPUT ? __float2half(0.f) : row[source];
+                }
+                *reinterpret_cast<uint2*>(xs + m * x_stride + i * QUAD_SLOTS + 4 * lane) =
+                    *reinterpret_cast<const uint2*>(v);
+            }
+        }
+    };
     if (x_in_shared) {
-        __half* xr = reinterpret_cast<__half*>(units_s + (q_end - q_first) * 4);
+        __half* xr = reinterpret_cast<__half*>(shared);
         if ((k & 7) == 0) {
             for (int i = threadIdx.x; i < x_rows * k / 8; i += blockDim.x)
                 reinterpret_cast<uint4*>(xr)[i] = __ldg(reinterpret_cast<const uint4*>(x) + i);
         } else {
             for (int i = threadIdx.x; i < x_rows * k; i += blockDim.x) xr[i] = x[i];
         }
-        source_rows = xr;
+        __syncthreads();
+        gather(x_rows_s);
+    } else {
+        gather(x);
     }
-    if (x_in_shared) __syncthreads();
-    auto gather = [&](int i, const uint4& packed) {
-        uint16_t source[8];
-        memcpy(source, &packed, 16);
-        for (int m = 0; m < x_rows; ++m) {
-            __half v[8];
-#pragma unroll
-            for (int e = 0; e < 8; ++e)
-                v[e] = source[e] == NO_INPUT ? __float2half(0.f) : source_rows[(size_t)m * k + source[e]];
-            *reinterpret_cast<uint4*>(xs + m * x_stride + i) = *reinterpret_cast<const uint4*>(v);
-        }
-    };
-#pragma unroll
-    for (int c = 0; c < TABLE_CHUNKS; ++c) {
-        const int i = (threadIdx.x + c * blockDim.x) * 8;
-        if (i < slots) gather(i, table[c]);
-    }
-    for (int i = (threadIdx.x + TABLE_CHUNKS * blockDim.x) * 8; i < slots; i += blockDim.x * 8)
-        gather(i, __ldg(reinterpret_cast<const uint4*>(xperm + (size_t)q_first * QUAD_SLOTS + i)));
-    __syncthreads();
+    __syncwarp();
 
     float acc[NT][2][4];
 #pragma unroll
@@ -415,20 +447,23 @@ exl2_gemv_kernel(const __half* __restrict__ x, int x_rows, int k, bool x_in_shar
 #pragma unroll
             for (int i = 0; i < 4; ++i) acc[nt][mt][i] = 0.f;
 
-    // Every unit of a quad has one width, so the switch never splits the warp.
-    while (walk.q < q_end) {
-#define EXL2_WALK(B) walk_width<B, NT>(walk, q_end, warps, q_first, units_s, t, q, stride4, packed_rows, q_scale, \
-                                       q_scale_max, n_pad, col, xs, x_stride, g, x_rows, acc)
-        switch (walk.info.x) {
-            case 2: walk = EXL2_WALK(2); break;
-            case 3: walk = EXL2_WALK(3); break;
-            case 4: walk = EXL2_WALK(4); break;
-            case 5: walk = EXL2_WALK(5); break;
-            case 6: walk = EXL2_WALK(6); break;
-            default: walk = EXL2_WALK(8); break;
-        }
-#undef EXL2_WALK
+    // Every unit of a quad has one width, so the switch never splits the warp. The first walk
+    // (peeled, so `first` is dead after it) takes the words loaded before the wait.
+#define EXL2_WALK(B, FIRST) walk_width<B, NT>(walk, FIRST, first, my_quads, units_w, t, q, stride4, packed_rows, \
+                                              mat.q_scale, mat.q_scale_max, n_pad, col, xs, x_stride, g, x_rows, acc)
+#define EXL2_WALK_ANY(FIRST)                                   \
+    switch (walk.info.x) {                                     \
+        case 2: walk = EXL2_WALK(2, FIRST); break;             \
+        case 3: walk = EXL2_WALK(3, FIRST); break;             \
+        case 4: walk = EXL2_WALK(4, FIRST); break;             \
+        case 5: walk = EXL2_WALK(5, FIRST); break;             \
+        case 6: walk = EXL2_WALK(6, FIRST); break;             \
+        default: walk = EXL2_WALK(8, FIRST); break;            \
     }
+    if (walk.i < my_quads) EXL2_WALK_ANY(true)
+    while (walk.i < my_quads) EXL2_WALK_ANY(false)
+#undef EXL2_WALK_ANY
+#undef EXL2_WALK
 
     // Sum the warps' tiles through shared memory (the staged inputs are no longer needed).
     __syncthreads();
@@ -602,6 +637,7 @@ void launch_gemv(const Exl2Product* products, int count, const __half* x, int x_
         m.out = static_cast<__half*>(p.out);
         m.quads = layer.quads;
         m.quads_per_slice = p.quads_per_slice;
+        m.warp_quads = (p.quads_per_slice + warps - 1) / warps;
         m.slices = p.slices;
         m.packed_rows = layer.packed_rows;
         m.n_pad = layer.n_pad;
@@ -612,16 +648,15 @@ void launch_gemv(const Exl2Product* products, int count, const __half* x, int x_
         if (p.slices > 1) sums += (size_t)x_rows * layer.n;
         tiles += layer.n_pad / WARP_COLS;
         slices = std::max(slices, p.slices);
-        staged = std::max(staged, sizeof(__half) * x_rows * (p.quads_per_slice * QUAD_SLOTS + 32) +
-                                      sizeof(int4) * 4 * p.quads_per_slice);
+        staged = std::max(staged, warps * warp_staging_bytes((p.quads_per_slice + warps - 1) / warps, x_rows));
     }
     // The grid's completion counts sit right after the sums, zero like them between launches.
     int* done = reinterpret_cast<int*>(sums);
     const dim3 grid(tiles, slices);
-    const size_t whole_x = sizeof(__half) * x_rows * k;
-    const bool x_in_shared = staged + whole_x <= X_SHARED_BYTES;
+    const size_t whole_x = (sizeof(__half) * x_rows * k + 15) / 16 * 16;
+    const bool x_in_shared = whole_x <= X_SHARED_BYTES;
     const size_t warp_sums = sizeof(float) * warps * NT * 8 * 32;
-    const size_t smem = std::max(staged + (x_in_shared ? whole_x : 0), warp_sums);
+    const size_t smem = std::max((x_in_shared ? whole_x : 0) + staged, warp_sums);
     auto kernel = exl2_gemv_kernel<NT>;
     if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     launch_chained(kernel, grid, dim3(warps * 32), smem, stream, x, x_rows, k, x_in_shared, group, done);
@@ -630,6 +665,8 @@ void launch_gemv(const Exl2Product* products, int count, const __half* x, int x_
 }  // namespace
 
 int exl2_gemm_group_max() { return MOST_MATRICES; }
+int exl2_gemm_warps_max() { return MOST_WARPS; }
+int exl2_gemm_warp_quads_max() { return WARP_QUADS; }
 
 size_t exl2_gemm_scratch(const Exl2Product* products, int count, int x_rows) {
     size_t floats = 0, tiles = 0;

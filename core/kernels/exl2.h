@@ -30,8 +30,11 @@ struct Exl2Product {
 };
 
 // Up to exl2_gemm_group_max() products of one input x fp16 [x_rows, k] in one launch, `warps`
-// warps per block. `partial` is fp32 scratch of exl2_gemm_scratch() zeros, left zeroed.
+// warps per block (at most exl2_gemm_warps_max()), each taking at most exl2_gemm_warp_quads_max()
+// quads of a slice. `partial` is fp32 scratch of exl2_gemm_scratch() zeros, left zeroed.
 int exl2_gemm_group_max();
+int exl2_gemm_warps_max();
+int exl2_gemm_warp_quads_max();
 size_t exl2_gemm_scratch(const Exl2Product* products, int count, int x_rows);
 void exl2_gemm_group_launch(const Exl2Product* products, int count, const void* x, int x_rows, int k, int warps,
                             float* partial, cudaStream_t stream);

@@ -22,11 +22,15 @@ from . import reference
 from .build import kernels
 from .dispatch import SplitKScratch, fp16_bias, fp16_rows, product
 
-WARPS = 4  # per block of the small-batch kernel (at most 4); each warp takes 32 columns of one quad at a time
-# Blocks per multiprocessor the K split aims for, so every SM has some to switch between.
+WARPS = 8  # per block of the small-batch kernel (at most 8); each warp takes 32 columns of a few quads
+# Quads a warp takes in a launch (the kernel's limit is 4): a warp's fixed cost (its first words,
+# staging its inputs, the block's sum) is about two quads' decoding, so few warps of 4 quads beat
+# many of 1-2 (H100, 4096x11008 4 bits: 12.8 us at 4, 18.6 at 2).
+QUADS_PER_WARP = 4
+# Blocks per multiprocessor the K split aims for at least, so every SM has some to switch between.
 BLOCKS_PER_SM = 2
-# The staged inputs of one K slice (fp16, one row per batch row) stay within this much shared memory.
-STAGED_BYTES = 40 * 1024
+# Each warp stages its quads' inputs (fp16, one row per batch row); a block's stay within this.
+STAGED_BYTES = 64 * 1024
 UNIT_ROWS = 32
 QUAD_SLOTS = 128
 NO_INPUT = 0xFFFF
@@ -124,13 +128,15 @@ def plan_layer(tensors: dict[str, torch.Tensor], out_features: int, multiprocess
 
 @functools.lru_cache(maxsize=4096)
 def launch_shape(quads: int, column_tiles: int, multiprocessors: int, rows: int,
-                 blocks_per_sm: int, warps: int) -> tuple[int, int, int]:
-    """(K slices, quads per slice, warps per block) for `rows` input rows: enough blocks
-    for every SM, each slice's staged inputs within STAGED_BYTES."""
-    most_quads = max(1, STAGED_BYTES // (2 * rows * QUAD_SLOTS))
-    slices = max(-(-quads // most_quads), min(quads, -(-blocks_per_sm * multiprocessors // column_tiles)))
+                 blocks_per_sm: int, warps: int, quads_per_warp: int = 4) -> tuple[int, int, int]:
+    """(K slices, quads per slice, warps per block) for `rows` input rows: at most
+    `quads_per_warp` quads a warp, enough blocks for every SM, a block's staged inputs
+    within STAGED_BYTES (at least one warp)."""
+    per_warp = max(1, min(quads_per_warp, 4))
+    warps = max(1, min(warps, STAGED_BYTES // (2 * rows * (per_warp * QUAD_SLOTS + 32)), quads))
+    slices = max(-(-quads // (warps * per_warp)), min(-(-quads // warps), -(-blocks_per_sm * multiprocessors // column_tiles)))
     per_slice = -(-quads // slices)
-    return -(-quads // per_slice), per_slice, max(1, min(warps, per_slice))
+    return -(-quads // per_slice), per_slice, min(warps, per_slice)
 
 
 _scratch = SplitKScratch()
@@ -152,7 +158,8 @@ def gemm_group(x: torch.Tensor, layers: Sequence[tuple[dict[str, torch.Tensor], 
     rows = x.shape[0]
     tiles = sum(plan.column_tiles for _, plan, _ in layers)
     # The split of K counts the blocks of the whole launch: three 4096-column layers fill an H100 unsplit.
-    shapes = [launch_shape(plan.quads, tiles, plan.multiprocessors, rows, BLOCKS_PER_SM, WARPS) for _, plan, _ in layers]
+    shapes = [launch_shape(plan.quads, tiles, plan.multiprocessors, rows, BLOCKS_PER_SM, WARPS, QUADS_PER_WARP)
+              for _, plan, _ in layers]
     split_sums = sum(rows * plan.out_features for (_, plan, _), shape in zip(layers, shapes) if shape[0] > 1)
     partial = _scratch.get(x.device, split_sums + max(tiles, COUNT_ROOM))
     no_bias = x.new_empty(0)
