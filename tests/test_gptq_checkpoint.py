@@ -24,6 +24,7 @@ from core.gptq_checkpoint import dequantize_gptq, sort_rows_by_group, unpack_zer
 from core.linear import GPTQLinear
 from core.loader import load_model
 from core.weights import WeightsError
+from tests.greedy_check import assert_same_greedy_choices
 from tests.tiny_models import build_hf_model, sample_text, save_tiny_tokenizer
 
 # ---------------------------------------------------------------- a GPTQ writer from the spec
@@ -497,8 +498,7 @@ def test_greedy_tokens_with_kernels_match_the_reference_path(built, tmp_path):
     assert all(m._dense is None for m in model.modules() if isinstance(m, GPTQLinear)), "kernels keep no dense copy"
     with dispatch.reference_only():
         expected, expected_logits = _greedy(model, prompt, 24)
-    assert relative_error(our_logits, expected_logits) < 1e-2
-    assert ours == expected
+    assert_same_greedy_choices(ours, our_logits, expected, expected_logits)
 
 
 @pytest.mark.cuda
