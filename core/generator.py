@@ -11,7 +11,6 @@ between steps.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import warnings
@@ -21,12 +20,11 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import ContextOverflowError, KVCache
+from .graph_decode import GraphDecoder, graphs_wanted
 from .model import CausalLM
 from .sampling import SamplingSettings, sample_token_tensor
 
 DEFAULT_CONTEXT = 4096
-# QUANTLAB_CUDA_GRAPHS=0 decodes with plain launches, to bisect a wrong answer.
-GRAPHS_SWITCH = "QUANTLAB_CUDA_GRAPHS"
 
 
 @dataclass
@@ -89,9 +87,7 @@ class Generator:
         self._host_token = _HostToken(model.device)
         # On a GPU each decode step replays a captured graph instead of launching kernels one by one.
         self._graphs = None
-        if model.device.type == "cuda" and os.environ.get(GRAPHS_SWITCH, "1") != "0":
-            from .graph_decode import GraphDecoder
-
+        if graphs_wanted(model.device):
             self._graphs = GraphDecoder(model, self.cache)
 
     def reset(self) -> None:

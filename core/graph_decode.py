@@ -20,6 +20,8 @@ the cache append runs as its torch twin, the fused kernel being batch-1.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -30,6 +32,13 @@ from .model import CausalLM
 
 # Attention reads the cache prefix rounded up to this many positions: few graphs, little wasted reading.
 BUCKET = 256
+# QUANTLAB_CUDA_GRAPHS=0 decodes with plain launches, to bisect a wrong answer.
+GRAPHS_SWITCH = "QUANTLAB_CUDA_GRAPHS"
+
+
+def graphs_wanted(device: torch.device) -> bool:
+    """Whether decoding on `device` replays CUDA graphs: on a GPU, unless QUANTLAB_CUDA_GRAPHS=0."""
+    return device.type == "cuda" and os.environ.get(GRAPHS_SWITCH, "1") != "0"
 
 
 class GraphDecoder:

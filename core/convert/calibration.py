@@ -19,8 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..cache import KVCache
-from ..generator import GRAPHS_SWITCH
-from ..graph_decode import GraphDecoder
+from ..graph_decode import GraphDecoder, graphs_wanted
 from ..model import CausalLM
 
 # Varied on purpose: prose, dialogue, code, numbers, lists, markup, other languages.
@@ -151,7 +150,7 @@ def generate_texts(
     cache = KVCache(model.config, total, batch_size=batch, device=device, dtype=model.dtype)
     logits = model(ids, cache, 0, last_only=True, key_mask=key_mask[:, :longest])[:, -1]
     graphs = None
-    if device.type == "cuda" and os.environ.get(GRAPHS_SWITCH, "1") != "0":
+    if graphs_wanted(device):
         graphs = GraphDecoder(model, cache)
         graphs.set_key_mask(key_mask)
     answers = [[] for _ in range(batch)]
