@@ -1,6 +1,7 @@
 """What the GPU entries of the quantized layers (exl2.py, gptq4.py) share: the
-switch to the torch reference, the split-K scratch, and the product that takes
-the small-batch kernel for a few rows and a dequantized fp16 tile otherwise."""
+switch to the torch reference, the multiprocessor count their work splits aim
+to fill, the split-K scratch, and the product that takes the small-batch kernel
+for a few rows and a dequantized fp16 tile otherwise."""
 
 from __future__ import annotations
 
@@ -44,6 +45,11 @@ def fused(x: torch.Tensor):
     if x.dtype != torch.float16 or os.environ.get(FUSED_SWITCH, "1") == "0" or not enabled(x.device):
         return None
     return kernels()
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (1 off the GPU): what the kernels' work splits aim to fill."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 class SplitKScratch:

@@ -648,7 +648,7 @@ void launch_gemv(const Exl2Product* products, int count, const __half* x, int x_
         if (p.slices > 1) sums += (size_t)x_rows * layer.n;
         tiles += layer.n_pad / WARP_COLS;
         slices = std::max(slices, p.slices);
-        staged = std::max(staged, warps * warp_staging_bytes((p.quads_per_slice + warps - 1) / warps, x_rows));
+        staged = std::max(staged, warps * warp_staging_bytes(m.warp_quads, x_rows));
     }
     // The grid's completion counts sit right after the sums, zero like them between launches.
     int* done = reinterpret_cast<int*>(sums);

@@ -20,7 +20,7 @@ import torch
 from ..exl2_format import group_rows
 from . import reference
 from .build import kernels
-from .dispatch import SplitKScratch, fp16_bias, fp16_rows, product
+from .dispatch import SplitKScratch, fp16_bias, fp16_rows, multiprocessor_count, product
 
 WARPS = 8  # per block of the small-batch kernel (at most 8); each warp takes 32 columns of a few quads
 # Quads a warp takes in a launch (the kernel's limit is 4): a warp's fixed cost (its first words,
@@ -112,7 +112,7 @@ def plan_layer(tensors: dict[str, torch.Tensor], out_features: int, multiprocess
     quad_groups = unit_array[:, 2].reshape(-1, 4)
     unit_table[:, 3] = np.repeat((quad_groups == quad_groups[:, :1]).all(axis=1), 4)
     if multiprocessors is None:
-        multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        multiprocessors = multiprocessor_count(device)
     return Exl2Plan(
         groups=torch.tensor(table, dtype=torch.int32, device=device),
         units=torch.from_numpy(unit_table).to(device),

@@ -16,7 +16,7 @@ import torch
 
 from ..gptq_checkpoint import CODES_PER_WORD, dequantize_gptq
 from .build import kernels
-from .dispatch import SplitKScratch, product
+from .dispatch import SplitKScratch, multiprocessor_count, product
 
 THREADS = 128  # threads per block of the small-batch kernel, four columns each
 # A slice's inputs sit in shared memory as fp16, 8 rows at a time: 1024 inputs are 16 KiB.
@@ -66,7 +66,7 @@ def plan_layer(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
         starts.append(starts[-1] + count)
     word_aligned = all(start % CODES_PER_WORD == 0 for start in starts)
     if multiprocessors is None:
-        multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        multiprocessors = multiprocessor_count(device)
     tiles = -(-out_features // 4 // THREADS)
     wanted = max(1, -(-BLOCKS_PER_SM * multiprocessors // tiles))
     slice_rows = min(max(1, -(-packed // wanted)), MAX_SLICE_ROWS // CODES_PER_WORD,
