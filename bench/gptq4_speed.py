@@ -63,30 +63,16 @@ def stored_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(tensors[name].numel() * tensors[name].element_size() for name in ("qweight", "qzeros", "scales"))
 
 
-def graph_seconds(calls, copies: int) -> float:
-    """Seconds per call: a graph of every call four times over, replayed; `calls` are distinct layers."""
-    from bench.speed import timed
-
-    for call in calls:
-        call()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(4):
-            for call in calls:
-                call()
-    seconds = timed(graph.replay, 20) / (4 * copies)
-    del graph
-    return seconds
-
-
 def gptq_rows(batches, act_order: bool, copies: int = 6) -> list[dict]:
+    from bench.speed import graph_time  # bench.speed loads the engine; tests import this file for its layers
+
     layers = [random_gptq_tensors(*SHAPE, act_order=act_order, seed=i) for i in range(copies)]
     prepared = [sorted_layer(t) for t in layers]
     rows = []
     for batch in batches:
         x = torch.randn(batch, SHAPE[0], device="cuda").half()
         gptq4.reserve_scratch(x.device, batch, SHAPE[1])
-        seconds = graph_seconds([lambda q=q, p=p: gptq4.gemm_small(x, q, p) for q, p in prepared], copies)
+        seconds = graph_time(lambda i: gptq4.gemm_small(x, *prepared[i]), copies)
         stored = stored_bytes(layers[0])
         rows.append({"kernel": "gptq4", "act_order": act_order, "batch": batch, "threads": gptq4.THREADS,
                      "blocks_per_sm": gptq4.BLOCKS_PER_SM, "prefetch": gptq4.PREFETCH, "async_copy": gptq4.ASYNC_COPY, "us": seconds * 1e6, "bytes": stored,
@@ -95,9 +81,11 @@ def gptq_rows(batches, act_order: bool, copies: int = 6) -> list[dict]:
 
 
 def fp16_row(copies: int = 6) -> dict:
+    from bench.speed import graph_time
+
     weights = [torch.randn(SHAPE, device="cuda").half() for _ in range(copies)]
     x = torch.randn(1, SHAPE[0], device="cuda").half()
-    seconds = graph_seconds([lambda w=w: x @ w for w in weights], copies)
+    seconds = graph_time(lambda i: x @ weights[i], copies)
     stored = weights[0].numel() * 2
     return {"kernel": "fp16 cuBLAS", "batch": 1, "us": seconds * 1e6, "bytes": stored, "gb_s": stored / seconds / 1e9}
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch.utils.cpp_extension import load_inline
 
-from bench.speed import copy_bandwidth, timed
+from bench.speed import copy_bandwidth, graph_time
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -69,16 +69,6 @@ SIZES = {
     "4096x12288 4-bit (q/k/v)": 4096 * 12288 // 2 + 32 * 12288 // 2,
     "4096x22016 4-bit (gate/up)": 4096 * 22016 // 2 + 32 * 22016 // 2,
 }
-
-
-def graph_time(launch, copies: int = 6, repeats: int = 4) -> float:
-    graph = torch.cuda.CUDAGraph()
-    launch(0)
-    with torch.cuda.graph(graph):
-        for _ in range(repeats):
-            for i in range(copies):
-                launch(i)
-    return timed(graph.replay, 20) / (copies * repeats)
 
 
 def main() -> None:

@@ -76,17 +76,25 @@ def kernel_bandwidth(bits_list, copies: int = 6, batch: int = 1, shape: tuple[in
             layers.append((tensors, exl2.plan_layer(tensors, out_features)))
         x = torch.randn(batch, in_features, device="cuda").half()
         exl2.reserve_scratch(x.device, batch, out_features)
-        graph = torch.cuda.CUDAGraph()
-        exl2.gemm_small(x, *layers[0])
-        with torch.cuda.graph(graph):
-            for tensors, plan in layers * 4:
-                exl2.gemm_small(x, tensors, plan)
-        seconds = timed(graph.replay, 20) / (4 * copies)
+        seconds = graph_time(lambda i: exl2.gemm_small(x, *layers[i]), copies)
         stored = stored_bits(layers[0][0]) / 8
         rows.append({"shape": f"{in_features}x{out_features}", "bits": bits, "batch": batch, "us": seconds * 1e6,
                      "bytes": stored, "gb_s": stored / seconds / 1e9})
-        del layers, graph
+        del layers
     return rows
+
+
+def graph_time(launch, copies: int = 6, repeats: int = 4) -> float:
+    """Seconds per call of launch(i), i over `copies` copies of the bytes (so L2 holds none between
+    calls), timed as one CUDA graph of `repeats` rounds: launch gaps are those of a decode step."""
+    for i in range(copies):  # first calls (tables, handles, allocations) outside the capture
+        launch(i)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeats):
+            for i in range(copies):
+                launch(i)
+    return timed(graph.replay, 20) / (copies * repeats)
 
 
 def model_bytes_per_token(model) -> int:
