@@ -84,6 +84,37 @@ def kernel_bandwidth(bits_list, copies: int = 6, batch: int = 1, shape: tuple[in
     return rows
 
 
+def launch_sweep(shape: tuple[int, int], bits: int = 4, copies: int = 6) -> list[dict]:
+    """The small-batch kernel at batch 1 on one shape under each block shape the launcher can take
+    (warps per block, blocks per SM the K split aims for, quads per warp): which split is fastest."""
+    in_features, out_features = shape
+    layers = []
+    for i in range(copies):
+        tensors = random_exl2_tensors(in_features, out_features, layout_for(in_features, [(bits, 1.0)]), "cuda", seed=i)
+        layers.append((tensors, exl2.plan_layer(tensors, out_features)))
+    x = torch.randn(1, in_features, device="cuda").half()
+    exl2.reserve_scratch(x.device, 1, out_features)
+    saved = exl2.WARPS, exl2.BLOCKS_PER_SM, exl2.QUADS_PER_WARP
+    rows = []
+    try:
+        for warps in (4, 8):
+            for per_sm in (1, 2, 3, 4, 6):
+                for per_warp in (1, 2, 3, 4):
+                    exl2.WARPS, exl2.BLOCKS_PER_SM, exl2.QUADS_PER_WARP = warps, per_sm, per_warp
+                    exl2.launch_shape.cache_clear()
+                    plan = layers[0][1]
+                    split = exl2.launch_shape(plan.quads, plan.column_tiles, plan.multiprocessors, 1, per_sm, warps,
+                                              per_warp)
+                    seconds = graph_time(lambda i: exl2.gemm_small(x, *layers[i]), copies)
+                    rows.append({"shape": f"{in_features}x{out_features}", "bits": bits, "warps": warps,
+                                 "blocks_per_sm": per_sm, "quads_per_warp": per_warp, "slices": split[0],
+                                 "quads_per_slice": split[1], "block_warps": split[2], "us": seconds * 1e6})
+    finally:
+        exl2.WARPS, exl2.BLOCKS_PER_SM, exl2.QUADS_PER_WARP = saved
+        exl2.launch_shape.cache_clear()
+    return rows
+
+
 def graph_time(launch, copies: int = 6, repeats: int = 4) -> float:
     """Seconds per call of launch(i), i over `copies` copies of the bytes (so L2 holds none between
     calls), timed as one CUDA graph of `repeats` rounds: launch gaps are those of a decode step."""
@@ -236,7 +267,8 @@ def main() -> None:
     parser.add_argument("--matrix-shapes", default="4096x11008",
                         help="in x out shapes of the kernel table, e.g. 4096x11008,4096x4096,11008x4096")
     parser.add_argument("--profile", action="store_true", help="kernel times of five graph-replayed decode steps")
-    parser.add_argument("--sweep", action="store_true", help="time the 4-bit matrix kernel's block shapes first")
+    parser.add_argument("--sweep", action="store_true",
+                        help="first time the 4-bit batch-1 kernel under each block shape, on each --matrix-shapes")
     args = parser.parse_args()
     if args.quick:
         args.models, args.bpw, args.layers = "llama2-7b", "4.0,fp16", args.layers or 4
@@ -246,13 +278,11 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     print(f"device {device}, copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     if args.sweep:
-        for warps, per_sm in ((4, 1), (4, 2), (4, 4), (2, 2), (2, 4), (1, 4)):
-            exl2.WARPS, exl2.BLOCKS_PER_SM = warps, per_sm
-            for batch in (1, 4):
-                row = kernel_bandwidth((4,), batch=batch)[0]
-                print(f"sweep warps {warps} blocks/SM {per_sm} batch {batch}: {row['us']:.1f} us "
-                      f"{row['gb_s'] * 1e9 / bandwidth:.0%} of copy", flush=True)
-        exl2.WARPS, exl2.BLOCKS_PER_SM = args.warps, args.blocks_per_sm
+        for shape in args.matrix_shapes.split(","):
+            for row in launch_sweep(tuple(int(v) for v in shape.split("x"))):
+                print(f"sweep {row['shape']} warps {row['warps']} blocks/SM {row['blocks_per_sm']} quads/warp "
+                      f"{row['quads_per_warp']} -> {row['slices']} slices of {row['quads_per_slice']} quads, "
+                      f"{row['block_warps']} warps: {row['us']:.1f} us", flush=True)
     matrix = []
     for shape in args.matrix_shapes.split(","):
         in_features, out_features = (int(v) for v in shape.split("x"))
