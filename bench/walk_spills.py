@@ -1,8 +1,8 @@
 """Where the EXL2 batch-1 kernel spills, read from its SASS (no GPU needed).
 
 Compiles core/kernels/exl2.cu for one target with nvcc, disassembles it with
-cuobjdump (the `nvidia-cuda-cuobjdump` wheel has one: pip install it and put its
-bin/ folder on PATH) and reports, for every loop of a width's walk (a loop with the
+cuobjdump (on PATH, or from the `nvidia-cuda-cuobjdump` and `nvidia-cuda-nvdisasm`
+wheels, which it needs together: pip install both) and reports, for every loop of a width's walk (a loop with the
 16-32 mma of a quad), its 16-byte weight loads, its spill loads, and how many
 spill stores write a register an LDG loaded before the loop's first mma. Such a
 store waits for the load's data, so the lookahead it belongs to is lost: each
@@ -14,9 +14,11 @@ quad then waits a memory round trip. That count should be 0 for every loop.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -24,15 +26,30 @@ KERNELS = Path(__file__).resolve().parent.parent / "core" / "kernels"
 KERNEL = "exl2_gemv_kernelILi1"
 
 
+def cuda_tool(name: str) -> str | None:
+    """A CUDA tool on PATH, else the one NVIDIA's wheel installs (nvidia/cu*/bin)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    for folder in sys.path:
+        for candidate in sorted(Path(folder or ".").glob(f"nvidia/cu*/bin/{name}")):
+            return str(candidate)
+    return None
+
+
 def sass_of(arch: str) -> list[tuple[int, str]]:
-    for tool in ("nvcc", "cuobjdump"):
-        if shutil.which(tool) is None:
-            raise SystemExit(f"{tool} is not on PATH (cuobjdump: pip install nvidia-cuda-cuobjdump)")
+    disassembler, nvdisasm = cuda_tool("cuobjdump"), cuda_tool("nvdisasm")
+    if shutil.which("nvcc") is None or disassembler is None or nvdisasm is None:
+        raise SystemExit("needs nvcc on PATH, and cuobjdump and nvdisasm "
+                         "(pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
+    # cuobjdump runs nvdisasm, which it looks for on PATH.
+    env = {**os.environ, "PATH": f"{Path(nvdisasm).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     with tempfile.TemporaryDirectory() as folder:
         cubin = Path(folder) / "exl2.cubin"
         subprocess.run(["nvcc", "-cubin", "-O3", "--expt-relaxed-constexpr", "-std=c++17", f"-arch=sm_{arch}",
                         str(KERNELS / "exl2.cu"), "-o", str(cubin)], check=True)
-        text = subprocess.run(["cuobjdump", "-sass", str(cubin)], check=True, capture_output=True, text=True).stdout
+        text = subprocess.run([disassembler, "-sass", str(cubin)], check=True, capture_output=True, text=True,
+                              env=env).stdout
     instructions, inside = [], False
     for line in text.splitlines():
         if "Function :" in line:
