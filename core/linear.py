@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels.exl2 import GROUP_MOST as EXL2_GROUP_MOST
+
 
 class DenseLinear(nn.Module):
     """An unquantized weight [out_features, in_features], as HF stores it."""
@@ -205,7 +207,7 @@ class EXL2Linear(QuantizedLinear):
 
         return exl2.matmul(x, self.quantized_tensors(), plan, self.bias)
 
-    group_most = 3  # core/kernels/exl2.py GROUP_MOST
+    group_most = EXL2_GROUP_MOST
 
     @staticmethod
     def kernel_matmul_group(x: torch.Tensor, layers: list["EXL2Linear"], plans: list) -> list[torch.Tensor]:
