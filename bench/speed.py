@@ -64,16 +64,23 @@ def copy_bandwidth() -> float:
     return 2 * source.numel() * 4 / seconds
 
 
+def exl2_copies(shape: tuple[int, int], bits: int, copies: int) -> list[tuple[dict, exl2.Exl2Plan]]:
+    """`copies` random EXL2 layers of one shape and width with their kernel plans: distinct bytes,
+    so a timed round over them finds none in L2."""
+    in_features, out_features = shape
+    layers = []
+    for i in range(copies):
+        tensors = random_exl2_tensors(in_features, out_features, layout_for(in_features, [(bits, 1.0)]), "cuda", seed=i)
+        layers.append((tensors, exl2.plan_layer(tensors, out_features)))
+    return layers
+
+
 def kernel_bandwidth(bits_list, copies: int = 6, batch: int = 1, shape: tuple[int, int] = (4096, 11008)) -> list[dict]:
     """Small-batch product on one (in, out) shape at each width, over several copies so L2 holds none."""
     rows = []
     in_features, out_features = shape
     for bits in bits_list:
-        layers = []
-        for i in range(copies):
-            tensors = random_exl2_tensors(in_features, out_features, layout_for(in_features, [(bits, 1.0)]), "cuda",
-                                          seed=i)
-            layers.append((tensors, exl2.plan_layer(tensors, out_features)))
+        layers = exl2_copies(shape, bits, copies)
         x = torch.randn(batch, in_features, device="cuda").half()
         exl2.reserve_scratch(x.device, batch, out_features)
         seconds = graph_time(lambda i: exl2.gemm_small(x, *layers[i]), copies)
@@ -88,10 +95,8 @@ def launch_sweep(shape: tuple[int, int], bits: int = 4, copies: int = 6) -> list
     """The small-batch kernel at batch 1 on one shape under each block shape the launcher can take
     (warps per block, blocks per SM the K split aims for, quads per warp): which split is fastest."""
     in_features, out_features = shape
-    layers = []
-    for i in range(copies):
-        tensors = random_exl2_tensors(in_features, out_features, layout_for(in_features, [(bits, 1.0)]), "cuda", seed=i)
-        layers.append((tensors, exl2.plan_layer(tensors, out_features)))
+    layers = exl2_copies(shape, bits, copies)
+    plan = layers[0][1]
     x = torch.randn(1, in_features, device="cuda").half()
     exl2.reserve_scratch(x.device, 1, out_features)
     saved = exl2.WARPS, exl2.BLOCKS_PER_SM, exl2.QUADS_PER_WARP
@@ -102,7 +107,6 @@ def launch_sweep(shape: tuple[int, int], bits: int = 4, copies: int = 6) -> list
                 for per_warp in (1, 2, 3, 4):
                     exl2.WARPS, exl2.BLOCKS_PER_SM, exl2.QUADS_PER_WARP = warps, per_sm, per_warp
                     exl2.launch_shape.cache_clear()
-                    plan = layers[0][1]
                     split = exl2.launch_shape(plan.quads, plan.column_tiles, plan.multiprocessors, 1, per_sm, warps,
                                               per_warp)
                     seconds = graph_time(lambda i: exl2.gemm_small(x, *layers[i]), copies)
