@@ -64,19 +64,26 @@ def copy_bandwidth() -> float:
     return 2 * source.numel() * 4 / seconds
 
 
-def exl2_copies(shape: tuple[int, int], bits: int, copies: int) -> list[tuple[dict, exl2.Exl2Plan]]:
-    """`copies` random EXL2 layers of one shape and width with their kernel plans: distinct bytes,
-    so a timed round over them finds none in L2."""
+# Matrices of several widths, as EXL2 conversions write them (highest first in act-order): a warp's
+# quads then change width, which uniform matrices never make it do.
+MIXED = {"mix-2.5": MIXES[2.5], "mix-4.1": [(6, 0.1), (5, 0.2), (4, 0.4), (3, 0.3)]}
+
+
+def exl2_copies(shape: tuple[int, int], bits, copies: int) -> list[tuple[dict, exl2.Exl2Plan]]:
+    """`copies` random EXL2 layers of one shape and width (or MIXED name) with their kernel plans:
+    distinct bytes, so a timed round over them finds none in L2."""
     in_features, out_features = shape
+    mix = MIXED[bits] if bits in MIXED else [(bits, 1.0)]
     layers = []
     for i in range(copies):
-        tensors = random_exl2_tensors(in_features, out_features, layout_for(in_features, [(bits, 1.0)]), "cuda", seed=i)
+        tensors = random_exl2_tensors(in_features, out_features, layout_for(in_features, mix), "cuda", seed=i)
         layers.append((tensors, exl2.plan_layer(tensors, out_features)))
     return layers
 
 
 def kernel_bandwidth(bits_list, copies: int = 6, batch: int = 1, shape: tuple[int, int] = (4096, 11008)) -> list[dict]:
-    """Small-batch product on one (in, out) shape at each width, over several copies so L2 holds none."""
+    """Small-batch product on one (in, out) shape at each width (or MIXED name), over several copies
+    so L2 holds none."""
     rows = []
     in_features, out_features = shape
     for bits in bits_list:
@@ -291,7 +298,7 @@ def main() -> None:
     for shape in args.matrix_shapes.split(","):
         in_features, out_features = (int(v) for v in shape.split("x"))
         for batch in (int(b) for b in args.matrix_batches.split(",")):
-            matrix += kernel_bandwidth((2, 3, 4, 5, 6, 8), batch=batch, shape=(in_features, out_features))
+            matrix += kernel_bandwidth((2, 3, 4, 5, 6, 8, *MIXED), batch=batch, shape=(in_features, out_features))
     for row in matrix:
         print(f"{row['shape']} {row['bits']}-bit batch {row['batch']}: {row['us']:.1f} us, {row['gb_s']:.0f} GB/s "
               f"({row['gb_s'] * 1e9 / bandwidth:.0%} of copy)", flush=True)

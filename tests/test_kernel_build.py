@@ -70,3 +70,20 @@ def test_torch_bindings_pass_a_syntax_check(tmp_path):
                *(f"-I{path}" for path in includes), str(KERNELS / "bindings.cpp")]
     _, done = _run(command)
     assert done.returncode == 0, done.stderr[-4000:]
+
+
+def test_no_exl2_walk_spills_the_words_it_loads_ahead():
+    # Each width's walk loads the next quad's words before decoding the current one; a spill
+    # store of those words right after the load waits for their bytes, so the lookahead is lost
+    # and every quad waits a memory round trip. ptxas did this to the walks after a change of
+    # width while they ran inside a loop (bench/KERNEL_NOTES.md, v5, item 7).
+    from bench import walk_spills
+
+    _nvcc()
+    if walk_spills.cuda_tool("cuobjdump") is None or walk_spills.cuda_tool("nvdisasm") is None:
+        pytest.skip("cuobjdump and nvdisasm are not installed (requirements-test.txt)")
+    loops = walk_spills.walk_loops(walk_spills.sass_of("90"))
+    # Up to 4 walks of each of the 6 widths (a warp takes at most 4 quads).
+    assert len(loops) >= 6
+    spilling = [loop for loop in loops if loop["loaded_then_spilled"]]
+    assert not spilling, f"walk loops that spill the words they just loaded: {spilling}"

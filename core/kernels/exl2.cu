@@ -454,7 +454,11 @@ exl2_gemv_kernel(const __half* __restrict__ x, int x_rows, int k, bool x_in_shar
             for (int i = 0; i < 4; ++i) acc[nt][mt][i] = 0.f;
 
     // Every unit of a quad has one width, so the switch never splits the warp. The first walk
-    // (peeled, so `first` is dead after it) takes the words loaded before the wait.
+    // (peeled, so `first` is dead after it) takes the words loaded before the wait. The walks
+    // after a change of width are unrolled too (a warp has at most WARP_QUADS quads, so at most
+    // that many walks): inside a loop over widths, ptxas kept everything live across the loop and
+    // spilled the lookahead's words at 2-4 bits right after their loads (an STL waits for its
+    // data, so each quad waited a memory round trip); unrolled, no walk spills loaded words.
 #define EXL2_WALK(B, FIRST) walk_width<B, NT>(walk, FIRST, first, my_quads, units_w, t, q, stride4, packed_rows, \
                                               mat.q_scale, mat.q_scale_max, n_pad, col, xs, x_stride, g, x_rows, acc)
 #define EXL2_WALK_ANY(FIRST)                                   \
@@ -466,8 +470,12 @@ exl2_gemv_kernel(const __half* __restrict__ x, int x_rows, int k, bool x_in_shar
         case 6: walk = EXL2_WALK(6, FIRST); break;             \
         default: walk = EXL2_WALK(8, FIRST); break;            \
     }
+    // Written out: `#pragma unroll` over the same `if` gave different code that spilled again.
+    static_assert(WARP_QUADS == 4, "one walk per quad a warp can take, written out below");
     if (walk.i < my_quads) EXL2_WALK_ANY(true)
-    while (walk.i < my_quads) EXL2_WALK_ANY(false)
+    if (walk.i < my_quads) EXL2_WALK_ANY(false)
+    if (walk.i < my_quads) EXL2_WALK_ANY(false)
+    if (walk.i < my_quads) EXL2_WALK_ANY(false)
 #undef EXL2_WALK_ANY
 #undef EXL2_WALK
 
