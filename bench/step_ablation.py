@@ -1,0 +1,86 @@
+"""Where a graph-replayed decode step spends its time, by leaving kernels out.
+
+    python -m bench.step_ablation [--model llama2-7b] [--bpw 4.0] [--layers N]
+
+Under programmatic dependent launch a kernel's profiled time includes its wait
+for the one before, so per-kernel sums overstate the step (KERNEL_NOTES v5).
+This captures the same decode step with groups of the small kernels replaced by
+nothing (norms, rope with the cache append, attention, SwiGLU) and times each
+graph's replay alone: the difference to the full step is what those kernels
+cost in context. The outputs of an ablated step are meaningless; only its time
+is read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+
+import torch
+
+from bench.exl2_random import llama_config, random_model
+from bench.speed import device_name
+from core.cache import KVCache
+from core.graph_decode import GraphDecoder
+
+
+def skipping(ops, leave_out: set[str]):
+    """ops with the named kernels replaced by the cheapest thing of the right shape."""
+    replaced = types.SimpleNamespace(**{name: getattr(ops, name) for name in
+                                        ("rms_norm", "rope_cache", "decode_attention", "silu_mul")})
+    if "norm" in leave_out:
+        replaced.rms_norm = lambda x, weight, eps, residual=None: x
+    if "rope" in leave_out:
+        replaced.rope_cache = lambda *args: None
+    if "attention" in leave_out:
+        replaced.decode_attention = lambda q, *args: q
+    if "silu" in leave_out:
+        replaced.silu_mul = lambda gate, up: gate
+    return replaced
+
+
+def replay_time(decoder: GraphDecoder, position: int, repeats: int = 50) -> float:
+    """Seconds per replay of the step's graph, replays queued back to back."""
+    decoder._replay(position)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        for _ in range(repeats):
+            decoder._replay(position)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000 / repeats)
+    return sorted(times)[len(times) // 2]
+
+
+@torch.inference_mode()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama2-7b")
+    parser.add_argument("--bpw", type=float, default=4.0)
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--position", type=int, default=160)
+    args = parser.parse_args()
+    config = llama_config(args.model, args.layers)
+    model = random_model(config, args.bpw, "cuda", torch.float16)
+    cache = KVCache(config, 512, device="cuda", dtype=torch.float16)
+    decoder = GraphDecoder(model, cache)
+    full_ops = decoder.ops
+    variants = [set(), {"norm"}, {"rope"}, {"attention"}, {"rope", "attention"}, {"silu"},
+                {"norm", "rope", "attention", "silu"}]
+    print(f"{device_name()}, {args.model} {args.bpw} bpw, {config.num_layers} layers, position {args.position}")
+    full = None
+    for leave_out in variants:
+        decoder.ops = skipping(full_ops, leave_out)
+        decoder.graphs.clear()
+        seconds = replay_time(decoder, args.position)
+        full = full if full is not None else seconds
+        label = "+".join(sorted(leave_out)) or "full step"
+        print(f"{label:32s} {seconds * 1e3:.3f} ms ({1 / seconds:.0f} tok/s), "
+              f"{(full - seconds) * 1e6 / config.num_layers:+.1f} us a layer less", flush=True)
+
+
+if __name__ == "__main__":
+    main()
