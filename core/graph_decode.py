@@ -7,8 +7,8 @@ here reads the token and its position from device tensors: rope angles come
 from a table, the cache is written with index_copy_, and attention reads a
 fixed-length prefix of the cache (the bucket), hiding what lies past the
 position: a single row through the decode attention kernel
-(core/kernels/attention.cu), which reads the position itself, several rows
-through SDPA with a mask. The model's linear layers run as they are; norms,
+(core/kernels/attention.cu), which reads the position itself and also rotates
+and appends the token's key, several rows through SDPA with a mask. The model's linear layers run as they are; norms,
 rope with the cache append, and SwiGLU run as fused kernels
 (core/kernels/fused.cu) or their torch twins, which compute what
 CausalLM.forward computes.
@@ -67,13 +67,14 @@ class GraphDecoder:
         built = dispatch.fused(self.tokens.new_empty(0, dtype=dtype))
         self.ops = built if built is not None else reference
         # One row with nothing masked but the future (and a sliding window): the decode attention
-        # kernel, which takes the position from the device; else SDPA with a mask. Its scratch
-        # holds a running max, sum and weighted values per head and chunk of 128 keys.
+        # kernel, which takes the position from the device and rotates and appends the token's key
+        # itself; else rope with the cache append, then SDPA with a mask. Its scratch holds a
+        # running max, sum and weighted values per head and chunk of keys, and counts that start at 0.
         config = model.config
         self.attention_kernel = (built is not None and self.batch == 1 and config.head_dim % 8 == 0
                                  and config.head_dim <= 256)
-        chunks = -(-cache.max_seq_len // 128)
-        self.attention_scratch = (torch.empty(config.num_heads * chunks * (config.head_dim + 2), device=device)
+        self.attention_scratch = (torch.zeros(built.decode_attention_scratch(config.num_heads, config.head_dim,
+                                                                            cache.max_seq_len), device=device)
                                   if self.attention_kernel else None)
 
     def set_key_mask(self, key_mask: torch.Tensor) -> None:
@@ -151,11 +152,11 @@ class GraphDecoder:
             attn = layer.self_attn
             q, k, v = project(h, (attn.q_proj, attn.k_proj, attn.v_proj))
             key_buffer, value_buffer = cache.keys[attn.layer_index], cache.values[attn.layer_index]
-            rope_cache(q, k, v, self.cos_table, self.sin_table, self.position, key_buffer, value_buffer)
             if self.attention_kernel:
-                out = ops.decode_attention(q.view(-1), key_buffer, value_buffer, self.position, length, window or 0,
-                                           self.attention_scratch).view(batch, 1, -1)
+                out = ops.decode_attention(q.view(-1), k, v, self.cos_table, self.sin_table, self.position, key_buffer,
+                                           value_buffer, length, window or 0, self.attention_scratch).view(batch, 1, -1)
             else:
+                rope_cache(q, k, v, self.cos_table, self.sin_table, self.position, key_buffer, value_buffer)
                 out = F.scaled_dot_product_attention(q.view(batch, 1, heads, dim).transpose(1, 2),
                                                      key_buffer[:, :, :length], value_buffer[:, :, :length],
                                                      attn_mask=mask, enable_gqa=heads != kv_heads)

@@ -355,16 +355,36 @@ def test_fused_silu_mul_matches_reference():
 @pytest.mark.cuda
 @pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (32, 8, 128), (32, 32, 128), (4, 4, 256)])
 @pytest.mark.parametrize("position,length,window", [(0, 256, 0), (130, 256, 0), (255, 256, 0), (700, 768, 0),
-                                                    (700, 768, 100), (3, 256, 8)])
-def test_decode_attention_matches_sdpa(heads, kv_heads, dim, position, length, window):
+                                                    (700, 768, 100), (3, 256, 8), (128, 256, 1), (256, 512, 0)])
+def test_decode_attention_matches_rope_then_sdpa(heads, kv_heads, dim, position, length, window):
     max_seq = 1024
+    angles = torch.rand(max_seq, dim // 2, device="cuda") * 100
+    angles = torch.cat((angles, angles), dim=-1)
+    cos, sin = angles.cos().half(), angles.sin().half()
     q = torch.randn(heads * dim, device="cuda").half()
+    k, v = (torch.randn(kv_heads * dim, device="cuda").half() for _ in range(2))
     caches = [torch.randn(1, kv_heads, max_seq, dim, device="cuda").half() for _ in range(2)]
-    # Keys past the position hold what an earlier, longer conversation left: large, so a leak shows.
+    # Keys past the position hold what an earlier, longer conversation left: large, so a leak shows;
+    # the token's own slot holds NaN, so reading it before the kernel writes it shows too.
     caches[0][:, :, position + 1 :] *= 50
+    for cache in caches:
+        cache[:, :, position] = float("nan")
     where = torch.tensor([position], device="cuda")
-    scratch = torch.full((heads * -(-max_seq // 128) * (dim + 2),), float("nan"), device="cuda")
-    poison(q.numel())
-    ours = kernels().decode_attention(q, *caches, where, length, window, scratch)
-    expected = reference.decode_attention(q.float(), *(c.float() for c in caches), where, length, window)
-    assert close(ours, expected, 2e-3)
+    # Poisoned partial sums; the arrival counts at the end start at zero, as the kernel leaves them.
+    scratch = torch.full((kernels().decode_attention_scratch(heads, dim, max_seq),), float("nan"), device="cuda")
+    scratch[-heads:] = 0
+    expected_q, expected_caches = q.clone(), [c.clone() for c in caches]
+    reference.rope_cache(expected_q, k, v, cos, sin, where, *expected_caches)  # fp16, as the kernel rounds
+    expected = reference.attend(expected_q.float(), *(c.float() for c in expected_caches), where, length, window)
+    ours_q = q.clone()
+    for _ in range(2):  # the second call finds the counts the first left
+        ours_caches = [c.clone() for c in caches]
+        poison(q.numel())
+        ours = kernels().decode_attention(ours_q, k, v, cos, sin, where, *ours_caches, length, window, scratch)
+        assert close(ours, expected, 2e-3)
+        assert torch.equal(ours_q, q), "q is read, not rotated in place"
+        for mine, theirs in zip(ours_caches, expected_caches):
+            assert close(mine[:, :, position], theirs[:, :, position], 1e-3)
+            assert torch.equal(mine[:, :, :position], theirs[:, :, :position])
+            assert torch.equal(mine[:, :, position + 1 :], theirs[:, :, position + 1 :])
+    assert not scratch[-heads:].any(), "the arrival counts are left at zero"

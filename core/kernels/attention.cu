@@ -1,11 +1,19 @@
-// Attention of one new token (batch 1) over the key/value cache, for the decode step.
+// Attention of one new token (batch 1) over the key/value cache, for the decode step, with the
+// token's rotary embedding and its cache append in the same launch.
 //
 // The step is replayed from a CUDA graph, so the number of keys read is fixed at
 // capture (`length`, the bucket) while the token's position lives on the device:
 // keys past the position, or before a sliding window, are skipped. Split over
-// keys ("flash decoding"): a block takes one query head and CHUNK keys and writes
-// its running max, sum and weighted values; a second kernel merges the chunks of
-// each head. Scores, softmax and sums in fp32; one fp16 rounding at the end.
+// keys ("flash decoding"): a block takes one query head and CHUNK keys and keeps
+// a running max, sum and weighted values; the last block of a head to finish
+// merges its head's chunks. Scores, softmax and sums in fp32; one fp16 rounding
+// at the end.
+//
+// The cache's earlier positions were written by earlier steps, which have
+// completed before this step's first kernel starts (graph replays are stream
+// ordered), so a block reads them before waiting for the previous kernel: only
+// the new token's q, k and v come from it. The new key is rotated here, used
+// from shared memory, and written to the cache for the steps after.
 
 #include "attention.h"
 #include "launch.h"
@@ -16,18 +24,12 @@
 
 namespace {
 
-constexpr int WARPS = 4;               // per block
+// A warp's lanes each score a key through one long chain of multiply-adds, so a block's keys
+// are its latency: 256 keys cover a short chat turn in one block per head, with no merge.
+constexpr int WARPS = 8;               // per block
 constexpr int CHUNK = WARPS * 32;      // keys per block: one per lane
 constexpr int MAX_DIM = 256;           // head dims up to this, multiples of 8
-
-struct KeyRange {
-    int64_t first, last;  // inclusive
-};
-
-__device__ __forceinline__ KeyRange visible_keys(const int64_t* position, int window) {
-    const int64_t pos = *position;
-    return {window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0, pos};
-}
+constexpr int ROW_LOADS = 16;          // 16-byte loads of a key row held at once: 128 dims
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
@@ -41,73 +43,158 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
-// grid (heads, chunks); partial [heads, chunks, dim + 2]: weighted value sums, then max and sum.
-// Lane l of warp w scores key chunk * CHUNK + 32 w + l (a whole row each), then the warp sums
-// p * v with lanes over the value dims (PAIRS half2 each: dims 2 * lane + 64 * i). Every load
-// (the keys' rows and the values the lane will weigh) is issued before the first wait on memory,
-// so the block pays one round trip.
+// Element d of a head's row x after the rotary embedding at the row (c, s) of the tables, as the
+// reference rounds it: fp16(x * cos) + fp16(rotate_half(x) * sin), rounded again.
+__device__ __forceinline__ __half rotated(const __half* x, const __half* c, const __half* s, int d, int dim) {
+    const int half_dim = dim / 2;
+    const float partner = d < half_dim ? -__half2float(x[d + half_dim]) : __half2float(x[d - half_dim]);
+    return __float2half(__half2float(__float2half(__half2float(x[d]) * __half2float(c[d]))) +
+                        __half2float(__float2half(partner * __half2float(s[d]))));
+}
+
+// Block-wide max and sum of one value per thread (every thread gets the result).
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    v = warp_max(v);
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float all = -CUDART_INF_F;
+    for (int w = 0; w < WARPS; ++w) all = fmaxf(all, scratch[w]);
+    return all;
+}
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    v = warp_sum(v);
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float all = 0.f;
+    for (int w = 0; w < WARPS; ++w) all += scratch[w];
+    return all;
+}
+
+// grid (heads, chunks of the bucket); scratch: partial [heads, chunks, dim + 2] (weighted value
+// sums, then max and sum), then one arrival count per head, zero between launches.
+// Block c of a head takes the visible keys first + c * CHUNK ... (so a head needs as many blocks
+// as its visible keys fill, whatever the position). Lane l of warp w scores key
+// first + c * CHUNK + 32 w + l (a whole row each), then the warp sums p * v with lanes over the
+// value dims (PAIRS half2 each: dims 2 * lane + 64 * i).
 template <int PAIRS>
 __global__ void __launch_bounds__(WARPS * 32)
-decode_attention_chunks(const __half* __restrict__ q, const __half* __restrict__ keys, const __half* __restrict__ values,
-                        const int64_t* __restrict__ position, int window, int heads, int kv_heads, int dim, int max_seq,
-                        float scale, float* __restrict__ partial) {
+decode_attention_kernel(const __half* __restrict__ q, const __half* __restrict__ k_new,
+                        const __half* __restrict__ v_new, const __half* __restrict__ cos_table,
+                        const __half* __restrict__ sin_table, __half* keys, __half* values,
+                        const int64_t* __restrict__ position, int window, int heads, int kv_heads, int dim,
+                        int max_seq, float scale, float* __restrict__ partial, int* __restrict__ arrived,
+                        __half* __restrict__ out) {
     __shared__ __align__(16) float q_s[MAX_DIM];
+    __shared__ __align__(16) __half k_s[MAX_DIM];  // the new token's rotated key and its value
+    __shared__ __align__(16) __half v_s[MAX_DIM];
     __shared__ float acc_s[WARPS][MAX_DIM];
-    __shared__ float max_s[WARPS], sum_s[WARPS];
+    __shared__ float max_s[WARPS], sum_s[WARPS], reduce_s[WARPS];
+    __shared__ bool merges;
     allow_dependents();
-    wait_for_producer();
     const int head = blockIdx.x, chunk = blockIdx.y, chunks = gridDim.y;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const KeyRange range = visible_keys(position, window);
-    if ((int64_t)chunk * CHUNK > range.last || (int64_t)(chunk + 1) * CHUNK - 1 < range.first) return;
-    const int kv_head = head / (heads / kv_heads);
-    const __half* k_head = keys + (size_t)kv_head * max_seq * dim;
-    const __half* v_head = values + (size_t)kv_head * max_seq * dim;
+    const int pos = (int)*position;  // written before the step's graph started
+    const int first = window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0, last = pos;
+    const int active = (last - first) / CHUNK + 1;  // blocks of this head with visible keys
+    if (chunk >= active) return;
+    const bool has_new = chunk == active - 1;
+    const int group = heads / kv_heads, kv_head = head / group;
+    __half* k_head = keys + (size_t)kv_head * max_seq * dim;
+    __half* v_head = values + (size_t)kv_head * max_seq * dim;
 
-    const int64_t warp_first = (int64_t)chunk * CHUNK + warp * 32;
-    const int64_t key = warp_first + lane;
-    const bool visible = key >= range.first && key <= range.last;
-    // A row of up to 128 dims in one round of loads (longer rows take a second round).
-    constexpr int ROW_LOADS = 16;
-    const uint4* k_row = reinterpret_cast<const uint4*>(k_head + (visible ? key : range.last) * dim);
+    // Earlier keys and values, before the wait. A key that is hidden or new reads nothing here;
+    // a hidden value row is read from the last position instead (it weighs 0, and must be finite).
+    const int warp_first = first + chunk * CHUNK + warp * 32;
+    const int key = warp_first + lane;
+    const bool visible = key <= last;
+    const bool is_new = key == pos;
+    const uint4* k_row = reinterpret_cast<const uint4*>(k_head + (size_t)(visible && !is_new ? key : first) * dim);
     uint4 packed[ROW_LOADS];
 #pragma unroll
-    for (int c = 0; c < ROW_LOADS; ++c) packed[c] = c < dim / 8 ? __ldg(k_row + c) : make_uint4(0, 0, 0, 0);
-    // An invisible key weighs 0; its values are read from a visible position instead of a branch.
+    for (int c = 0; c < ROW_LOADS; ++c)
+        packed[c] = visible && !is_new && c < dim / 8 ? __ldg(k_row + c) : make_uint4(0, 0, 0, 0);
     uint32_t v_pairs[32][PAIRS];
 #pragma unroll
     for (int j = 0; j < 32; ++j) {
-        const __half* v_row = v_head + min(warp_first + j, range.last) * dim;
+        const int row = min(warp_first + j, last);
+        const unsigned int* v_row = reinterpret_cast<const unsigned int*>(v_head + (size_t)row * dim) + lane;
 #pragma unroll
-        for (int i = 0; i < PAIRS; ++i) {
-            const int d = 2 * lane + 64 * i;
-            v_pairs[j][i] = d < dim ? __ldg(reinterpret_cast<const unsigned int*>(v_row + d)) : 0u;
+        for (int i = 0; i < PAIRS; ++i)
+            v_pairs[j][i] = 2 * lane + 64 * i < dim && row != pos ? __ldg(v_row + 32 * i) : 0u;
+    }
+
+    // q, k and v of the new token are the previous kernel's output.
+    wait_for_producer();
+    const __half* cos_row = cos_table + (size_t)pos * dim;
+    const __half* sin_row = sin_table + (size_t)pos * dim;
+    const __half* q_head = q + (size_t)head * dim;
+    const __half* k_in = k_new + (size_t)kv_head * dim;
+    const __half* v_in = v_new + (size_t)kv_head * dim;
+    // One block of the kv head's group writes the cache; the blocks holding the new key use it from shared memory.
+    const bool writes = has_new && head % group == 0;
+    for (int d = threadIdx.x; d < dim; d += blockDim.x) {
+        q_s[d] = __half2float(rotated(q_head, cos_row, sin_row, d, dim)) * scale;
+        if (has_new) {
+            const __half kd = rotated(k_in, cos_row, sin_row, d, dim), vd = v_in[d];
+            k_s[d] = kd;
+            v_s[d] = vd;
+            if (writes) {
+                k_head[(size_t)pos * dim + d] = kd;
+                v_head[(size_t)pos * dim + d] = vd;
+            }
         }
     }
-    for (int d = threadIdx.x; d < dim; d += blockDim.x) q_s[d] = __half2float(q[(size_t)head * dim + d]) * scale;
     __syncthreads();
+    const uint4* k_new_row = reinterpret_cast<const uint4*>(k_s);
+    if (is_new) {
+#pragma unroll
+        for (int c = 0; c < ROW_LOADS; ++c)
+            if (c < dim / 8) packed[c] = k_new_row[c];
+    }
+    if (has_new) {
+        const uint32_t* v_new_pairs = reinterpret_cast<const uint32_t*>(v_s);
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+            if (min(warp_first + j, last) != pos) continue;
+#pragma unroll
+            for (int i = 0; i < PAIRS; ++i)
+                if (2 * lane + 64 * i < dim) v_pairs[j][i] = v_new_pairs[lane + 32 * i];
+        }
+    }
 
     float score = -CUDART_INF_F;
     if (visible) {
-        float dot = 0.f;
+        // Eight independent sums: one chain would wait on every multiply-add before the next.
+        float dots[8] = {};
+        const float4* q4 = reinterpret_cast<const float4*>(q_s);
         for (int c0 = 0; c0 < dim / 8; c0 += ROW_LOADS) {
             if (c0 > 0) {
 #pragma unroll
                 for (int c = 0; c < ROW_LOADS; ++c)
-                    packed[c] = c0 + c < dim / 8 ? __ldg(k_row + c0 + c) : make_uint4(0, 0, 0, 0);
+                    packed[c] = c0 + c >= dim / 8 ? make_uint4(0, 0, 0, 0)
+                                : is_new          ? k_new_row[c0 + c]
+                                                  : __ldg(k_row + c0 + c);
             }
 #pragma unroll
             for (int c = 0; c < ROW_LOADS; ++c) {
                 if (c0 + c >= dim / 8) break;
                 const __half2* h = reinterpret_cast<const __half2*>(&packed[c]);
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const float2 f = __half22float2(h[e]);
-                    dot += q_s[8 * (c0 + c) + 2 * e] * f.x + q_s[8 * (c0 + c) + 2 * e + 1] * f.y;
-                }
+                const float4 qa = q4[2 * (c0 + c)], qb = q4[2 * (c0 + c) + 1];
+                const float2 f0 = __half22float2(h[0]), f1 = __half22float2(h[1]);
+                const float2 f2 = __half22float2(h[2]), f3 = __half22float2(h[3]);
+                dots[0] = fmaf(qa.x, f0.x, dots[0]);
+                dots[1] = fmaf(qa.y, f0.y, dots[1]);
+                dots[2] = fmaf(qa.z, f1.x, dots[2]);
+                dots[3] = fmaf(qa.w, f1.y, dots[3]);
+                dots[4] = fmaf(qb.x, f2.x, dots[4]);
+                dots[5] = fmaf(qb.y, f2.y, dots[5]);
+                dots[6] = fmaf(qb.z, f3.x, dots[6]);
+                dots[7] = fmaf(qb.w, f3.y, dots[7]);
             }
         }
-        score = dot;
+        score = ((dots[0] + dots[1]) + (dots[2] + dots[3])) + ((dots[4] + dots[5]) + (dots[6] + dots[7]));
     }
     const float top = warp_max(score);
     const float p = visible ? __expf(score - top) : 0.f;
@@ -124,8 +211,8 @@ decode_attention_chunks(const __half* __restrict__ q, const __half* __restrict__
             __half2 h;
             memcpy(&h, &v_pairs[j][i], 4);
             const float2 v = __half22float2(h);
-            acc[i].x += pj * v.x;
-            acc[i].y += pj * v.y;
+            acc[i].x = fmaf(pj, v.x, acc[i].x);
+            acc[i].y = fmaf(pj, v.y, acc[i].y);
         }
     }
 #pragma unroll
@@ -141,59 +228,73 @@ decode_attention_chunks(const __half* __restrict__ q, const __half* __restrict__
         sum_s[warp] = total;
     }
     __syncthreads();
-    float block_max = -CUDART_INF_F;
-    for (int w = 0; w < WARPS; ++w) block_max = fmaxf(block_max, max_s[w]);
-    float* out = partial + ((size_t)head * chunks + chunk) * (dim + 2);
-    for (int d = threadIdx.x; d < dim; d += blockDim.x) {
+    float chunk_max = -CUDART_INF_F;
+    for (int w = 0; w < WARPS; ++w) chunk_max = fmaxf(chunk_max, max_s[w]);
+    float chunk_sum = 0.f;
+    for (int w = 0; w < WARPS; ++w)
+        if (sum_s[w] > 0.f) chunk_sum += sum_s[w] * __expf(max_s[w] - chunk_max);
+    auto chunk_values = [&](int d) {
         float v = 0.f;
         for (int w = 0; w < WARPS; ++w)
-            if (sum_s[w] > 0.f) v += acc_s[w][d] * __expf(max_s[w] - block_max);
-        out[d] = v;
+            if (sum_s[w] > 0.f) v += acc_s[w][d] * __expf(max_s[w] - chunk_max);
+        return v;
+    };
+    __half* out_head = out + (size_t)head * dim;
+    if (active == 1) {  // the head's only block: no merge
+        for (int d = threadIdx.x; d < dim; d += blockDim.x) out_head[d] = __float2half(chunk_values(d) / chunk_sum);
+        return;
     }
+    float* rows = partial + (size_t)head * chunks * (dim + 2);
+    float* mine = rows + (size_t)chunk * (dim + 2);
+    for (int d = threadIdx.x; d < dim; d += blockDim.x) mine[d] = chunk_values(d);
     if (threadIdx.x == 0) {
-        float weight = 0.f;
-        for (int w = 0; w < WARPS; ++w)
-            if (sum_s[w] > 0.f) weight += sum_s[w] * __expf(max_s[w] - block_max);
-        out[dim] = block_max;
-        out[dim + 1] = weight;
+        mine[dim] = chunk_max;
+        mine[dim + 1] = chunk_sum;
     }
-}
-
-// grid (heads); out [heads * dim] fp16: the chunks holding visible keys, merged.
-__global__ void decode_attention_merge(const float* __restrict__ partial, const int64_t* __restrict__ position,
-                                       int window, int dim, int chunks, __half* __restrict__ out) {
-    allow_dependents();
-    wait_for_producer();
-    const int head = blockIdx.x;
-    const KeyRange range = visible_keys(position, window);
-    const int first = (int)(range.first / CHUNK), last = (int)(range.last / CHUNK);
-    const float* rows = partial + (size_t)head * chunks * (dim + 2);
-    float top = -CUDART_INF_F;
-    for (int c = first; c <= last; ++c) top = fmaxf(top, rows[(size_t)c * (dim + 2) + dim]);
-    float total = 0.f;
-    for (int c = first; c <= last; ++c)
-        total += rows[(size_t)c * (dim + 2) + dim + 1] * __expf(rows[(size_t)c * (dim + 2) + dim] - top);
+    // Each thread's fence makes its sums visible before the block is counted; the last
+    // block's fence after the count orders its reads after every other block's sums.
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) merges = atomicAdd(arrived + head, 1) == active - 1;
+    __syncthreads();
+    if (!merges) return;
+    __threadfence();
+    // The chunks' maxima and sums in one round of loads, then every chunk's value row in another.
+    float my_max = -CUDART_INF_F, my_sum = 0.f;
+    for (int c = threadIdx.x; c < active; c += blockDim.x) {
+        const float m = __ldcg(rows + (size_t)c * (dim + 2) + dim), s = __ldcg(rows + (size_t)c * (dim + 2) + dim + 1);
+        my_sum = my_max > m ? my_sum + s * __expf(m - my_max) : s + my_sum * __expf(my_max - m);
+        my_max = fmaxf(my_max, m);
+    }
+    const float head_max = block_max(my_max, reduce_s);
+    const float head_sum = block_sum(my_max > -CUDART_INF_F ? my_sum * __expf(my_max - head_max) : 0.f, reduce_s);
     for (int d = threadIdx.x; d < dim; d += blockDim.x) {
         float v = 0.f;
-        for (int c = first; c <= last; ++c)
-            v += rows[(size_t)c * (dim + 2) + d] * __expf(rows[(size_t)c * (dim + 2) + dim] - top);
-        out[(size_t)head * dim + d] = __float2half(v / total);
+#pragma unroll 4
+        for (int c = 0; c < active; ++c)
+            v += __ldcg(rows + (size_t)c * (dim + 2) + d) * __expf(__ldcg(rows + (size_t)c * (dim + 2) + dim) - head_max);
+        out_head[d] = __float2half(v / head_sum);
     }
+    if (threadIdx.x == 0) arrived[head] = 0;
 }
 
 }  // namespace
 
-int decode_attention_chunks_for(int length) { return (length + CHUNK - 1) / CHUNK; }
+int64_t decode_attention_scratch_floats(int heads, int dim, int max_seq) {
+    return (int64_t)heads * ((max_seq + CHUNK - 1) / CHUNK) * (dim + 2) + heads;
+}
 
-void decode_attention_launch(const void* q, const void* keys, const void* values, const int64_t* position, int window,
-                             int heads, int kv_heads, int dim, int max_seq, int length, float scale, float* partial,
-                             void* out, cudaStream_t stream) {
-    const int chunks = decode_attention_chunks_for(length);
+void decode_attention_launch(const void* q, const void* k, const void* v, const void* cos_table, const void* sin_table,
+                             void* keys, void* values, const int64_t* position, int window, int heads, int kv_heads,
+                             int dim, int max_seq, int length, float scale, float* scratch, void* out,
+                             cudaStream_t stream) {
+    const int chunks = (length + CHUNK - 1) / CHUNK;
+    // The counts sit after the partial rows of the longest bucket, so they stay put across buckets.
+    int* arrived = reinterpret_cast<int*>(scratch + decode_attention_scratch_floats(heads, dim, max_seq) - heads);
     // Value dims per lane in half2: as few as the head needs, they are all held in registers.
-    auto kernel = dim <= 64 ? decode_attention_chunks<1> : dim <= 128 ? decode_attention_chunks<2> : decode_attention_chunks<4>;
+    auto kernel = dim <= 64 ? decode_attention_kernel<1> : dim <= 128 ? decode_attention_kernel<2> : decode_attention_kernel<4>;
     launch_chained(kernel, dim3(heads, chunks), dim3(WARPS * 32), 0, stream, static_cast<const __half*>(q),
-                   static_cast<const __half*>(keys), static_cast<const __half*>(values), position, window, heads,
-                   kv_heads, dim, max_seq, scale, partial);
-    launch_chained(decode_attention_merge, dim3(heads), dim3(dim < 128 ? 64 : 128), 0, stream,
-                   static_cast<const float*>(partial), position, window, dim, chunks, static_cast<__half*>(out));
+                   static_cast<const __half*>(k), static_cast<const __half*>(v), static_cast<const __half*>(cos_table),
+                   static_cast<const __half*>(sin_table), static_cast<__half*>(keys), static_cast<__half*>(values),
+                   position, window, heads, kv_heads, dim, max_seq, scale, scratch, arrived, static_cast<__half*>(out));
 }

@@ -1,15 +1,19 @@
-// Launcher of the decode attention kernels (attention.cu), free of torch headers.
+// Launcher of the decode attention kernel (attention.cu), free of torch headers.
 #pragma once
 #include <cstdint>
 #include <cuda_runtime.h>
 
-// Chunks of keys the first kernel splits `length` keys into (rows of `partial` per head).
-int decode_attention_chunks_for(int length);
+// Floats of scratch the kernel needs for a cache of max_seq positions; its last `heads` words
+// are arrival counts that must be zero before the first launch (the kernel leaves them so).
+int64_t decode_attention_scratch_floats(int heads, int dim, int max_seq);
 
-// out fp16 [heads * dim] = softmax(q k^T * scale) v for one token (batch 1) at *position,
-// over the cache's keys [kv_heads, max_seq, dim] from position - window + 1 (window 0: from 0)
-// to position, reading at most the first `length` positions. Query head h reads key/value head
-// h / (heads / kv_heads). partial: fp32 scratch of heads * decode_attention_chunks_for(length) * (dim + 2).
-void decode_attention_launch(const void* q, const void* keys, const void* values, const int64_t* position, int window,
-                             int heads, int kv_heads, int dim, int max_seq, int length, float scale, float* partial,
-                             void* out, cudaStream_t stream);
+// One token (batch 1) at *position: q [heads * dim], k and v [kv_heads * dim] as projected.
+// Rotates q and k by the rows of the cos and sin tables [max_seq, dim] at the position, writes
+// k and v into the caches [kv_heads, max_seq, dim] there, and writes out fp16 [heads * dim] =
+// softmax(q k^T * scale) v over the cache from position - window + 1 (window 0: from 0) to
+// the position, reading at most the first `length` positions. Query head h reads key/value
+// head h / (heads / kv_heads).
+void decode_attention_launch(const void* q, const void* k, const void* v, const void* cos_table, const void* sin_table,
+                             void* keys, void* values, const int64_t* position, int window, int heads, int kv_heads,
+                             int dim, int max_seq, int length, float scale, float* scratch, void* out,
+                             cudaStream_t stream);

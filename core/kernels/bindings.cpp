@@ -244,28 +244,40 @@ torch::Tensor silu_mul(torch::Tensor gate, torch::Tensor up) {
     return out;
 }
 
-// One token's attention over the cache (batch 1): q [heads * dim] -> [heads * dim].
-torch::Tensor decode_attention(torch::Tensor q, torch::Tensor key_cache, torch::Tensor value_cache,
-                               torch::Tensor position, int64_t length, int64_t window, torch::Tensor partial) {
-    for (const auto* t : {&q, &key_cache, &value_cache}) check(*t, torch::kHalf, "decode_attention");
+// One token's rotary embedding, cache append and attention over the cache (batch 1):
+// q [heads * dim], k and v [kv_heads * dim] -> [heads * dim].
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos_table,
+                               torch::Tensor sin_table, torch::Tensor position, torch::Tensor key_cache,
+                               torch::Tensor value_cache, int64_t length, int64_t window, torch::Tensor scratch) {
+    for (const auto* t : {&q, &k, &v, &cos_table, &sin_table, &key_cache, &value_cache}) check(*t, torch::kHalf, "decode_attention");
     check(position, torch::kLong, "position");
-    check(partial, torch::kFloat, "partial");
+    check(scratch, torch::kFloat, "scratch");
     TORCH_CHECK(key_cache.dim() == 4 && key_cache.size(0) == 1 && value_cache.sizes() == key_cache.sizes(),
                 "decode_attention: caches [1, kv_heads, max_seq, dim]");
     const int64_t kv_heads = key_cache.size(1), max_seq = key_cache.size(2), dim = key_cache.size(3);
     TORCH_CHECK(dim % 8 == 0 && dim <= 256 && q.numel() % dim == 0 && (q.numel() / dim) % kv_heads == 0,
                 "decode_attention: head dim a multiple of 8 up to 256, query heads a multiple of the kv heads");
+    TORCH_CHECK(k.numel() == kv_heads * dim && v.numel() == k.numel(), "decode_attention: k and v of one token for the caches' heads");
+    TORCH_CHECK(cos_table.dim() == 2 && cos_table.size(0) >= max_seq && cos_table.size(1) == dim &&
+                sin_table.sizes() == cos_table.sizes(), "decode_attention: cos and sin tables [max_seq, dim]");
     TORCH_CHECK(position.numel() == 1 && length >= 1 && length <= max_seq, "decode_attention: one position, length within the cache");
     const int64_t heads = q.numel() / dim;
-    TORCH_CHECK(partial.numel() >= heads * decode_attention_chunks_for(length) * (dim + 2), "decode_attention: partial too small");
+    TORCH_CHECK(scratch.numel() >= decode_attention_scratch_floats(heads, dim, max_seq),
+                "decode_attention: scratch smaller than decode_attention_scratch_floats");
     const c10::cuda::CUDAGuard guard(q.device());
     auto out = torch::empty_like(q);
-    decode_attention_launch(q.data_ptr<at::Half>(), key_cache.data_ptr<at::Half>(), value_cache.data_ptr<at::Half>(),
+    decode_attention_launch(q.data_ptr<at::Half>(), k.data_ptr<at::Half>(), v.data_ptr<at::Half>(),
+                            cos_table.data_ptr<at::Half>(), sin_table.data_ptr<at::Half>(),
+                            key_cache.data_ptr<at::Half>(), value_cache.data_ptr<at::Half>(),
                             position.data_ptr<int64_t>(), window, heads, kv_heads, dim, max_seq, length,
-                            1.0f / std::sqrt((float)dim), partial.data_ptr<float>(), out.data_ptr<at::Half>(),
+                            1.0f / std::sqrt((float)dim), scratch.data_ptr<float>(), out.data_ptr<at::Half>(),
                             c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return out;
+}
+
+int64_t decode_attention_scratch(int64_t heads, int64_t dim, int64_t max_seq) {
+    return decode_attention_scratch_floats(heads, dim, max_seq);
 }
 
 Gptq4Layer gptq4_view(const torch::Tensor& qweight, const torch::Tensor& qzeros, const torch::Tensor& scales,
@@ -351,7 +363,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("rope_cache", &rope_cache, "Rotary embedding of one token's q (in place) and k, appended with v to the caches");
     m.def("rope_cache_rows", &rope_cache_rows, "Rotary embedding of a prompt's q (in place) and k, written with v into the caches");
     m.def("silu_mul", &silu_mul, "fp16(silu(gate)) * up");
-    m.def("decode_attention", &decode_attention, "One token's attention over the key/value cache (batch 1)");
+    m.def("decode_attention", &decode_attention, "One token's rope, cache append and attention over the key/value cache (batch 1)");
+    m.def("decode_attention_scratch", &decode_attention_scratch, "Floats of scratch decode_attention needs (its last `heads` zero)");
     m.def("gptq_block", &gptq_block, "GPTQ's row walk inside one block of at most 32 input rows");
     m.def("gptq_scale_search", &gptq_scale_search, "GPTQ's scale search of one group start for several settings");
     m.def("gptq4_gemm_small", &gptq4_gemm_small, "GPTQ 4-bit product for a few input rows, reading qweight directly");

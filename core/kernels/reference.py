@@ -53,10 +53,20 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
-def decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, position: torch.Tensor,
-                     length: int, window: int, partial: torch.Tensor | None = None) -> torch.Tensor:
-    """One token (batch 1) at `position` over the first `length` cache positions: keys after the
-    position, or window or more positions before it, are hidden. q [heads * dim] -> same shape."""
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_table: torch.Tensor,
+                     sin_table: torch.Tensor, position: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                     length: int, window: int, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """One token (batch 1) at `position`: q and k rotated, k and v appended to the caches there,
+    then `attend`. q [heads * dim] (left as it is) -> same shape."""
+    q = q.clone()
+    rope_cache(q, k, v, cos_table, sin_table, position, key_cache, value_cache)
+    return attend(q, key_cache, value_cache, position, length, window)
+
+
+def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, position: torch.Tensor,
+           length: int, window: int) -> torch.Tensor:
+    """One token's attention over the first `length` cache positions, keys after `position`, or
+    window or more positions before it, hidden: q [heads * dim] -> same shape."""
     dim, kv_heads = key_cache.shape[-1], key_cache.shape[1]
     heads = q.numel() // dim
     keys = torch.arange(length, device=q.device)
