@@ -64,7 +64,7 @@ def main() -> None:
     args = parser.parse_args()
     config = llama_config(args.model, args.layers)
     model = random_model(config, args.bpw, "cuda", torch.float16)
-    cache = KVCache(config, 512, device="cuda", dtype=torch.float16)
+    cache = KVCache(config, max(512, args.position + 64), device="cuda", dtype=torch.float16)
     decoder = GraphDecoder(model, cache)
     full_ops = decoder.ops
     variants = [set(), {"norm"}, {"attention"}, {"silu"}, {"norm", "attention", "silu"}]
