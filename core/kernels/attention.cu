@@ -55,25 +55,15 @@ __device__ __forceinline__ __half rotated(const __half* x, const __half* c, cons
                         __half2float(__float2half(partner * __half2float(s[d]))));
 }
 
-// Block-wide max and sum of one value per thread (every thread gets the result).
-template <int WARPS>
-__device__ __forceinline__ float block_max(float v, float* scratch) {
-    v = warp_max(v);
+// The block's max (MAX) or sum of one value per thread; every thread gets it.
+template <int WARPS, bool MAX>
+__device__ __forceinline__ float block_reduce(float v, float* scratch) {
+    v = MAX ? warp_max(v) : warp_sum(v);
     __syncthreads();
     if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
     __syncthreads();
-    float all = -CUDART_INF_F;
-    for (int w = 0; w < WARPS; ++w) all = fmaxf(all, scratch[w]);
-    return all;
-}
-template <int WARPS>
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
-    v = warp_sum(v);
-    __syncthreads();
-    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
-    __syncthreads();
-    float all = 0.f;
-    for (int w = 0; w < WARPS; ++w) all += scratch[w];
+    float all = scratch[0];
+    for (int w = 1; w < WARPS; ++w) all = MAX ? fmaxf(all, scratch[w]) : all + scratch[w];
     return all;
 }
 
@@ -272,8 +262,8 @@ decode_attention_kernel(const __half* __restrict__ q, const __half* __restrict__
         my_sum = my_max > m ? my_sum + s * __expf(m - my_max) : s + my_sum * __expf(my_max - m);
         my_max = fmaxf(my_max, m);
     }
-    const float head_max = block_max<WARPS>(my_max, reduce_s);
-    const float head_sum = block_sum<WARPS>(my_max > -CUDART_INF_F ? my_sum * __expf(my_max - head_max) : 0.f, reduce_s);
+    const float head_max = block_reduce<WARPS, true>(my_max, reduce_s);
+    const float head_sum = block_reduce<WARPS, false>(my_max > -CUDART_INF_F ? my_sum * __expf(my_max - head_max) : 0.f, reduce_s);
     for (int d = threadIdx.x; d < dim; d += blockDim.x) {
         float v = 0.f;
 #pragma unroll 4
