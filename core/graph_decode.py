@@ -4,13 +4,13 @@ Decoding one token launches a few hundred small kernels; from Python each
 launch costs more than the kernel itself on a slow host, so the step is
 captured once and replayed. A graph fixes every shape and address, so the step
 here reads the token and its position from device tensors: rope angles come
-from a table, the cache is written with index_copy_, and attention reads a
-fixed-length prefix of the cache (the bucket), hiding what lies past the
-position: a single row through the decode attention kernel
-(core/kernels/attention.cu), which reads the position itself and also rotates
-and appends the token's key, several rows through SDPA with a mask. The model's linear layers run as they are; norms,
-rope with the cache append, and SwiGLU run as fused kernels
-(core/kernels/fused.cu) or their torch twins, which compute what
+from a table, and attention reads a fixed-length prefix of the cache (the
+bucket), hiding what lies past the position. A single row goes through the
+decode attention kernel (core/kernels/attention.cu), which reads the position
+itself and also rotates the token and appends it to the cache; several rows go
+through rope with the cache append, then SDPA with a mask. The model's linear
+layers run as they are; norms, rope with the cache append, and SwiGLU run as
+fused kernels (core/kernels/fused.cu) or their torch twins, which compute what
 CausalLM.forward computes.
 
 A batch of several rows decodes in lockstep (one shared position, as a
