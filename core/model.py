@@ -19,10 +19,6 @@ from .kernels import dispatch
 from .linear import DenseLinear, project
 
 
-# The widest row the fused RMSNorm kernel takes (core/kernels/fused.cu keeps a row in registers).
-FUSED_NORM_MOST = 16 * 1024
-
-
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float, device=None, dtype=None):
         super().__init__()
@@ -30,7 +26,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(size, device=device, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernels = dispatch.fused(x) if x.shape[-1] <= FUSED_NORM_MOST else None
+        kernels = dispatch.fused(x)
         if kernels is not None:  # one launch instead of seven, rounding where this code rounds
             return kernels.rms_norm(x.contiguous(), self.weight, self.eps)
         # Normalise in float32 whatever the storage dtype: fp16 sums of squares overflow.

@@ -280,7 +280,8 @@ def close(ours: torch.Tensor, expected: torch.Tensor, tolerance: float = 2e-3) -
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("hidden", [576, 580, 4096, 5120])
+# 20004 and 40000: wider than a row in registers (the graph decoder calls the kernel for any width).
+@pytest.mark.parametrize("hidden", [576, 580, 4096, 5120, 20004, 40000])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_fused_rms_norm_matches_reference(hidden, with_residual):
     for rows in (1, 7):

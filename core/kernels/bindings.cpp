@@ -1,6 +1,7 @@
 // Python entry points of the kernels in this folder: argument checks and
 // streams here, the CUDA code behind plain launchers (exl2.h).
 #include <torch/extension.h>
+#include <limits>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -177,7 +178,7 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps, c10::o
     check(x, torch::kHalf, "x");
     check(weight, torch::kHalf, "weight");
     const int64_t hidden = x.size(-1);
-    TORCH_CHECK(weight.numel() == hidden && hidden <= 16 * 1024, "rms_norm: weight [hidden], hidden <= 16384");
+    TORCH_CHECK(weight.numel() == hidden && hidden <= std::numeric_limits<int>::max(), "rms_norm: weight [hidden]");
     const void* residual_ptr = nullptr;
     if (residual.has_value()) {
         check(*residual, torch::kHalf, "residual");

@@ -61,6 +61,32 @@ __global__ void rms_norm_kernel(__half* __restrict__ x, const __half* __restrict
     }
 }
 
+// Rows wider than either kernel around it keeps in registers: two passes over memory, the second
+// reading back what the thread itself wrote in the first.
+__global__ void rms_norm_wide_kernel(__half* __restrict__ x, const __half* __restrict__ residual,
+                                     const __half* __restrict__ weight, __half* __restrict__ out, int hidden,
+                                     float eps) {
+    __shared__ float shared[32];
+    allow_dependents();
+    wait_for_producer();
+    const size_t base = (size_t)blockIdx.x * hidden;
+    float squares = 0.f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        float v = __half2float(x[base + i]);
+        if (residual) {
+            const __half sum = __float2half(v + __half2float(residual[base + i]));
+            x[base + i] = sum;
+            v = __half2float(sum);
+        }
+        squares += v * v;
+    }
+    const float inverse_rms = rsqrtf(block_sum(squares, shared) / hidden + eps);
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        const float normed = __half2float(__float2half(__half2float(x[base + i]) * inverse_rms));
+        out[base + i] = __float2half(normed * __half2float(weight[i]));
+    }
+}
+
 // The same for rows of a multiple of 8 values, 16-byte accesses: every load of the row (x,
 // residual, weight) is issued before the first store, so the kernel waits for memory once
 // rather than once per element (a decode step runs this twice per layer on one row).
@@ -242,6 +268,12 @@ void rms_norm_launch(void* x, const void* residual, const void* weight, void* ou
         launch_chained(rms_norm_vec_kernel, dim3(rows), dim3(threads), 0, stream, static_cast<__half*>(x),
                        static_cast<const __half*>(residual), static_cast<const __half*>(weight), static_cast<__half*>(out),
                        hidden, eps);
+        return;
+    }
+    if (hidden > MAX_PER_THREAD * 1024) {
+        launch_chained(rms_norm_wide_kernel, dim3(rows), dim3(1024), 0, stream, static_cast<__half*>(x),
+                       static_cast<const __half*>(residual), static_cast<const __half*>(weight),
+                       static_cast<__half*>(out), hidden, eps);
         return;
     }
     int threads = 1024;
