@@ -4,7 +4,7 @@
 // The step is replayed from a CUDA graph, so the number of keys read is fixed at
 // capture (`length`, the bucket) while the token's position lives on the device:
 // keys past the position, or before a sliding window, are skipped. Split over
-// keys ("flash decoding"): a block takes one query head and WARPS * 32 keys and keeps
+// keys ("flash decoding"): a block takes one query head and up to 256 keys and keeps
 // a running max, sum and weighted values; the last block of a head to finish
 // merges its head's chunks. Scores, softmax and sums in fp32; one fp16 rounding
 // at the end.
@@ -24,12 +24,14 @@
 
 namespace {
 
-// A warp's lanes each score a key through one long chain of multiply-adds, so a block's keys
-// are its latency. While the bucket fits 8 warps (256 keys), one block per head needs no merge;
-// longer buckets take blocks of 4 warps, twice as many to share the keys (measured on the H100:
-// at 160 keys 8 warps 2.50 ms a 7B step against 2.57; at 1500, 8 warps lost to the old 4).
-constexpr int MOST_WARPS = 8;
-constexpr int LONG_WARPS = 4;          // per block past one block of MOST_WARPS
+// A lane scores its key through a chain of multiply-adds, so a block's keys are its latency.
+// While the bucket fits 256 keys, one block per head needs no merge; longer buckets take blocks
+// of 128 keys, twice as many to share them. Heads of up to 128 dims split each key over two
+// lanes in twice the warps: half the chain, more warps to hide it. Measured on the H100, 7B
+// step: at 160 keys 256-key blocks 2.50 ms against 2.57 for 128-key ones, two lanes a key 2.46;
+// at 1500 keys 256-key blocks lost to 128-key ones (2.91 against 2.77).
+constexpr int MOST_WARPS = 8;          // a block at one lane a key: 256 keys
+constexpr int LONG_WARPS = 4;          // past one such block: 128 keys
 constexpr int SHORTEST_CHUNK = LONG_WARPS * 32;
 constexpr int MAX_DIM = 256;           // head dims up to this, multiples of 8
 constexpr int ROW_LOADS = 16;          // 16-byte loads of a key row held at once: 128 dims
@@ -70,10 +72,10 @@ __device__ __forceinline__ float block_reduce(float v, float* scratch) {
 // grid (heads, chunks of the bucket); scratch: partial [heads, chunks, dim + 2] (weighted value
 // sums, then max and sum), then one arrival count per head, zero between launches.
 // Block c of a head takes the visible keys first + c * CHUNK ... (so a head needs as many blocks
-// as its visible keys fill, whatever the position). Lane l of warp w scores key
-// first + c * CHUNK + 32 w + l (a whole row each), then the warp sums p * v with lanes over the
+// as its visible keys fill, whatever the position). Lane l of warp w scores part l % LANES of key
+// first + c * CHUNK + w * 32 / LANES + l / LANES, then the warp sums p * v with lanes over the
 // value dims (PAIRS half2 each: dims 2 * lane + 64 * i).
-template <int PAIRS, int WARPS>
+template <int PAIRS, int WARPS, int LANES>
 __global__ void __launch_bounds__(WARPS * 32)
 decode_attention_kernel(const __half* __restrict__ q, const __half* __restrict__ k_new,
                         const __half* __restrict__ v_new, const __half* __restrict__ cos_table,
@@ -87,7 +89,8 @@ decode_attention_kernel(const __half* __restrict__ q, const __half* __restrict__
     __shared__ float acc_s[WARPS][MAX_DIM];
     __shared__ float max_s[WARPS], sum_s[WARPS], reduce_s[WARPS];
     __shared__ bool merges;
-    constexpr int CHUNK = WARPS * 32;  // keys per block: one per lane
+    // LANES lanes share a key, each scoring a 1/LANES part of its row: shorter chains, more warps.
+    constexpr int WARP_KEYS = 32 / LANES, CHUNK = WARPS * WARP_KEYS, LOADS = ROW_LOADS / LANES;
     allow_dependents();
     const int head = blockIdx.x, chunk = blockIdx.y, chunks = gridDim.y;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -102,18 +105,19 @@ decode_attention_kernel(const __half* __restrict__ q, const __half* __restrict__
 
     // Earlier keys and values, before the wait. A key that is hidden or new reads nothing here;
     // a hidden value row is read from the last position instead (it weighs 0, and must be finite).
-    const int warp_first = first + chunk * CHUNK + warp * 32;
-    const int key = warp_first + lane;
+    const int warp_first = first + chunk * CHUNK + warp * WARP_KEYS;
+    const int key = warp_first + lane / LANES;
     const bool visible = key <= last;
     const bool is_new = key == pos;
-    const uint4* k_row = reinterpret_cast<const uint4*>(k_head + (size_t)(visible && !is_new ? key : first) * dim);
-    uint4 packed[ROW_LOADS];
+    const int part_loads = dim / 8 / LANES, part = (lane % LANES) * part_loads;  // this lane's 16-byte pieces
+    const uint4* k_row = reinterpret_cast<const uint4*>(k_head + (size_t)(visible && !is_new ? key : first) * dim) + part;
+    uint4 packed[LOADS];
 #pragma unroll
-    for (int c = 0; c < ROW_LOADS; ++c)
-        packed[c] = visible && !is_new && c < dim / 8 ? __ldg(k_row + c) : make_uint4(0, 0, 0, 0);
-    uint32_t v_pairs[32][PAIRS];
+    for (int c = 0; c < LOADS; ++c)
+        packed[c] = visible && !is_new && c < part_loads ? __ldg(k_row + c) : make_uint4(0, 0, 0, 0);
+    uint32_t v_pairs[WARP_KEYS][PAIRS];
 #pragma unroll
-    for (int j = 0; j < 32; ++j) {
+    for (int j = 0; j < WARP_KEYS; ++j) {
         const int row = min(warp_first + j, last);
         const unsigned int* v_row = reinterpret_cast<const unsigned int*>(v_head + (size_t)row * dim) + lane;
 #pragma unroll
@@ -143,16 +147,16 @@ decode_attention_kernel(const __half* __restrict__ q, const __half* __restrict__
         }
     }
     __syncthreads();
-    const uint4* k_new_row = reinterpret_cast<const uint4*>(k_s);
+    const uint4* k_new_row = reinterpret_cast<const uint4*>(k_s) + part;
     if (is_new) {
 #pragma unroll
-        for (int c = 0; c < ROW_LOADS; ++c)
-            if (c < dim / 8) packed[c] = k_new_row[c];
+        for (int c = 0; c < LOADS; ++c)
+            if (c < part_loads) packed[c] = k_new_row[c];
     }
     if (has_new) {
         const uint32_t* v_new_pairs = reinterpret_cast<const uint32_t*>(v_s);
 #pragma unroll
-        for (int j = 0; j < 32; ++j) {
+        for (int j = 0; j < WARP_KEYS; ++j) {
             if (min(warp_first + j, last) != pos) continue;
 #pragma unroll
             for (int i = 0; i < PAIRS; ++i)
@@ -165,19 +169,19 @@ decode_attention_kernel(const __half* __restrict__ q, const __half* __restrict__
         // Eight independent sums: one chain would wait on every multiply-add before the next.
         float dots[8] = {};
         const float4* q4 = reinterpret_cast<const float4*>(q_s);
-        for (int c0 = 0; c0 < dim / 8; c0 += ROW_LOADS) {
+        for (int c0 = 0; c0 < part_loads; c0 += LOADS) {
             if (c0 > 0) {
 #pragma unroll
-                for (int c = 0; c < ROW_LOADS; ++c)
-                    packed[c] = c0 + c >= dim / 8 ? make_uint4(0, 0, 0, 0)
-                                : is_new          ? k_new_row[c0 + c]
-                                                  : __ldg(k_row + c0 + c);
+                for (int c = 0; c < LOADS; ++c)
+                    packed[c] = c0 + c >= part_loads ? make_uint4(0, 0, 0, 0)
+                                : is_new             ? k_new_row[c0 + c]
+                                                     : __ldg(k_row + c0 + c);
             }
 #pragma unroll
-            for (int c = 0; c < ROW_LOADS; ++c) {
-                if (c0 + c >= dim / 8) break;
+            for (int c = 0; c < LOADS; ++c) {
+                if (c0 + c >= part_loads) break;
                 const __half2* h = reinterpret_cast<const __half2*>(&packed[c]);
-                const float4 qa = q4[2 * (c0 + c)], qb = q4[2 * (c0 + c) + 1];
+                const float4 qa = q4[2 * (part + c0 + c)], qb = q4[2 * (part + c0 + c) + 1];
                 const float2 f0 = __half22float2(h[0]), f1 = __half22float2(h[1]);
                 const float2 f2 = __half22float2(h[2]), f3 = __half22float2(h[3]);
                 dots[0] = fmaf(qa.x, f0.x, dots[0]);
@@ -192,16 +196,18 @@ decode_attention_kernel(const __half* __restrict__ q, const __half* __restrict__
         }
         score = ((dots[0] + dots[1]) + (dots[2] + dots[3])) + ((dots[4] + dots[5]) + (dots[6] + dots[7]));
     }
+#pragma unroll
+    for (int offset = 1; offset < LANES; offset <<= 1) score += __shfl_xor_sync(0xffffffffu, score, offset);
     const float top = warp_max(score);
     const float p = visible ? __expf(score - top) : 0.f;
-    const float total = warp_sum(p);
+    const float total = warp_sum(lane % LANES == 0 ? p : 0.f);  // each key once
 
     float2 acc[PAIRS];
 #pragma unroll
     for (int i = 0; i < PAIRS; ++i) acc[i] = make_float2(0.f, 0.f);
 #pragma unroll
-    for (int j = 0; j < 32; ++j) {
-        const float pj = __shfl_sync(0xffffffffu, p, j);
+    for (int j = 0; j < WARP_KEYS; ++j) {
+        const float pj = __shfl_sync(0xffffffffu, p, j * LANES);
 #pragma unroll
         for (int i = 0; i < PAIRS; ++i) {
             __half2 h;
@@ -280,28 +286,42 @@ int64_t decode_attention_scratch_floats(int heads, int dim, int max_seq) {
     return (int64_t)heads * ((max_seq + SHORTEST_CHUNK - 1) / SHORTEST_CHUNK) * (dim + 2) + heads;
 }
 
-template <int WARPS>
+template <int PAIRS, int WARPS, int LANES>
 void launch_with(const void* q, const void* k, const void* v, const void* cos_table, const void* sin_table, void* keys,
                  void* values, const int64_t* position, int window, int heads, int kv_heads, int dim, int max_seq,
                  int length, float scale, float* scratch, void* out, cudaStream_t stream) {
-    const int chunks = (length + WARPS * 32 - 1) / (WARPS * 32);
+    constexpr int chunk = WARPS * 32 / LANES;
+    const int chunks = (length + chunk - 1) / chunk;
     // The counts sit after the partial rows of the longest bucket, so they stay put across buckets.
     int* arrived = reinterpret_cast<int*>(scratch + decode_attention_scratch_floats(heads, dim, max_seq) - heads);
-    // Value dims per lane in half2: as few as the head needs, they are all held in registers.
-    auto kernel = dim <= 64    ? decode_attention_kernel<1, WARPS>
-                  : dim <= 128 ? decode_attention_kernel<2, WARPS>
-                               : decode_attention_kernel<4, WARPS>;
-    launch_chained(kernel, dim3(heads, chunks), dim3(WARPS * 32), 0, stream, static_cast<const __half*>(q),
-                   static_cast<const __half*>(k), static_cast<const __half*>(v), static_cast<const __half*>(cos_table),
-                   static_cast<const __half*>(sin_table), static_cast<__half*>(keys), static_cast<__half*>(values),
-                   position, window, heads, kv_heads, dim, max_seq, scale, scratch, arrived, static_cast<__half*>(out));
+    launch_chained(decode_attention_kernel<PAIRS, WARPS, LANES>, dim3(heads, chunks), dim3(WARPS * 32), 0, stream,
+                   static_cast<const __half*>(q), static_cast<const __half*>(k), static_cast<const __half*>(v),
+                   static_cast<const __half*>(cos_table), static_cast<const __half*>(sin_table),
+                   static_cast<__half*>(keys), static_cast<__half*>(values), position, window, heads, kv_heads, dim,
+                   max_seq, scale, scratch, arrived, static_cast<__half*>(out));
 }
 
 void decode_attention_launch(const void* q, const void* k, const void* v, const void* cos_table, const void* sin_table,
                              void* keys, void* values, const int64_t* position, int window, int heads, int kv_heads,
                              int dim, int max_seq, int length, float scale, float* scratch, void* out,
                              cudaStream_t stream) {
-    auto launch = length <= MOST_WARPS * 32 ? launch_with<MOST_WARPS> : launch_with<LONG_WARPS>;
+    // Value dims per lane in half2 (PAIRS): as few as the head needs, they are all held in registers.
+    // Heads of up to 128 dims (in 16-byte halves) split each key over two lanes in twice the warps.
+    using Launch = void (*)(const void*, const void*, const void*, const void*, const void*, void*, void*,
+                            const int64_t*, int, int, int, int, int, int, float, float*, void*, cudaStream_t);
+    const bool short_bucket = length <= MOST_WARPS * 32;
+    Launch launch;
+    if (dim % 16 == 0 && dim <= 64) {
+        launch = short_bucket ? launch_with<1, 2 * MOST_WARPS, 2> : launch_with<1, 2 * LONG_WARPS, 2>;
+    } else if (dim % 16 == 0 && dim <= 128) {
+        launch = short_bucket ? launch_with<2, 2 * MOST_WARPS, 2> : launch_with<2, 2 * LONG_WARPS, 2>;
+    } else if (dim <= 64) {
+        launch = short_bucket ? launch_with<1, MOST_WARPS, 1> : launch_with<1, LONG_WARPS, 1>;
+    } else if (dim <= 128) {
+        launch = short_bucket ? launch_with<2, MOST_WARPS, 1> : launch_with<2, LONG_WARPS, 1>;
+    } else {
+        launch = short_bucket ? launch_with<4, MOST_WARPS, 1> : launch_with<4, LONG_WARPS, 1>;
+    }
     launch(q, k, v, cos_table, sin_table, keys, values, position, window, heads, kv_heads, dim, max_seq, length, scale,
            scratch, out, stream);
 }
