@@ -152,3 +152,33 @@ def test_left_padded_batch_matches_each_row_alone(tmp_path):
             alone = model(torch.cat((prompt, torch.tensor([7])))[None])[0]
             assert relative_error(batched[row], alone[-2]) < 1e-5
             assert relative_error(step[row], alone[-1]) < 1e-5
+
+
+def test_decode_attention_twin_computes_what_the_models_attention_computes(variant):
+    # The graph decoder's attention kernel takes one token's projections and does rope, the cache
+    # append and attention in one launch; its torch twin (core/kernels/reference.py) is what the
+    # kernel is held to, so it must compute what the model's own Attention computes.
+    from core.kernels import reference
+    from core.linear import project
+
+    _, folder, _ = variant
+    model = load_model(folder)
+    config = model.config
+    ids = torch.randint(0, 320, (1, 21), generator=torch.Generator().manual_seed(3))
+    caches = [KVCache(config, max_seq_len=64) for _ in range(2)]
+    angles = torch.outer(torch.arange(64, dtype=torch.float32), model.inv_freq.float())
+    angles = torch.cat((angles, angles), dim=-1)
+    with torch.no_grad():
+        for cache in caches:
+            model(ids[:, :20], cache, 0)
+        layer = model.model.layers[0]
+        attn = layer.self_attn
+        x = layer.input_layernorm(model.model.embed_tokens(ids[:, 20:]))
+        expected = attn(x, *model.rotary(20, 1, x.dtype), caches[0], 20)
+        q, k, v = project(x, (attn.q_proj, attn.k_proj, attn.v_proj))
+        out = reference.decode_attention(q.reshape(-1), k, v, angles.cos(), angles.sin(), torch.tensor([20]),
+                                         caches[1].keys[0], caches[1].values[0], 32, config.sliding_window or 0)
+        ours = attn.o_proj(out.view(1, 1, -1))
+    assert relative_error(ours, expected) < 1e-5
+    for mine, theirs in ((caches[1].keys[0], caches[0].keys[0]), (caches[1].values[0], caches[0].values[0])):
+        assert relative_error(mine[:, :, :21], theirs[:, :, :21]) < 1e-6
