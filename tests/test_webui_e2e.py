@@ -100,6 +100,12 @@ def set_number(page, selector: str, value) -> None:
     box.fill(str(value))
     box.press("Enter")
     box.blur()
+    # A slider shows its new value on its range input once the component's state has taken it;
+    # an event sent before that can still carry the old value (a chat at the default temperature
+    # once answered "La femme de France..." where the test had set 0).
+    slider = page.locator(f"{selector} input[type=range]")
+    if slider.count():
+        playwright_api.expect(slider).to_have_value(format(float(value), "g"))  # a range input writes 4.0 as "4"
 
 
 def wait_while_converting(page, condition: str) -> None:
