@@ -24,48 +24,10 @@ __device__ __forceinline__ float block_sum(float v, float* shared) {
     return v;
 }
 
-// One block per row. Rows up to MAX_PER_THREAD * blockDim values stay in registers between the two passes.
-constexpr int MAX_PER_THREAD = 16;
-
+// One block per row, any width: two passes over the row, the second reading back what the
+// thread itself wrote in the first (the rows a decode step norms take the 16-byte kernel below).
 __global__ void rms_norm_kernel(__half* __restrict__ x, const __half* __restrict__ residual,
                                 const __half* __restrict__ weight, __half* __restrict__ out, int hidden, float eps) {
-    __shared__ float shared[32];
-    allow_dependents();
-    wait_for_producer();
-    const size_t base = (size_t)blockIdx.x * hidden;
-    float values[MAX_PER_THREAD];
-    float squares = 0.f;
-#pragma unroll
-    for (int j = 0; j < MAX_PER_THREAD; ++j) {
-        const int i = threadIdx.x + j * blockDim.x;
-        float v = 0.f;
-        if (i < hidden) {
-            v = __half2float(x[base + i]);
-            if (residual) {
-                const __half sum = __float2half(v + __half2float(residual[base + i]));
-                x[base + i] = sum;
-                v = __half2float(sum);
-            }
-        }
-        values[j] = v;
-        squares += v * v;
-    }
-    const float inverse_rms = rsqrtf(block_sum(squares, shared) / hidden + eps);
-#pragma unroll
-    for (int j = 0; j < MAX_PER_THREAD; ++j) {
-        const int i = threadIdx.x + j * blockDim.x;
-        if (i < hidden) {
-            const float normed = __half2float(__float2half(values[j] * inverse_rms));
-            out[base + i] = __float2half(normed * __half2float(weight[i]));
-        }
-    }
-}
-
-// Rows wider than either kernel around it keeps in registers: two passes over memory, the second
-// reading back what the thread itself wrote in the first.
-__global__ void rms_norm_wide_kernel(__half* __restrict__ x, const __half* __restrict__ residual,
-                                     const __half* __restrict__ weight, __half* __restrict__ out, int hidden,
-                                     float eps) {
     __shared__ float shared[32];
     allow_dependents();
     wait_for_producer();
@@ -270,14 +232,9 @@ void rms_norm_launch(void* x, const void* residual, const void* weight, void* ou
                        hidden, eps);
         return;
     }
-    if (hidden > MAX_PER_THREAD * 1024) {
-        launch_chained(rms_norm_wide_kernel, dim3(rows), dim3(1024), 0, stream, static_cast<__half*>(x),
-                       static_cast<const __half*>(residual), static_cast<const __half*>(weight),
-                       static_cast<__half*>(out), hidden, eps);
-        return;
-    }
+    // Up to 16 values a thread before a block takes more threads (at most 1024, then more values).
     int threads = 1024;
-    while (threads > 128 && (threads / 2) * MAX_PER_THREAD >= hidden) threads /= 2;
+    while (threads > 128 && (threads / 2) * 16 >= hidden) threads /= 2;
     launch_chained(rms_norm_kernel, dim3(rows), dim3(threads), 0, stream, static_cast<__half*>(x),
                    static_cast<const __half*>(residual), static_cast<const __half*>(weight), static_cast<__half*>(out),
                    hidden, eps);
