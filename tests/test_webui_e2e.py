@@ -97,15 +97,23 @@ def screenshot(page, name: str) -> None:
 
 def set_number(page, selector: str, value) -> None:
     box = page.locator(f"{selector} input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
-    box.blur()
-    # A slider shows its new value on its range input once the component's state has taken it;
-    # an event sent before that can still carry the old value (a chat at the default temperature
-    # once answered "La femme de France..." where the test had set 0).
+    # A slider's range input is written from the component's state, so it shows whether the typed
+    # value was taken. Right after an accordion opens it sometimes was not (the range stayed at 0.7
+    # after 0 was typed, and a chat then answered at the default temperature): type it again.
     slider = page.locator(f"{selector} input[type=range]")
-    if slider.count():
-        playwright_api.expect(slider).to_have_value(format(float(value), "g"))  # a range input writes 4.0 as "4"
+    shown = format(float(value), "g")  # a range input writes 4.0 as "4"
+    for _ in range(3):
+        box.fill(str(value))
+        box.press("Enter")
+        box.blur()
+        if not slider.count():
+            return
+        try:
+            playwright_api.expect(slider).to_have_value(shown, timeout=3000)
+            return
+        except AssertionError:
+            continue
+    playwright_api.expect(slider).to_have_value(shown)
 
 
 def wait_while_converting(page, condition: str) -> None:
