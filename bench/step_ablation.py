@@ -5,7 +5,8 @@
 Under programmatic dependent launch a kernel's profiled time includes its wait
 for the one before, so per-kernel sums overstate the step (KERNEL_NOTES v5).
 This captures the same decode step with groups of the small kernels replaced by
-nothing (norms, attention with its rope and cache append, SwiGLU) and times each
+nothing (norms, attention with its rope and cache append, SwiGLU), or with the
+EXL2 products gathering their own inputs (no "slot order"), and times each
 graph's replay alone: the difference to the full step is what those kernels
 cost in context. The outputs of an ablated step are meaningless; only its time
 is read.
@@ -26,15 +27,23 @@ from core.graph_decode import GraphDecoder
 
 def skipping(ops, leave_out: set[str]):
     """ops with the named kernels replaced by the cheapest thing of the right shape."""
-    replaced = types.SimpleNamespace(**{name: getattr(ops, name) for name in
-                                        ("rms_norm", "rope_cache", "decode_attention", "silu_mul")})
+    replaced = types.SimpleNamespace(**{name: getattr(ops, name, None) for name in
+                                        ("rms_norm", "rms_norm_slots", "rope_cache", "decode_attention", "silu_mul",
+                                         "silu_mul_slots")})
+
+    def unwritten_slots(x, tables):  # buffers of the right shape; allocating one launches nothing
+        rows = x.numel() // x.shape[-1]
+        return [x.new_empty(rows, table.numel()) for table in tables]
+
     if "norm" in leave_out:
         replaced.rms_norm = lambda x, weight, eps, residual=None: x
+        replaced.rms_norm_slots = lambda x, weight, eps, residual, tables: [x, x, *unwritten_slots(x, tables)]
     if "attention" in leave_out:  # the decode attention kernel rotates and appends the token's key too
         replaced.decode_attention = lambda q, *args: q
         replaced.rope_cache = lambda *args: None
     if "silu" in leave_out:
         replaced.silu_mul = lambda gate, up: gate
+        replaced.silu_mul_slots = lambda gate, up, table: unwritten_slots(gate, [table])[0]
     return replaced
 
 
@@ -66,12 +75,14 @@ def main() -> None:
     model = random_model(config, args.bpw, "cuda", torch.float16)
     cache = KVCache(config, max(512, args.position + 64), device="cuda", dtype=torch.float16)
     decoder = GraphDecoder(model, cache)
-    full_ops = decoder.ops
-    variants = [set(), {"norm"}, {"attention"}, {"silu"}, {"norm", "attention", "silu"}]
+    full_ops, slots = decoder.ops, decoder.slots
+    # "slot order": the norms and SwiGLU write plain rows and every EXL2 product gathers its own inputs.
+    variants = [set(), {"slot order"}, {"norm"}, {"attention"}, {"silu"}, {"norm", "attention", "silu"}]
     print(f"{device_name()}, {args.model} {args.bpw} bpw, {config.num_layers} layers, position {args.position}")
     full = None
     for leave_out in variants:
         decoder.ops = skipping(full_ops, leave_out)
+        decoder.slots = None if "slot order" in leave_out else slots
         decoder.graphs.clear()
         seconds = replay_time(decoder, args.position)
         full = full if full is not None else seconds

@@ -11,7 +11,9 @@ itself and also rotates the token and appends it to the cache; several rows go
 through rope with the cache append, then SDPA with a mask. The model's linear
 layers run as they are; norms, rope with the cache append, and SwiGLU run as
 fused kernels (core/kernels/fused.cu) or their torch twins, which compute what
-CausalLM.forward computes.
+CausalLM.forward computes. Where the next product is EXL2, the norm or SwiGLU
+before it also writes its output in the order that product stages its inputs
+in (linear.input_slots), so the product reads them instead of gathering them.
 
 A batch of several rows decodes in lockstep (one shared position, as a
 left-padded batch does): each row's key mask hides its padding, and rope with
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 
 from .cache import KVCache
 from .kernels import dispatch, reference
-from .linear import project, share_input_weights
+from .linear import input_slots, project, project_slots, share_input_weights
 from .model import CausalLM
 
 # Attention reads the cache prefix rounded up to this many positions: few graphs, little wasted reading.
@@ -76,6 +78,16 @@ class GraphDecoder:
         self.attention_scratch = (torch.zeros(built.decode_attention_scratch(config.num_heads, config.head_dim,
                                                                             cache.max_seq_len), device=device)
                                   if self.attention_kernel else None)
+        # The norms and SwiGLU write their outputs in the order the next product reads them, where
+        # that product has one (EXL2; see linear.input_slots): per layer, the tables of q/k/v,
+        # gate/up and down, then those of the head.
+        self.slots = None
+        if built is not None and built.rms_norm_takes_slots(config.hidden_size):
+            self.slots = [(input_slots((layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
+                                       self.batch),
+                           input_slots((layer.mlp.gate_proj, layer.mlp.up_proj), self.batch),
+                           input_slots((layer.mlp.down_proj,), self.batch)) for layer in model.model.layers]
+            self.head_slots = input_slots((model.lm_head,), self.batch)
 
     def set_key_mask(self, key_mask: torch.Tensor) -> None:
         """Rows' real tokens [batch, n] (True = attend) for the first n positions; later positions are all real."""
@@ -138,6 +150,18 @@ class GraphDecoder:
         mask = torch.zeros(self.batch, 1, 1, length, dtype=self.model.dtype, device=allowed.device)
         return mask.masked_fill_(~allowed.view(self.batch, 1, 1, length), float("-inf"))
 
+    def _norm(self, x: torch.Tensor, norm, residual: torch.Tensor | None, tables: list[torch.Tensor] | None):
+        """(x + residual, its norm, the norm in the next product's slot orders or None). With slot
+        tables the sum is a new tensor (several blocks read x), else x updated in place."""
+        if tables:
+            x, h, *slots = self.ops.rms_norm_slots(x, norm.weight, norm.eps, residual, tables)
+            return x, h, slots
+        return x, self.ops.rms_norm(x, norm.weight, norm.eps, residual), None
+
+    @staticmethod
+    def _project(h: torch.Tensor, slots: list[torch.Tensor] | None, layers) -> list[torch.Tensor]:
+        return project_slots(slots, layers, h.shape[:-1]) if slots else project(h, layers)
+
     def _forward(self, length: int) -> torch.Tensor:
         model, cache, ops = self.model, self.cache, self.ops
         heads, kv_heads, dim = model.config.num_heads, model.config.num_kv_heads, model.config.head_dim
@@ -146,11 +170,13 @@ class GraphDecoder:
         mask = None if self.attention_kernel else self._mask(length)
         rope_cache = ops.rope_cache if batch == 1 else reference.rope_cache
         layers = model.model.layers
+        no_slots = (None, None, None)
+        slots = self.slots or [no_slots] * len(layers)
         x = model.model.embed_tokens(self.tokens)
-        h = ops.rms_norm(x, layers[0].input_layernorm.weight, layers[0].input_layernorm.eps)
+        x, h, h_slots = self._norm(x, layers[0].input_layernorm, None, slots[0][0])
         for index, layer in enumerate(layers):
             attn = layer.self_attn
-            q, k, v = project(h, (attn.q_proj, attn.k_proj, attn.v_proj))
+            q, k, v = self._project(h, h_slots, (attn.q_proj, attn.k_proj, attn.v_proj))
             key_buffer, value_buffer = cache.keys[attn.layer_index], cache.values[attn.layer_index]
             if self.attention_kernel:
                 out = ops.decode_attention(q.view(-1), k, v, self.cos_table, self.sin_table, self.position, key_buffer,
@@ -162,11 +188,16 @@ class GraphDecoder:
                                                      attn_mask=mask, enable_gqa=heads != kv_heads)
                 out = out.transpose(1, 2).reshape(batch, 1, -1)
             o = attn.o_proj(out)
-            norm = layer.post_attention_layernorm
-            h = ops.rms_norm(x, norm.weight, norm.eps, o)  # x += o, then the norm
             mlp = layer.mlp
-            d = mlp.down_proj(ops.silu_mul(*project(h, (mlp.gate_proj, mlp.up_proj))))
-            norm = layers[index + 1].input_layernorm if index + 1 < len(layers) else model.model.norm
-            h = ops.rms_norm(x, norm.weight, norm.eps, d)
-        return model.lm_head(h).float()
-
+            _, gate_up_tables, down_tables = slots[index]
+            x, h, h_slots = self._norm(x, layer.post_attention_layernorm, o, gate_up_tables)  # x + o, then the norm
+            gate, up = self._project(h, h_slots, (mlp.gate_proj, mlp.up_proj))
+            if down_tables:
+                d = self._project(gate, [ops.silu_mul_slots(gate, up, down_tables[0])], (mlp.down_proj,))[0]
+            else:
+                d = mlp.down_proj(ops.silu_mul(gate, up))
+            if index + 1 < len(layers):
+                x, h, h_slots = self._norm(x, layers[index + 1].input_layernorm, d, slots[index + 1][0])
+            else:
+                x, h, h_slots = self._norm(x, model.model.norm, d, self.head_slots if self.slots else None)
+        return self._project(h, h_slots, (model.lm_head,))[0].float()

@@ -72,6 +72,18 @@ class QuantizedLinear(nn.Module):
     def kernel_matmul_group(x: torch.Tensor, layers: list["QuantizedLinear"], plans: list) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    # Whether the kind's small-batch kernel can take its input already in its own order (input_slots).
+    reads_slots = False
+
+    @staticmethod
+    def slot_table(plan) -> torch.Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def kernel_matmul_slots(x_slots: list[torch.Tensor], layers: list["QuantizedLinear"], plans: list
+                            ) -> list[torch.Tensor]:
+        raise NotImplementedError
+
     def dense_weight(self) -> torch.Tensor:
         """[out_features, in_features] in the compute dtype, as nn.Linear would hold it."""
         if self._dense is None:
@@ -120,6 +132,36 @@ def project(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> list[torch.Tensor
         if all(plan is not None for plan in plans):
             return kind.kernel_matmul_group(x, list(layers), plans)
     return [layer(x) for layer in layers]
+
+
+def input_slots(layers: tuple[nn.Module, ...], rows: int) -> list[torch.Tensor] | None:
+    """Where `rows` input rows for these layers (one input: q, k and v; gate and up; or one layer)
+    run as one kernel launch that reads its input in an order of its own, the tables of that
+    order a producer kernel writes it in (see project_slots); else None.
+
+    The EXL2 small-batch kernel stages its inputs so that each weight it decodes meets its input
+    without a shuffle; written in that order by the kernel before it (a norm, SwiGLU), the inputs
+    reach every block of the product as one contiguous read instead of a copy and a gather."""
+    from .kernels.dispatch import SMALL_BATCH
+
+    kind = type(layers[0])
+    if (not issubclass(kind, QuantizedLinear) or not kind.reads_slots or len(layers) > kind.group_most
+            or rows > SMALL_BATCH or any(type(layer) is not kind for layer in layers)
+            or len({layer.in_features for layer in layers}) != 1):
+        return None
+    plans = [layer.kernel_plan() for layer in layers]
+    if any(plan is None for plan in plans):
+        return None
+    return [kind.slot_table(plan) for plan in plans]
+
+
+def project_slots(x_slots: list[torch.Tensor], layers: tuple[nn.Module, ...], shape: torch.Size) -> list[torch.Tensor]:
+    """project() of an input of leading shape `shape` that a producer wrote in the tables' orders
+    (x_slots[i] in input_slots(layers)[i]'s order), each output shaped as layer(x) gives it."""
+    kind = type(layers[0])
+    plans = [layer.kernel_plan() for layer in layers]
+    outs = kind.kernel_matmul_slots(x_slots, list(layers), plans)
+    return [out.reshape(*shape, layer.out_features) for out, layer in zip(outs, layers)]
 
 
 def share_input_weights(model: nn.Module) -> None:
@@ -214,6 +256,19 @@ class EXL2Linear(QuantizedLinear):
         from .kernels import exl2
 
         return exl2.matmul_group(x, [(layer.quantized_tensors(), plan, layer.bias) for layer, plan in zip(layers, plans)])
+
+    reads_slots = True
+
+    @staticmethod
+    def slot_table(plan) -> torch.Tensor:
+        return plan.xperm
+
+    @staticmethod
+    def kernel_matmul_slots(x_slots: list[torch.Tensor], layers: list["EXL2Linear"], plans: list) -> list[torch.Tensor]:
+        from .kernels import exl2
+
+        return exl2.matmul_slots(x_slots, [(layer.quantized_tensors(), plan, layer.bias)
+                                           for layer, plan in zip(layers, plans)])
 
 
 class GPTQLinear(QuantizedLinear):

@@ -135,6 +135,27 @@ def test_exl2_one_launch_for_layers_sharing_an_input(in_features, outs, monkeypa
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("in_features, outs", [(532, (202,)), (576, (576, 192, 192)), (4096, (4096, 4096, 1024)),
+                                               (11008, (4096,))])
+def test_exl2_product_reads_inputs_a_producer_wrote_in_slot_order(in_features, outs):
+    # The graph decoder's norms and SwiGLU write the product's input in each layer's slot order
+    # (reference.slot_gather is their twin); the product then reads those rows, not x.
+    mixes = [[(6, 0.25), (4, 0.5), (3, 0.25)], [(8, 0.1), (5, 0.4), (2, 0.5)], [(4, 1.0)]]
+    layers = [layer(in_features, out, mixes[i]) for i, out in enumerate(outs)]
+    biases = [torch.randn(outs[0], device="cuda").half(), None, None][: len(outs)]
+    for rows in (1, 3, 8, 9, 16):
+        x = torch.randn(rows, in_features, device="cuda").half()
+        x_slots = [reference.slot_gather(x, plan.xperm) for _, plan in layers]
+        poison(rows * sum(outs) * 2)
+        got = exl2.matmul_slots(x_slots, [(tensors, plan, bias) for (tensors, plan), bias in zip(layers, biases)])
+        for out, (tensors, plan), bias in zip(got, layers, biases):
+            assert out.shape == (rows, plan.out_features)
+            error = relative_error(out, expected_product(x, tensors, plan.out_features, bias))
+            assert error < TOLERANCE, f"{rows} rows, {plan.out_features} columns: relative error {error:.2e}"
+        assert int(exl2._scratch.buffers[x.device].count_nonzero()) == 0
+
+
+@pytest.mark.cuda
 def test_model_projections_in_one_launch_match_one_by_one():
     # core.linear.project groups q/k/v and gate/up; the layers' own calls are the reference.
     from core.linear import project
@@ -280,9 +301,9 @@ def close(ours: torch.Tensor, expected: torch.Tensor, tolerance: float = 2e-3) -
 
 
 @pytest.mark.cuda
-# 580 and 20004 take the any-width kernel, 40000 too (wider than the 16-byte kernel holds); the graph
-# decoder calls the fused norm at any width.
-@pytest.mark.parametrize("hidden", [576, 580, 4096, 5120, 20004, 40000])
+# 580 and 20004 take the any-width kernel, 24576 and 40000 too (wider than the 16-byte kernel holds);
+# the graph decoder calls the fused norm at any width.
+@pytest.mark.parametrize("hidden", [576, 580, 4096, 5120, 20004, 24576, 40000])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_fused_rms_norm_matches_reference(hidden, with_residual):
     for rows in (1, 7):
@@ -352,6 +373,58 @@ def test_fused_silu_mul_matches_reference():
     gate, up = torch.randn(2, 11008, device="cuda").half() * 4, torch.randn(2, 11008, device="cuda").half()
     poison(gate.numel())
     assert close(kernels().silu_mul(gate, up), reference.silu_mul(gate, up))
+
+
+def slot_tables(in_features, outs):
+    # Real tables, padding slots included: mixed widths end mid-quad.
+    return [layer(in_features, out, [(6, 0.3), (4, 0.45), (3, 0.25)])[1].xperm for out in outs]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("hidden, outs", [(576, (576, 192, 192)), (4096, (4096, 11008)), (8192, (1024,))])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_fused_norm_writes_its_output_in_its_consumers_slot_orders(hidden, outs, with_residual):
+    tables = slot_tables(hidden, outs)
+    for rows in (1, 7):
+        x = torch.randn(rows, 1, hidden, device="cuda").half()
+        weight = (1 + 0.1 * torch.randn(hidden, device="cuda")).half()
+        residual = torch.randn_like(x) if with_residual else None
+        x_ours, x_expected = x.clone(), x.clone()
+        poison(rows * hidden * 8)
+        ours = kernels().rms_norm_slots(x_ours, weight, 1e-5, residual, tables)
+        expected = reference.rms_norm_slots(x_expected, weight, 1e-5, residual, tables)
+        assert len(ours) == 2 + len(tables)
+        # x is left as it is (several blocks read it); the sum is a new tensor.
+        assert torch.equal(x_ours, x) and torch.equal(ours[0], expected[0])
+        assert (ours[0].data_ptr() != x_ours.data_ptr()) == with_residual
+        assert close(ours[1], expected[1], 1e-3)
+        # The slots hold exactly the kernel's own output values, zeros where a slot has no input.
+        for got, table in zip(ours[2:], tables):
+            assert torch.equal(got, reference.slot_gather(ours[1], table))
+
+
+@pytest.mark.cuda
+def test_fused_silu_mul_writes_its_consumer_slot_order():
+    table = slot_tables(11008, (4096,))[0]
+    for rows in (1, 3):
+        gate, up = torch.randn(rows, 1, 11008, device="cuda").half() * 4, torch.randn(rows, 1, 11008, device="cuda").half()
+        poison(rows * table.numel())
+        ours = kernels().silu_mul_slots(gate, up, table)
+        assert ours.shape == (rows, table.numel())
+        assert torch.equal(ours, reference.slot_gather(kernels().silu_mul(gate, up), table))
+        assert close(ours, reference.silu_mul_slots(gate, up, table))
+
+
+@pytest.mark.cuda
+def test_slot_writers_refuse_what_they_cannot_write():
+    table = slot_tables(576, (576,))[0]
+    x, weight = torch.randn(1, 580, device="cuda").half(), torch.ones(580, device="cuda").half()
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        kernels().rms_norm_slots(x, weight, 1e-5, None, [table])
+    with pytest.raises(RuntimeError, match="at most 3"):
+        kernels().rms_norm_slots(x[:, :576].contiguous(), weight[:576].contiguous(), 1e-5, None, [table] * 4)
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        kernels().silu_mul_slots(x[:, :576].contiguous(), x[:, :576].contiguous(), table[:-3])
 
 
 @pytest.mark.cuda

@@ -44,10 +44,11 @@ std::vector<torch::Tensor> exl2_gemm_small(torch::Tensor x, std::vector<torch::T
                                            std::vector<int64_t> n, std::vector<torch::Tensor> q_scale,
                                            std::vector<torch::Tensor> q_scale_max, std::vector<int64_t> slices,
                                            std::vector<int64_t> quads_per_slice, int64_t warps, torch::Tensor partial,
-                                           std::vector<torch::Tensor> bias) {
+                                           std::vector<torch::Tensor> bias, std::vector<torch::Tensor> x_slots) {
     check(x, torch::kHalf, "x");
     check(partial, torch::kFloat, "partial");
-    TORCH_CHECK(x.dim() == 2 && x.size(0) <= 16 && x.size(1) < 0xFFFF, "x: [M <= 16, K < 65535]");
+    TORCH_CHECK(x.dim() == 2 && x.size(0) <= 16 && (!x_slots.empty() || x.size(1) < 0xFFFF),
+                "x: [M <= 16, K < 65535] (with x_slots, only its rows are read)");
     const size_t count = q_weight.size();
     TORCH_CHECK(count >= 1 && count <= (size_t)exl2_gemm_group_max(), "one launch takes 1 to ",
                 exl2_gemm_group_max(), " layers");
@@ -55,6 +56,7 @@ std::vector<torch::Tensor> exl2_gemm_small(torch::Tensor x, std::vector<torch::T
                 q_scale_max.size() == count && slices.size() == count && quads_per_slice.size() == count &&
                 bias.size() == count, "one entry per layer in every list");
     TORCH_CHECK(warps >= 1 && warps <= exl2_gemm_warps_max(), "warps: 1 to ", exl2_gemm_warps_max(), " per block");
+    TORCH_CHECK(x_slots.empty() || x_slots.size() == count, "x_slots: none, or one per layer");
     const c10::cuda::CUDAGuard guard(x.device());
     std::vector<Exl2Product> products(count);
     std::vector<torch::Tensor> outs;
@@ -82,8 +84,16 @@ std::vector<torch::Tensor> exl2_gemm_small(torch::Tensor x, std::vector<torch::T
             TORCH_CHECK(bias[i].numel() == n[i], "bias: [n]");
             bias_ptr = bias[i].data_ptr<at::Half>();
         }
+        const void* slots_ptr = nullptr;
+        if (!x_slots.empty()) {
+            check(x_slots[i], torch::kHalf, "x_slots");
+            TORCH_CHECK(x_slots[i].dim() == 2 && x_slots[i].size(0) == x.size(0) && x_slots[i].size(1) == quads * 128,
+                        "x_slots: [M, quads * 128], x in the layer's slot order");
+            slots_ptr = x_slots[i].data_ptr<at::Half>();
+        }
         outs.push_back(torch::empty({x.size(0), n[i]}, x.options()));
-        products[i] = Exl2Product{layer, (int)slices[i], (int)quads_per_slice[i], bias_ptr, outs.back().data_ptr<at::Half>()};
+        products[i] = Exl2Product{layer, (int)slices[i], (int)quads_per_slice[i], bias_ptr, outs.back().data_ptr<at::Half>(),
+                                  slots_ptr};
     }
     TORCH_CHECK((size_t)partial.numel() >= exl2_gemm_scratch(products.data(), count, x.size(0)),
                 "partial: fp32 zeros for M * n sums of each split layer and one count per column tile");
@@ -174,7 +184,29 @@ void gptq_scale_search(torch::Tensor work, int64_t first_row, int64_t rows, torc
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps, c10::optional<torch::Tensor> residual) {
+// Slot tables (int16 views of uint16 input indices, each [slots], slots a multiple of 8) and
+// their outputs fp16 [rows, slots], for a producer that writes its row in its consumers' orders.
+SlotTables slot_tables(const std::vector<torch::Tensor>& index, int64_t rows, int64_t width,
+                       std::vector<torch::Tensor>& outs, const torch::TensorOptions& options) {
+    TORCH_CHECK(index.size() <= (size_t)SLOT_TABLES_MOST, "at most 3 slot tables");
+    SlotTables tables{};
+    tables.count = (int)index.size();
+    for (size_t t = 0; t < index.size(); ++t) {
+        check(index[t], torch::kShort, "slot table");
+        TORCH_CHECK(index[t].dim() == 1 && index[t].numel() % 8 == 0 && index[t].numel() < (1 << 30),
+                    "slot table: [slots], a multiple of 8");
+        TORCH_CHECK(width < NO_SLOT_INPUT, "slot tables index at most 65534 inputs");
+        outs.push_back(torch::empty({rows, index[t].numel()}, options));
+        tables.index[t] = reinterpret_cast<const uint16_t*>(index[t].data_ptr<int16_t>());
+        tables.out[t] = outs.back().data_ptr<at::Half>();
+        tables.slots[t] = (int)index[t].numel();
+    }
+    return tables;
+}
+
+std::vector<torch::Tensor> norm_checked(torch::Tensor x, torch::Tensor weight, double eps,
+                                        c10::optional<torch::Tensor> residual, std::vector<torch::Tensor> index,
+                                        bool in_place) {
     check(x, torch::kHalf, "x");
     check(weight, torch::kHalf, "weight");
     const int64_t hidden = x.size(-1);
@@ -185,14 +217,32 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps, c10::o
         TORCH_CHECK(residual->sizes() == x.sizes(), "rms_norm: residual shaped like x");
         residual_ptr = residual->data_ptr<at::Half>();
     }
+    static_assert(SLOT_TABLES_MOST == 3, "the message below");
+    TORCH_CHECK(index.size() <= 3, "rms_norm: at most 3 slot tables");
+    TORCH_CHECK(index.empty() || rms_norm_takes_slots(hidden), "rms_norm: slot tables take rows of a multiple of 8 up to ",
+                "the 16-byte kernel's width");
     const c10::cuda::CUDAGuard guard(x.device());
-    auto out = torch::empty_like(x);
+    auto sum = residual_ptr && !in_place ? torch::empty_like(x) : x;
+    std::vector<torch::Tensor> outs{sum, torch::empty_like(x)};
     const int64_t rows = x.numel() / hidden;
-    if (rows == 0) return out;
-    rms_norm_launch(x.data_ptr<at::Half>(), residual_ptr, weight.data_ptr<at::Half>(), out.data_ptr<at::Half>(),
-                    rows, hidden, eps, c10::cuda::getCurrentCUDAStream());
+    const SlotTables tables = slot_tables(index, rows, hidden, outs, x.options());
+    if (rows == 0) return outs;
+    rms_norm_launch(x.data_ptr<at::Half>(), residual_ptr, sum.data_ptr<at::Half>(), weight.data_ptr<at::Half>(),
+                    outs[1].data_ptr<at::Half>(), rows, hidden, eps, c10::cuda::getCurrentCUDAStream(), tables);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return out;
+    return outs;
+}
+
+// The norm; with a residual, x += residual first (in place).
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps, c10::optional<torch::Tensor> residual) {
+    return norm_checked(x, weight, eps, residual, {}, true)[1];
+}
+
+// [x + residual (a new tensor; x where no residual), its norm, the norm in slot table 0's order, ...];
+// the tables' input indices must be below hidden.
+std::vector<torch::Tensor> rms_norm_slots(torch::Tensor x, torch::Tensor weight, double eps,
+                                          c10::optional<torch::Tensor> residual, std::vector<torch::Tensor> index) {
+    return norm_checked(x, weight, eps, residual, index, false);
 }
 
 void rope_cache_checked(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos_table,
@@ -243,6 +293,23 @@ torch::Tensor silu_mul(torch::Tensor gate, torch::Tensor up) {
                     c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return out;
+}
+
+// fp16(silu(gate)) * up [rows, n] in one slot table's order: [rows, slots].
+torch::Tensor silu_mul_slots(torch::Tensor gate, torch::Tensor up, torch::Tensor index) {
+    check(gate, torch::kHalf, "gate");
+    check(up, torch::kHalf, "up");
+    TORCH_CHECK(gate.sizes() == up.sizes() && gate.dim() >= 1, "silu_mul_slots: gate and up of one shape");
+    const int64_t n = gate.size(-1), rows = gate.numel() / std::max<int64_t>(n, 1);
+    TORCH_CHECK(rows <= 65535, "silu_mul_slots: at most 65535 rows");
+    const c10::cuda::CUDAGuard guard(gate.device());
+    std::vector<torch::Tensor> outs;
+    const SlotTables tables = slot_tables({index}, rows, n, outs, gate.options());
+    if (rows > 0)
+        silu_mul_slots_launch(gate.data_ptr<at::Half>(), up.data_ptr<at::Half>(), tables.index[0], outs[0].data_ptr<at::Half>(),
+                              rows, n, tables.slots[0], c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return outs[0];
 }
 
 // One token's rotary embedding, cache append and attention over the cache (batch 1):
@@ -364,6 +431,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("rope_cache", &rope_cache, "Rotary embedding of one token's q (in place) and k, appended with v to the caches");
     m.def("rope_cache_rows", &rope_cache_rows, "Rotary embedding of a prompt's q (in place) and k, written with v into the caches");
     m.def("silu_mul", &silu_mul, "fp16(silu(gate)) * up");
+    m.def("rms_norm_takes_slots", &rms_norm_takes_slots, "Whether rms_norm_slots takes rows of this width");
+    m.def("rms_norm_slots", &rms_norm_slots, "x + residual (new), its RMSNorm, and that also in up to 3 consumers' slot orders");
+    m.def("silu_mul_slots", &silu_mul_slots, "fp16(silu(gate)) * up written in a consumer's slot order");
     m.def("decode_attention", &decode_attention, "One token's rope, cache append and attention over the key/value cache (batch 1)");
     m.def("decode_attention_scratch", &decode_attention_scratch, "Floats of scratch decode_attention needs (its last `heads` zero)");
     m.def("gptq_block", &gptq_block, "GPTQ's row walk inside one block of at most 32 input rows");

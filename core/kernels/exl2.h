@@ -27,6 +27,7 @@ struct Exl2Product {
     int quads_per_slice;
     const void* bias;
     void* out;
+    const void* x_slots;  // fp16 [x_rows, quads * 128]: x already in the layer's slot order (xperm); null: gathered here
 };
 
 // Up to exl2_gemm_group_max() products of one input x fp16 [x_rows, k] in one launch, `warps`

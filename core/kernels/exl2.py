@@ -151,10 +151,15 @@ def reserve_scratch(device: torch.device, rows: int, out_features: int) -> None:
     _scratch.get(device, rows * out_features + COUNT_ROOM)
 
 
-def gemm_group(x: torch.Tensor, layers: Sequence[tuple[dict[str, torch.Tensor], Exl2Plan, torch.Tensor | None]]
-               ) -> list[torch.Tensor]:
+def gemm_group(x: torch.Tensor, layers: Sequence[tuple[dict[str, torch.Tensor], Exl2Plan, torch.Tensor | None]],
+               x_slots: Sequence[torch.Tensor] = ()) -> list[torch.Tensor]:
     """fp16 x [M <= dispatch.SMALL_BATCH, K] @ each layer's weight (+ its fp16 bias) -> fp16 [M, N_i],
-    straight from the packed weights, up to GROUP_MOST layers (tensors, plan, bias) in one launch."""
+    straight from the packed weights, up to GROUP_MOST layers (tensors, plan, bias) in one launch.
+
+    With `x_slots` (one per layer: x in its plan's slot order, [M, quads * 128], as
+    reference.slot_gather writes it) the kernel reads those instead of gathering from x, whose
+    rows alone it then reads: a producer kernel that writes them so saves every block of the
+    product a copy of x and a gather."""
     rows = x.shape[0]
     tiles = sum(plan.column_tiles for _, plan, _ in layers)
     # The split of K counts the blocks of the whole launch: three 4096-column layers fill an H100 unsplit.
@@ -168,7 +173,7 @@ def gemm_group(x: torch.Tensor, layers: Sequence[tuple[dict[str, torch.Tensor], 
         [tensors["q_weight"] for tensors, _, _ in layers], [plan.out_features for _, plan, _ in layers],
         [tensors["q_scale"] for tensors, _, _ in layers], [tensors["q_scale_max"] for tensors, _, _ in layers],
         [shape[0] for shape in shapes], [shape[1] for shape in shapes], max(shape[2] for shape in shapes), partial,
-        [bias if bias is not None else no_bias for _, _, bias in layers])
+        [bias if bias is not None else no_bias for _, _, bias in layers], list(x_slots))
 
 
 def gemm_small(x: torch.Tensor, tensors: dict[str, torch.Tensor], plan: Exl2Plan,
@@ -200,6 +205,13 @@ def matmul_group(x: torch.Tensor, layers: Sequence[tuple[dict[str, torch.Tensor]
     each -> [..., N_i] in x's dtype."""
     outs = gemm_group(fp16_rows(x), [(tensors, plan, fp16_bias(bias)) for tensors, plan, bias in layers])
     return [out.to(x.dtype).reshape(*x.shape[:-1], plan.out_features) for out, (_, plan, _) in zip(outs, layers)]
+
+
+def matmul_slots(x_slots: Sequence[torch.Tensor],
+                 layers: Sequence[tuple[dict[str, torch.Tensor], Exl2Plan, torch.Tensor | None]]) -> list[torch.Tensor]:
+    """matmul_group of an input a producer wrote in each layer's slot order (x_slots[i] fp16 [M, quads_i * 128]):
+    fp16 [M, N_i] each."""
+    return gemm_group(x_slots[0], [(tensors, plan, fp16_bias(bias)) for tensors, plan, bias in layers], x_slots)
 
 
 def matmul_reference(x: torch.Tensor, tensors: dict[str, torch.Tensor], out_features: int,

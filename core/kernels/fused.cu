@@ -26,7 +26,7 @@ __device__ __forceinline__ float block_sum(float v, float* shared) {
 
 // One block per row, any width: two passes over the row, the second reading back what the
 // thread itself wrote in the first (the rows a decode step norms take the 16-byte kernel below).
-__global__ void rms_norm_kernel(__half* __restrict__ x, const __half* __restrict__ residual,
+__global__ void rms_norm_kernel(const __half* x, const __half* __restrict__ residual, __half* sum_out,
                                 const __half* __restrict__ weight, __half* __restrict__ out, int hidden, float eps) {
     __shared__ float shared[32];
     allow_dependents();
@@ -37,14 +37,15 @@ __global__ void rms_norm_kernel(__half* __restrict__ x, const __half* __restrict
         float v = __half2float(x[base + i]);
         if (residual) {
             const __half sum = __float2half(v + __half2float(residual[base + i]));
-            x[base + i] = sum;
+            sum_out[base + i] = sum;
             v = __half2float(sum);
         }
         squares += v * v;
     }
     const float inverse_rms = rsqrtf(block_sum(squares, shared) / hidden + eps);
+    const __half* row = residual ? sum_out : x;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-        const float normed = __half2float(__float2half(__half2float(x[base + i]) * inverse_rms));
+        const float normed = __half2float(__float2half(__half2float(row[base + i]) * inverse_rms));
         out[base + i] = __float2half(normed * __half2float(weight[i]));
     }
 }
@@ -64,18 +65,74 @@ __device__ __forceinline__ void unpack8(const uint4& v, float (&out)[8]) {
     }
 }
 
-__global__ void rms_norm_vec_kernel(__half* __restrict__ x, const __half* __restrict__ residual,
-                                    const __half* __restrict__ weight, __half* __restrict__ out, int hidden, float eps) {
+// Which slot-table chunk of 8 slots flat chunk e is: the table and the chunk within it.
+// Tables are indexed by constants only: a dynamic index into a kernel's parameters copies
+// them to local memory.
+__device__ __forceinline__ int2 slot_chunk(const SlotTables& tables, int e) {
+#pragma unroll
+    for (int t = 0; t < SLOT_TABLES_MOST; ++t) {
+        const int chunks = t < tables.count ? tables.slots[t] / 8 : 0;
+        if (e < chunks) return make_int2(t, e);
+        e -= chunks;
+    }
+    return make_int2(-1, 0);
+}
+
+template <typename T>
+__device__ __forceinline__ T table_entry(const T (&entries)[SLOT_TABLES_MOST], int t) {
+    static_assert(SLOT_TABLES_MOST == 3, "one select per table");
+    return t == 0 ? entries[0] : t == 1 ? entries[1] : entries[2];
+}
+
+// Input index e of 8 packed in 16 bytes (by shifts: a byte view would put them on the stack).
+__device__ __forceinline__ uint32_t slot_input(const uint4& packed, int e) {
+    const uint32_t word = e < 2 ? packed.x : e < 4 ? packed.y : e < 6 ? packed.z : packed.w;
+    return (word >> (16 * (e & 1))) & 0xFFFFu;
+}
+
+// 8 slots of one table: each the row's value at its input index, or 0 where the slot has none.
+__device__ __forceinline__ void write_slot_chunk(const SlotTables& tables, int2 chunk, uint4 index,
+                                                 const __half* row, size_t out_row) {
+    __half v[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+        const uint32_t i = slot_input(index, e);
+        v[e] = i == NO_SLOT_INPUT ? __float2half(0.f) : row[i];
+    }
+    *reinterpret_cast<uint4*>(static_cast<__half*>(table_entry(tables.out, chunk.x)) +
+                              out_row * table_entry(tables.slots, chunk.x) + 8 * chunk.y) =
+        *reinterpret_cast<const uint4*>(v);
+}
+
+__device__ __forceinline__ uint4 slot_index(const SlotTables& tables, int2 chunk) {
+    return chunk.x < 0 ? make_uint4(0, 0, 0, 0)
+                       : __ldg(reinterpret_cast<const uint4*>(table_entry(tables.index, chunk.x)) + chunk.y);
+}
+
+// At most this many threads a block: the kernel needs more than the 64 registers a thread that
+// 1024 threads leave.
+constexpr int VEC_THREADS_MOST = 512;
+
+__global__ void __launch_bounds__(VEC_THREADS_MOST) rms_norm_vec_kernel(const __half* x, const __half* __restrict__ residual,
+                                    __half* sum_out, const __half* __restrict__ weight, __half* __restrict__ out,
+                                    int hidden, float eps, const SlotTables tables) {
     __shared__ float shared[32];
+    extern __shared__ __align__(16) __half normed_row[];  // the output row, where slot tables gather from it
     const size_t base = (size_t)blockIdx.x * hidden;
+    // Block y of a row writes its slot chunks y * threads + threadIdx.x; block 0 also the row itself.
+    const bool writes_row = blockIdx.y == 0;
+    const int slot_chunk_index = blockIdx.y * blockDim.x + threadIdx.x;
     uint4 xv[VEC_CHUNKS], rv[VEC_CHUNKS], wv[VEC_CHUNKS];
     allow_dependents();
-    // The norm's weight is the layer's own; x and the residual are the previous kernels' outputs.
+    // The norm's weight and the slot tables are the layer's own; x and the residual are the
+    // previous kernels' outputs.
 #pragma unroll
     for (int c = 0; c < VEC_CHUNKS; ++c) {
         const int i = (threadIdx.x + c * blockDim.x) * 8;
         wv[c] = i < hidden ? *reinterpret_cast<const uint4*>(weight + i) : make_uint4(0, 0, 0, 0);
     }
+    const int2 chunk = slot_chunk(tables, slot_chunk_index);
+    const uint4 index = slot_index(tables, chunk);
     wait_for_producer();
 #pragma unroll
     for (int c = 0; c < VEC_CHUNKS; ++c) {
@@ -103,7 +160,7 @@ __global__ void rms_norm_vec_kernel(__half* __restrict__ x, const __half* __rest
                 values[c][2 * e] = f.x;
                 values[c][2 * e + 1] = f.y;
             }
-            *reinterpret_cast<uint4*>(x + base + i) = *reinterpret_cast<const uint4*>(sums);
+            if (writes_row) *reinterpret_cast<uint4*>(sum_out + base + i) = *reinterpret_cast<const uint4*>(sums);
         }
 #pragma unroll
         for (int e = 0; e < 8; ++e) squares += values[c][e] * values[c][e];
@@ -122,8 +179,13 @@ __global__ void rms_norm_vec_kernel(__half* __restrict__ x, const __half* __rest
             const float b = __half2float(__float2half(values[c][2 * e + 1] * inverse_rms));
             result[e] = __floats2half2_rn(a * w[2 * e], b * w[2 * e + 1]);
         }
-        *reinterpret_cast<uint4*>(out + base + i) = *reinterpret_cast<const uint4*>(result);
+        if (writes_row) *reinterpret_cast<uint4*>(out + base + i) = *reinterpret_cast<const uint4*>(result);
+        if (tables.count) *reinterpret_cast<uint4*>(normed_row + i) = *reinterpret_cast<const uint4*>(result);
     }
+    if (!tables.count) return;
+    // This block's share of the consumers' slot orders, gathered from the row in shared memory.
+    __syncthreads();
+    if (chunk.x >= 0) write_slot_chunk(tables, chunk, index, normed_row, blockIdx.x);
 }
 
 // One block per head (query heads first, then key/value heads) and token, one thread per
@@ -206,6 +268,11 @@ __global__ void rope_cache_pairs_kernel(__half* __restrict__ q, const __half* __
     }
 }
 
+// fp16(silu(g)) first, as F.silu on an fp16 tensor returns it, then the fp16 product.
+__device__ __forceinline__ __half silu_times(float g, float u) {
+    return __float2half(__half2float(__float2half(g / (1.f + __expf(-g)))) * u);
+}
+
 __global__ void silu_mul_kernel(const __half2* __restrict__ gate, const __half2* __restrict__ up,
                                 __half2* __restrict__ out, int64_t pairs) {
     const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -214,30 +281,63 @@ __global__ void silu_mul_kernel(const __half2* __restrict__ gate, const __half2*
     if (i >= pairs) return;
     const float2 g = __half22float2(gate[i]);
     const float2 u = __half22float2(up[i]);
-    // fp16(silu(g)) first, as F.silu on an fp16 tensor returns it, then the fp16 product.
-    const float sx = __half2float(__float2half(g.x / (1.f + __expf(-g.x))));
-    const float sy = __half2float(__float2half(g.y / (1.f + __expf(-g.y))));
-    out[i] = __floats2half2_rn(sx * u.x, sy * u.y);
+    out[i] = __halves2half2(silu_times(g.x, u.x), silu_times(g.y, u.y));
+}
+
+// The same, written in the consumer's slot order: a thread takes 2 slots of one row (the
+// gathers are scattered 2-byte loads, so many threads over many multiprocessors), its input
+// indices requested before the wait (they are the layer's own).
+__global__ void silu_mul_slots_kernel(const __half* __restrict__ gate, const __half* __restrict__ up,
+                                      const uint32_t* __restrict__ index, __half2* __restrict__ out, int n, int slots) {
+    const int pair = blockIdx.x * blockDim.x + threadIdx.x, row = blockIdx.y;
+    allow_dependents();
+    const bool mine = pair < slots / 2;
+    const uint32_t packed = mine ? __ldg(index + pair) : 0u;
+    wait_for_producer();
+    if (!mine) return;
+    const __half* g = gate + (size_t)row * n;
+    const __half* u = up + (size_t)row * n;
+    __half v[2];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+        const uint32_t i = (packed >> (16 * e)) & 0xFFFFu;
+        v[e] = i == NO_SLOT_INPUT ? __float2half(0.f) : silu_times(__half2float(g[i]), __half2float(u[i]));
+    }
+    out[(size_t)row * (slots / 2) + pair] = __halves2half2(v[0], v[1]);
 }
 
 }  // namespace
 
-void rms_norm_launch(void* x, const void* residual, const void* weight, void* out, int rows, int hidden, float eps,
-                     cudaStream_t stream) {
+bool rms_norm_takes_slots(int hidden) { return hidden % 8 == 0 && hidden / 8 <= VEC_CHUNKS * VEC_THREADS_MOST; }
+
+void rms_norm_launch(void* x, const void* residual, void* sum_out, const void* weight, void* out, int rows, int hidden,
+                     float eps, cudaStream_t stream, const SlotTables& tables) {
     const int chunks = hidden / 8;
-    if (hidden % 8 == 0 && chunks <= VEC_CHUNKS * 1024) {
+    if (hidden % 8 == 0 && chunks <= VEC_CHUNKS * VEC_THREADS_MOST) {
         const int threads = std::max(32, (chunks + VEC_CHUNKS * 32 - 1) / (VEC_CHUNKS * 32) * 32);
-        launch_chained(rms_norm_vec_kernel, dim3(rows), dim3(threads), 0, stream, static_cast<__half*>(x),
-                       static_cast<const __half*>(residual), static_cast<const __half*>(weight), static_cast<__half*>(out),
-                       hidden, eps);
+        int parts = 1;
+        size_t row_bytes = 0;
+        if (tables.count) {
+            // Every block of a row norms the whole row (a few KiB read again from L2) and writes
+            // one chunk of 8 slots a thread: the gather spreads over many multiprocessors.
+            int slot_chunks = 0;
+            for (int t = 0; t < tables.count; ++t) slot_chunks += tables.slots[t] / 8;
+            parts = (slot_chunks + threads - 1) / threads;
+            row_bytes = sizeof(__half) * hidden;
+            if (row_bytes > 48 * 1024)
+                cudaFuncSetAttribute(rms_norm_vec_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)row_bytes);
+        }
+        launch_chained(rms_norm_vec_kernel, dim3(rows, parts), dim3(threads), row_bytes, stream,
+                       static_cast<const __half*>(x), static_cast<const __half*>(residual), static_cast<__half*>(sum_out),
+                       static_cast<const __half*>(weight), static_cast<__half*>(out), hidden, eps, tables);
         return;
     }
     // Up to 16 values a thread before a block takes more threads (at most 1024, then more values).
     int threads = 1024;
     while (threads > 128 && (threads / 2) * 16 >= hidden) threads /= 2;
-    launch_chained(rms_norm_kernel, dim3(rows), dim3(threads), 0, stream, static_cast<__half*>(x),
-                   static_cast<const __half*>(residual), static_cast<const __half*>(weight), static_cast<__half*>(out),
-                   hidden, eps);
+    launch_chained(rms_norm_kernel, dim3(rows), dim3(threads), 0, stream, static_cast<const __half*>(x),
+                   static_cast<const __half*>(residual), static_cast<__half*>(sum_out), static_cast<const __half*>(weight),
+                   static_cast<__half*>(out), hidden, eps);
 }
 
 void rope_cache_launch(void* q, const void* k, const void* v, const void* cos_table, const void* sin_table,
@@ -258,6 +358,14 @@ void rope_cache_launch(void* q, const void* k, const void* v, const void* cos_ta
                    static_cast<const __half*>(k), static_cast<const __half*>(v), static_cast<const __half*>(cos_table),
                    static_cast<const __half*>(sin_table), position, first_position, table_first,
                    static_cast<__half*>(key_cache), static_cast<__half*>(value_cache), heads, kv_heads, dim, max_seq);
+}
+
+void silu_mul_slots_launch(const void* gate, const void* up, const uint16_t* index, void* out, int rows, int n,
+                           int slots, cudaStream_t stream) {
+    const int threads = 64;
+    launch_chained(silu_mul_slots_kernel, dim3((slots / 2 + threads - 1) / threads, rows), dim3(threads), 0, stream,
+                   static_cast<const __half*>(gate), static_cast<const __half*>(up),
+                   reinterpret_cast<const uint32_t*>(index), static_cast<__half2*>(out), n, slots);
 }
 
 void silu_mul_launch(const void* gate, const void* up, void* out, int64_t n, cudaStream_t stream) {

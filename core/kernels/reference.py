@@ -35,6 +35,27 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     return weight * normed
 
 
+NO_SLOT_INPUT = 0xFFFF
+
+
+def slot_gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [..., K] in a consumer's slot order: [rows, slots], slot s = x[..., index[s]], zero where the
+    index (int16 holding uint16) is NO_SLOT_INPUT. The EXL2 small-batch product reads its input so."""
+    rows = x.reshape(-1, x.shape[-1])
+    index = index.long() & 0xFFFF
+    padded = torch.cat((rows, rows.new_zeros(rows.shape[0], 1)), dim=1)
+    return padded.index_select(1, torch.where(index == NO_SLOT_INPUT, rows.shape[1], index))
+
+
+def rms_norm_slots(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
+                   index: list[torch.Tensor]) -> list[torch.Tensor]:
+    """[x + residual (a new tensor; x itself without a residual), its rms_norm, then that in each
+    slot table's order]. x is left as it is."""
+    total = x + residual if residual is not None else x
+    out = rms_norm(total, weight, eps)
+    return [total, out, *(slot_gather(out, table) for table in index)]
+
+
 def rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
                position: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
     """One token per batch row, all at one position: rotate q in place; rotated k and v go
@@ -51,6 +72,10 @@ def rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_table: tor
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
+
+
+def silu_mul_slots(gate: torch.Tensor, up: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return slot_gather(silu_mul(gate, up), index)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_table: torch.Tensor,
