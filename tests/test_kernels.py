@@ -110,6 +110,15 @@ def test_exl2_small_batch_same_function_for_every_launch_shape(shape, group_size
     exl2.launch_shape.cache_clear()
 
 
+def check_each_product(x, got, layers, biases):
+    # Each layer's output of one launch against its own float32 product; the split-K scratch left zeroed.
+    for out, (tensors, plan), bias in zip(got, layers, biases):
+        assert out.shape == (x.shape[0], plan.out_features)
+        error = relative_error(out, expected_product(x, tensors, plan.out_features, bias))
+        assert error < TOLERANCE, f"{x.shape[0]} rows, {plan.out_features} columns: relative error {error:.2e}"
+    assert int(exl2._scratch.buffers[x.device].count_nonzero()) == 0
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("in_features, outs", [(576, (576, 192, 192)), (4096, (4096, 4096, 1024)), (4096, (11008, 11008))])
 def test_exl2_one_launch_for_layers_sharing_an_input(in_features, outs, monkeypatch):
@@ -126,11 +135,7 @@ def test_exl2_one_launch_for_layers_sharing_an_input(in_features, outs, monkeypa
             x = torch.randn(rows, in_features, device="cuda").half()
             poison(rows * sum(outs) * 2)
             got = exl2.gemm_group(x, [(tensors, plan, bias) for (tensors, plan), bias in zip(layers, biases)])
-            for out, (tensors, plan), bias in zip(got, layers, biases):
-                assert out.shape == (rows, plan.out_features)
-                error = relative_error(out, expected_product(x, tensors, plan.out_features, bias))
-                assert error < TOLERANCE, f"{rows} rows, {plan.out_features} columns: relative error {error:.2e}"
-            assert int(exl2._scratch.buffers[x.device].count_nonzero()) == 0
+            check_each_product(x, got, layers, biases)
     exl2.launch_shape.cache_clear()
 
 
@@ -148,11 +153,7 @@ def test_exl2_product_reads_inputs_a_producer_wrote_in_slot_order(in_features, o
         x_slots = [reference.slot_gather(x, plan.xperm) for _, plan in layers]
         poison(rows * sum(outs) * 2)
         got = exl2.matmul_slots(x_slots, [(tensors, plan, bias) for (tensors, plan), bias in zip(layers, biases)])
-        for out, (tensors, plan), bias in zip(got, layers, biases):
-            assert out.shape == (rows, plan.out_features)
-            error = relative_error(out, expected_product(x, tensors, plan.out_features, bias))
-            assert error < TOLERANCE, f"{rows} rows, {plan.out_features} columns: relative error {error:.2e}"
-        assert int(exl2._scratch.buffers[x.device].count_nonzero()) == 0
+        check_each_product(x, got, layers, biases)
 
 
 @pytest.mark.cuda
