@@ -434,37 +434,37 @@ exl2_gemv_kernel(const __half* __restrict__ x, int x_rows, int k, bool x_in_shar
             }
         }
     } else {
-    auto gather = [&](const __half* rows) {
-        for (int m = 0; m < x_rows; ++m) {
-            const __half* row = rows + (size_t)m * k;
+        auto gather = [&](const __half* rows) {
+            for (int m = 0; m < x_rows; ++m) {
+                const __half* row = rows + (size_t)m * k;
 #pragma unroll
-            for (int i = 0; i < WARP_QUADS; ++i) {
-                if (i >= my_quads) break;
-                const uint32_t pair[2] = {slot_inputs[i].x, slot_inputs[i].y};
-                __half v[4];
+                for (int i = 0; i < WARP_QUADS; ++i) {
+                    if (i >= my_quads) break;
+                    const uint32_t pair[2] = {slot_inputs[i].x, slot_inputs[i].y};
+                    __half v[4];
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const uint32_t source = (pair[e / 2] >> (16 * (e % 2))) & 0xFFFFu;
-                    v[e] = source == NO_INPUT ? __float2half(0.f) : row[source];
+                    for (int e = 0; e < 4; ++e) {
+                        const uint32_t source = (pair[e / 2] >> (16 * (e % 2))) & 0xFFFFu;
+                        v[e] = source == NO_INPUT ? __float2half(0.f) : row[source];
+                    }
+                    *reinterpret_cast<uint2*>(xs + m * x_stride + i * QUAD_SLOTS + 4 * lane) =
+                        *reinterpret_cast<const uint2*>(v);
                 }
-                *reinterpret_cast<uint2*>(xs + m * x_stride + i * QUAD_SLOTS + 4 * lane) =
-                    *reinterpret_cast<const uint2*>(v);
             }
-        }
-    };
-    if (x_in_shared) {
-        __half* xr = reinterpret_cast<__half*>(shared);
-        if ((k & 7) == 0) {
-            for (int i = threadIdx.x; i < x_rows * k / 8; i += blockDim.x)
-                reinterpret_cast<uint4*>(xr)[i] = __ldg(reinterpret_cast<const uint4*>(x) + i);
+        };
+        if (x_in_shared) {
+            __half* xr = reinterpret_cast<__half*>(shared);
+            if ((k & 7) == 0) {
+                for (int i = threadIdx.x; i < x_rows * k / 8; i += blockDim.x)
+                    reinterpret_cast<uint4*>(xr)[i] = __ldg(reinterpret_cast<const uint4*>(x) + i);
+            } else {
+                for (int i = threadIdx.x; i < x_rows * k; i += blockDim.x) xr[i] = x[i];
+            }
+            __syncthreads();
+            gather(x_rows_s);
         } else {
-            for (int i = threadIdx.x; i < x_rows * k; i += blockDim.x) xr[i] = x[i];
+            gather(x);
         }
-        __syncthreads();
-        gather(x_rows_s);
-    } else {
-        gather(x);
-    }
     }
     __syncwarp();
 
