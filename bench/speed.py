@@ -108,6 +108,7 @@ def launch_sweep(shape: tuple[int, int], bits: int = 4, copies: int = 6) -> list
     layers = exl2_copies(shape, bits, copies)
     plan = layers[0][1]
     x = torch.randn(1, in_features, device="cuda").half()
+    x_slots = [[reference.slot_gather(x, plan.xperm)] for _, plan in layers]
     exl2.reserve_scratch(x.device, 1, out_features)
     saved = exl2.WARPS, exl2.BLOCKS_PER_SM, exl2.QUADS_PER_WARP
     rows = []
@@ -119,7 +120,8 @@ def launch_sweep(shape: tuple[int, int], bits: int = 4, copies: int = 6) -> list
                     exl2.launch_shape.cache_clear()
                     split = exl2.launch_shape(plan.quads, plan.column_tiles, plan.multiprocessors, 1, per_sm, warps,
                                               per_warp)
-                    seconds = graph_time(lambda i: exl2.gemm_small(x, *layers[i]), copies)
+                    # As the decode step calls it: the inputs in slot order.
+                    seconds = graph_time(lambda i: exl2.gemm_group(x, [(*layers[i], None)], x_slots[i]), copies)
                     rows.append({"shape": f"{in_features}x{out_features}", "bits": bits, "warps": warps,
                                  "blocks_per_sm": per_sm, "quads_per_warp": per_warp, "slices": split[0],
                                  "quads_per_slice": split[1], "block_warps": split[2], "us": seconds * 1e6})
