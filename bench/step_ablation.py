@@ -6,7 +6,7 @@ Under programmatic dependent launch a kernel's profiled time includes its wait
 for the one before, so per-kernel sums overstate the step (KERNEL_NOTES v5).
 This captures the same decode step with groups of the small kernels replaced by
 nothing (norms, attention with its rope and cache append, SwiGLU), or with the
-EXL2 products gathering their own inputs (no "slot order"), and times each
+EXL2 products (or o_proj alone) gathering their own inputs (no "slot order"), and times each
 graph's replay alone: the difference to the full step is what those kernels
 cost in context. The outputs of an ablated step are meaningless; only its time
 is read.
@@ -75,14 +75,17 @@ def main() -> None:
     model = random_model(config, args.bpw, "cuda", torch.float16)
     cache = KVCache(config, max(512, args.position + 64), device="cuda", dtype=torch.float16)
     decoder = GraphDecoder(model, cache)
-    full_ops, slots = decoder.ops, decoder.slots
-    # "slot order": the norms and SwiGLU write plain rows and every EXL2 product gathers its own inputs.
-    variants = [set(), {"slot order"}, {"norm"}, {"attention"}, {"silu"}, {"norm", "attention", "silu"}]
+    full_ops, slots, o_slots = decoder.ops, decoder.slots, decoder.o_slots
+    # "slot order": the norms, SwiGLU and attention write plain rows and every EXL2 product gathers
+    # its own inputs; "o slot order": only o_proj does.
+    variants = [set(), {"slot order"}, {"o slot order"}, {"norm"}, {"attention"}, {"silu"},
+                {"norm", "attention", "silu"}]
     print(f"{device_name()}, {args.model} {args.bpw} bpw, {config.num_layers} layers, position {args.position}")
     full = None
     for leave_out in variants:
         decoder.ops = skipping(full_ops, leave_out)
         decoder.slots = None if "slot order" in leave_out else slots
+        decoder.o_slots = None if leave_out & {"slot order", "o slot order"} else o_slots
         decoder.graphs.clear()
         seconds = replay_time(decoder, args.position)
         full = full if full is not None else seconds

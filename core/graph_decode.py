@@ -11,9 +11,10 @@ itself and also rotates the token and appends it to the cache; several rows go
 through rope with the cache append, then SDPA with a mask. The model's linear
 layers run as they are; norms, rope with the cache append, and SwiGLU run as
 fused kernels (core/kernels/fused.cu) or their torch twins, which compute what
-CausalLM.forward computes. Where the next product is EXL2, the norm or SwiGLU
-before it also writes its output in the order that product stages its inputs
-in (linear.input_slots), so the product reads them instead of gathering them.
+CausalLM.forward computes. Where the next product is EXL2, the norm, SwiGLU or
+decode attention before it also writes its output in the order that product
+stages its inputs in (linear.input_slots), so the product reads them instead of
+gathering them.
 
 A batch of several rows decodes in lockstep (one shared position, as a
 left-padded batch does): each row's key mask hides its padding, and rope with
@@ -88,6 +89,14 @@ class GraphDecoder:
                            input_slots((layer.mlp.gate_proj, layer.mlp.up_proj), self.batch),
                            input_slots((layer.mlp.down_proj,), self.batch)) for layer in model.model.layers]
             self.head_slots = input_slots((model.lm_head,), self.batch)
+        # The decode attention kernel scatters its output into o_proj's slot order: per layer, each
+        # input's slot, and a buffer that stays zero in the slots that have no input.
+        self.o_slots = None
+        if self.slots and self.attention_kernel:
+            tables = [input_slots((layer.self_attn.o_proj,), 1) for layer in model.model.layers]
+            if all(tables):
+                self.o_slots = [(reference.slot_of_inputs(table), torch.zeros(1, table.numel(), dtype=dtype, device=device))
+                                for table, in tables]
 
     def set_key_mask(self, key_mask: torch.Tensor) -> None:
         """Rows' real tokens [batch, n] (True = attend) for the first n positions; later positions are all real."""
@@ -178,16 +187,18 @@ class GraphDecoder:
             attn = layer.self_attn
             q, k, v = self._project(h, h_slots, (attn.q_proj, attn.k_proj, attn.v_proj))
             key_buffer, value_buffer = cache.keys[attn.layer_index], cache.values[attn.layer_index]
+            o_slots = self.o_slots[index] if self.o_slots and self.attention_kernel else None
             if self.attention_kernel:
                 out = ops.decode_attention(q.view(-1), k, v, self.cos_table, self.sin_table, self.position, key_buffer,
-                                           value_buffer, length, window or 0, self.attention_scratch).view(batch, 1, -1)
+                                           value_buffer, length, window or 0, self.attention_scratch,
+                                           *(o_slots or ())).view(batch, 1, -1)
             else:
                 rope_cache(q, k, v, self.cos_table, self.sin_table, self.position, key_buffer, value_buffer)
                 out = F.scaled_dot_product_attention(q.view(batch, 1, heads, dim).transpose(1, 2),
                                                      key_buffer[:, :, :length], value_buffer[:, :, :length],
                                                      attn_mask=mask, enable_gqa=heads != kv_heads)
                 out = out.transpose(1, 2).reshape(batch, 1, -1)
-            o = attn.o_proj(out)
+            o = self._project(out, [o_slots[1]] if o_slots else None, (attn.o_proj,))[0]
             mlp = layer.mlp
             _, gate_up_tables, down_tables = slots[index]
             x, h, h_slots = self._norm(x, layer.post_attention_layernorm, o, gate_up_tables)  # x + o, then the norm

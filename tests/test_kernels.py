@@ -222,6 +222,9 @@ def test_exl2_plan_stages_every_input_once(group_size):
         xperm = plan.xperm.to(torch.int32) & 0xFFFF
         staged = xperm[xperm != exl2.NO_INPUT]
         assert torch.equal(staged.sort().values, torch.arange(in_features, dtype=torch.int32))
+        # The inverse the decode attention kernel scatters through finds every input again.
+        x = torch.randn(2, in_features)
+        assert torch.equal(reference.slot_gather(x, plan.xperm)[:, reference.slot_of_inputs(plan.xperm).long()], x)
         units = plan.units.view(plan.quads, 4, 4)
         assert bool((units[:, :, 0] == units[:, :1, 0]).all())
         one_group = (units[:, :, 2] == units[:, :1, 2]).all(dim=1)
@@ -453,11 +456,17 @@ def test_decode_attention_matches_rope_then_sdpa(heads, kv_heads, dim, position,
     reference.rope_cache(expected_q, k, v, cos, sin, where, *expected_caches)  # fp16, as the kernel rounds
     expected = reference.attend(expected_q.float(), *(c.float() for c in expected_caches), where, length, window)
     ours_q = q.clone()
-    for _ in range(2):  # the second call finds the counts the first left
+    # The second call also scatters its output into o_proj's slot order, as the graph decoder asks.
+    table = layer(heads * dim, 64, [(6, 0.3), (4, 0.45), (3, 0.25)])[1].xperm
+    for call in range(2):  # the second call finds the counts the first left
         ours_caches = [c.clone() for c in caches]
+        slots = torch.zeros(1, table.numel(), dtype=torch.float16, device="cuda")
         poison(q.numel())
-        ours = kernels().decode_attention(ours_q, k, v, cos, sin, where, *ours_caches, length, window, scratch)
+        ours = kernels().decode_attention(ours_q, k, v, cos, sin, where, *ours_caches, length, window, scratch,
+                                          *((reference.slot_of_inputs(table), slots) if call else ()))
         assert close(ours, expected, 2e-3)
+        if call:  # every output once in its slot; the slots without an input left at zero
+            assert torch.equal(slots, reference.slot_gather(ours, table))
         assert torch.equal(ours_q, q), "q is read, not rotated in place"
         for mine, theirs in zip(ours_caches, expected_caches):
             assert close(mine[:, :, position], theirs[:, :, position], 1e-3)

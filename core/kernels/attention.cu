@@ -82,7 +82,7 @@ decode_attention_kernel(const __half* __restrict__ q, const __half* __restrict__
                         const __half* __restrict__ sin_table, __half* keys, __half* values,
                         const int64_t* __restrict__ position, int window, int heads, int kv_heads, int dim,
                         int max_seq, float scale, float* __restrict__ partial, int* __restrict__ arrived,
-                        __half* __restrict__ out) {
+                        __half* __restrict__ out, const int* __restrict__ slot_of, __half* __restrict__ slots_out) {
     __shared__ __align__(16) float q_s[MAX_DIM];
     __shared__ __align__(16) __half k_s[MAX_DIM];  // the new token's rotated key and its value
     __shared__ __align__(16) __half v_s[MAX_DIM];
@@ -123,6 +123,18 @@ decode_attention_kernel(const __half* __restrict__ q, const __half* __restrict__
 #pragma unroll
         for (int i = 0; i < PAIRS; ++i)
             v_pairs[j][i] = 2 * lane + 64 * i < dim && row != pos ? __ldg(v_row + 32 * i) : 0u;
+    }
+
+    // Where the output goes in the next product's slot order (slot_of is the layer's own table):
+    // a thread writes dims threadIdx.x and threadIdx.x + blockDim.x at most.
+    static_assert(MAX_DIM <= 2 * 32 * WARPS, "two output dims a thread at most");
+    int out_slot[2] = {0, 0};
+    if (slots_out) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int d = threadIdx.x + j * blockDim.x;
+            if (d < dim) out_slot[j] = __ldg(slot_of + head * dim + d);
+        }
     }
 
     // q, k and v of the new token are the previous kernel's output.
@@ -242,8 +254,15 @@ decode_attention_kernel(const __half* __restrict__ q, const __half* __restrict__
         return v;
     };
     __half* out_head = out + (size_t)head * dim;
+    auto put = [&](int j, float value) {
+        const __half h = __float2half(value);
+        out_head[threadIdx.x + j * blockDim.x] = h;
+        if (slots_out) slots_out[j == 0 ? out_slot[0] : out_slot[1]] = h;
+    };
     if (active == 1) {  // the head's only block: no merge
-        for (int d = threadIdx.x; d < dim; d += blockDim.x) out_head[d] = __float2half(chunk_values(d) / chunk_sum);
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+            if (threadIdx.x + j * blockDim.x < dim) put(j, chunk_values(threadIdx.x + j * blockDim.x) / chunk_sum);
         return;
     }
     float* rows = partial + (size_t)head * chunks * (dim + 2);
@@ -270,12 +289,15 @@ decode_attention_kernel(const __half* __restrict__ q, const __half* __restrict__
     }
     const float head_max = block_reduce<WARPS, true>(my_max, reduce_s);
     const float head_sum = block_reduce<WARPS, false>(my_max > -CUDART_INF_F ? my_sum * __expf(my_max - head_max) : 0.f, reduce_s);
-    for (int d = threadIdx.x; d < dim; d += blockDim.x) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        const int d = threadIdx.x + j * blockDim.x;
+        if (d >= dim) break;
         float v = 0.f;
 #pragma unroll 4
         for (int c = 0; c < active; ++c)
             v += __ldcg(rows + (size_t)c * (dim + 2) + d) * __expf(__ldcg(rows + (size_t)c * (dim + 2) + dim) - head_max);
-        out_head[d] = __float2half(v / head_sum);
+        put(j, v / head_sum);
     }
     if (threadIdx.x == 0) arrived[head] = 0;
 }
@@ -289,7 +311,8 @@ int64_t decode_attention_scratch_floats(int heads, int dim, int max_seq) {
 template <int PAIRS, int WARPS, int LANES>
 void launch_with(const void* q, const void* k, const void* v, const void* cos_table, const void* sin_table, void* keys,
                  void* values, const int64_t* position, int window, int heads, int kv_heads, int dim, int max_seq,
-                 int length, float scale, float* scratch, void* out, cudaStream_t stream) {
+                 int length, float scale, float* scratch, void* out, const int* slot_of, void* slots_out,
+                 cudaStream_t stream) {
     constexpr int chunk = WARPS * 32 / LANES;
     const int chunks = (length + chunk - 1) / chunk;
     // The counts sit after the partial rows of the longest bucket, so they stay put across buckets.
@@ -298,17 +321,19 @@ void launch_with(const void* q, const void* k, const void* v, const void* cos_ta
                    static_cast<const __half*>(q), static_cast<const __half*>(k), static_cast<const __half*>(v),
                    static_cast<const __half*>(cos_table), static_cast<const __half*>(sin_table),
                    static_cast<__half*>(keys), static_cast<__half*>(values), position, window, heads, kv_heads, dim,
-                   max_seq, scale, scratch, arrived, static_cast<__half*>(out));
+                   max_seq, scale, scratch, arrived, static_cast<__half*>(out), slot_of,
+                   static_cast<__half*>(slots_out));
 }
 
 void decode_attention_launch(const void* q, const void* k, const void* v, const void* cos_table, const void* sin_table,
                              void* keys, void* values, const int64_t* position, int window, int heads, int kv_heads,
                              int dim, int max_seq, int length, float scale, float* scratch, void* out,
-                             cudaStream_t stream) {
+                             const int* slot_of, void* slots_out, cudaStream_t stream) {
     // Value dims per lane in half2 (PAIRS): as few as the head needs, they are all held in registers.
     // Heads of up to 128 dims (in 16-byte halves) split each key over two lanes in twice the warps.
     using Launch = void (*)(const void*, const void*, const void*, const void*, const void*, void*, void*,
-                            const int64_t*, int, int, int, int, int, int, float, float*, void*, cudaStream_t);
+                            const int64_t*, int, int, int, int, int, int, float, float*, void*, const int*, void*,
+                            cudaStream_t);
     const bool short_bucket = length <= MOST_WARPS * 32;
     Launch launch;
     if (dim % 16 == 0 && dim <= 64) {
@@ -323,5 +348,5 @@ void decode_attention_launch(const void* q, const void* k, const void* v, const 
         launch = short_bucket ? launch_with<4, MOST_WARPS, 1> : launch_with<4, LONG_WARPS, 1>;
     }
     launch(q, k, v, cos_table, sin_table, keys, values, position, window, heads, kv_heads, dim, max_seq, length, scale,
-           scratch, out, stream);
+           scratch, out, slot_of, slots_out, stream);
 }

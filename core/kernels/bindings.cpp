@@ -316,7 +316,8 @@ torch::Tensor silu_mul_slots(torch::Tensor gate, torch::Tensor up, torch::Tensor
 // q [heads * dim], k and v [kv_heads * dim] -> [heads * dim].
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos_table,
                                torch::Tensor sin_table, torch::Tensor position, torch::Tensor key_cache,
-                               torch::Tensor value_cache, int64_t length, int64_t window, torch::Tensor scratch) {
+                               torch::Tensor value_cache, int64_t length, int64_t window, torch::Tensor scratch,
+                               c10::optional<torch::Tensor> slot_of, c10::optional<torch::Tensor> slots_out) {
     for (const auto* t : {&q, &k, &v, &cos_table, &sin_table, &key_cache, &value_cache}) check(*t, torch::kHalf, "decode_attention");
     check(position, torch::kLong, "position");
     check(scratch, torch::kFloat, "scratch");
@@ -332,6 +333,18 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
     const int64_t heads = q.numel() / dim;
     TORCH_CHECK(scratch.numel() >= decode_attention_scratch_floats(heads, dim, max_seq),
                 "decode_attention: scratch smaller than decode_attention_scratch_floats");
+    const int* slot_ptr = nullptr;
+    void* slots_ptr = nullptr;
+    if (slots_out.has_value()) {
+        TORCH_CHECK(slot_of.has_value(), "decode_attention: slots_out needs slot_of");
+        check(*slot_of, torch::kInt32, "slot_of");
+        check(*slots_out, torch::kHalf, "slots_out");
+        // Every entry of slot_of must lie within slots_out (the graph decoder builds it from the layer's table).
+        TORCH_CHECK(slot_of->numel() == q.numel() && slots_out->numel() >= q.numel(),
+                    "decode_attention: slot_of [heads * dim], slots_out at least as long");
+        slot_ptr = slot_of->data_ptr<int>();
+        slots_ptr = slots_out->data_ptr<at::Half>();
+    }
     const c10::cuda::CUDAGuard guard(q.device());
     auto out = torch::empty_like(q);
     decode_attention_launch(q.data_ptr<at::Half>(), k.data_ptr<at::Half>(), v.data_ptr<at::Half>(),
@@ -339,7 +352,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
                             key_cache.data_ptr<at::Half>(), value_cache.data_ptr<at::Half>(),
                             position.data_ptr<int64_t>(), window, heads, kv_heads, dim, max_seq, length,
                             1.0f / std::sqrt((float)dim), scratch.data_ptr<float>(), out.data_ptr<at::Half>(),
-                            c10::cuda::getCurrentCUDAStream());
+                            slot_ptr, slots_ptr, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return out;
 }
@@ -434,7 +447,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("rms_norm_takes_slots", &rms_norm_takes_slots, "Whether rms_norm_slots takes rows of this width");
     m.def("rms_norm_slots", &rms_norm_slots, "x + residual (new), its RMSNorm, and that also in up to 3 consumers' slot orders");
     m.def("silu_mul_slots", &silu_mul_slots, "fp16(silu(gate)) * up written in a consumer's slot order");
-    m.def("decode_attention", &decode_attention, "One token's rope, cache append and attention over the key/value cache (batch 1)");
+    m.def("decode_attention", &decode_attention, "One token's rope, cache append and attention over the key/value cache (batch 1)",
+          py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cos_table"), py::arg("sin_table"), py::arg("position"),
+          py::arg("key_cache"), py::arg("value_cache"), py::arg("length"), py::arg("window"), py::arg("scratch"),
+          py::arg("slot_of") = py::none(), py::arg("slots_out") = py::none());
     m.def("decode_attention_scratch", &decode_attention_scratch, "Floats of scratch decode_attention needs (its last `heads` zero)");
     m.def("gptq_block", &gptq_block, "GPTQ's row walk inside one block of at most 32 input rows");
     m.def("gptq_scale_search", &gptq_scale_search, "GPTQ's scale search of one group start for several settings");

@@ -80,12 +80,26 @@ def silu_mul_slots(gate: torch.Tensor, up: torch.Tensor, index: torch.Tensor) ->
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_table: torch.Tensor,
                      sin_table: torch.Tensor, position: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-                     length: int, window: int, scratch: torch.Tensor | None = None) -> torch.Tensor:
+                     length: int, window: int, scratch: torch.Tensor | None = None,
+                     slot_of: torch.Tensor | None = None, slots_out: torch.Tensor | None = None) -> torch.Tensor:
     """One token (batch 1) at `position`: q and k rotated, k and v appended to the caches there,
-    then `attend`. q [heads * dim] (left as it is) -> same shape."""
+    then `attend`. q [heads * dim] (left as it is) -> same shape. With `slots_out`, output i is
+    also written to slots_out[slot_of[i]] (the next product's input in its slot order)."""
     q = q.clone()
     rope_cache(q, k, v, cos_table, sin_table, position, key_cache, value_cache)
-    return attend(q, key_cache, value_cache, position, length, window)
+    out = attend(q, key_cache, value_cache, position, length, window)
+    if slots_out is not None:
+        slots_out.view(-1)[slot_of.long()] = out
+    return out
+
+
+def slot_of_inputs(index: torch.Tensor) -> torch.Tensor:
+    """int32 [inputs]: the slot each input index takes in a slot table (the inverse of slot_gather's index)."""
+    index = index.long() & 0xFFFF
+    real = index != NO_SLOT_INPUT
+    slot_of = torch.full((int(real.sum()),), -1, dtype=torch.int32, device=index.device)
+    slot_of[index[real]] = torch.arange(index.numel(), device=index.device, dtype=torch.int32)[real]
+    return slot_of
 
 
 def attend(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, position: torch.Tensor,
