@@ -179,15 +179,17 @@ class GraphDecoder:
         mask = None if self.attention_kernel else self._mask(length)
         rope_cache = ops.rope_cache if batch == 1 else reference.rope_cache
         layers = model.model.layers
-        no_slots = (None, None, None)
-        slots = self.slots or [no_slots] * len(layers)
+        # A graph captured where the quantized layers take the torch reference (dispatch.reference_only)
+        # runs their own forward, which reads plain rows.
+        in_slot_order = self.slots is not None and dispatch.enabled(model.device)
+        slots = self.slots if in_slot_order else [(None, None, None)] * len(layers)
         x = model.model.embed_tokens(self.tokens)
         x, h, h_slots = self._norm(x, layers[0].input_layernorm, None, slots[0][0])
         for index, layer in enumerate(layers):
             attn = layer.self_attn
             q, k, v = self._project(h, h_slots, (attn.q_proj, attn.k_proj, attn.v_proj))
             key_buffer, value_buffer = cache.keys[attn.layer_index], cache.values[attn.layer_index]
-            o_slots = self.o_slots[index] if self.o_slots and self.attention_kernel else None
+            o_slots = self.o_slots[index] if in_slot_order and self.o_slots and self.attention_kernel else None
             if self.attention_kernel:
                 out = ops.decode_attention(q.view(-1), k, v, self.cos_table, self.sin_table, self.position, key_buffer,
                                            value_buffer, length, window or 0, self.attention_scratch,
@@ -210,5 +212,5 @@ class GraphDecoder:
             if index + 1 < len(layers):
                 x, h, h_slots = self._norm(x, layers[index + 1].input_layernorm, d, slots[index + 1][0])
             else:
-                x, h, h_slots = self._norm(x, model.model.norm, d, self.head_slots if self.slots else None)
+                x, h, h_slots = self._norm(x, model.model.norm, d, self.head_slots if in_slot_order else None)
         return self._project(h, h_slots, (model.lm_head,))[0].float()

@@ -2,7 +2,7 @@
 
 Calibration sampling decodes 64 rows or more in lockstep through these graphs,
 so each row's padding must stay hidden and each row's logits must be the ones
-the plain forward gives it.
+the plain forward gives it. Also: a step captured under the torch reference path.
 """
 
 import pytest
@@ -52,3 +52,19 @@ def test_single_row_step_refuses_a_batch():
     decoder = GraphDecoder(model, KVCache(model.config, 64, batch_size=2, device="cuda", dtype=torch.float16))
     with pytest.raises(ValueError, match="step_rows"):
         decoder.step(3, 0)
+
+
+def test_a_step_captured_under_the_reference_path_reads_plain_rows():
+    # The decoder plans slot-order inputs for its EXL2 products when it is made; a graph captured
+    # later inside dispatch.reference_only runs the layers' own forward, which reads plain rows.
+    from core.graph_decode import GraphDecoder
+    from core.kernels import dispatch
+
+    model = random_model(llama_config("small", layers=2), 4.0, "cuda", torch.float16, seed=13)
+    decoder = GraphDecoder(model, KVCache(model.config, 64, device="cuda", dtype=torch.float16))
+    assert decoder.slots is not None and decoder.o_slots is not None
+    with dispatch.reference_only(), torch.inference_mode():
+        ours = decoder.step(5, 0)
+        expected = model(torch.tensor([[5]], device="cuda"), KVCache(model.config, 64, device="cuda",
+                                                                     dtype=torch.float16), 0)[0, -1]
+    assert float((ours - expected).norm() / expected.norm()) < 5e-3
