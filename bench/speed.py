@@ -83,8 +83,7 @@ def exl2_copies(shape: tuple[int, int], bits, copies: int) -> list[tuple[dict, e
 
 def kernel_bandwidth(bits_list, copies: int = 6, batch: int = 1, shape: tuple[int, int] = (4096, 11008)) -> list[dict]:
     """Small-batch product on one (in, out) shape at each width (or MIXED name), over several copies
-    so L2 holds none: `us` with its inputs in slot order, as the decode step's norms and SwiGLU write
-    them, `us_gather` gathering them from x itself (o_proj, and products outside the graph)."""
+    so L2 holds none, its inputs in slot order as the decode step's norms, SwiGLU and attention write them."""
     rows = []
     in_features, out_features = shape
     for bits in bits_list:
@@ -93,10 +92,9 @@ def kernel_bandwidth(bits_list, copies: int = 6, batch: int = 1, shape: tuple[in
         x_slots = [[reference.slot_gather(x, plan.xperm)] for _, plan in layers]
         exl2.reserve_scratch(x.device, batch, out_features)
         seconds = graph_time(lambda i: exl2.gemm_group(x, [(*layers[i], None)], x_slots[i]), copies)
-        gather_seconds = graph_time(lambda i: exl2.gemm_small(x, *layers[i]), copies)
         stored = stored_bits(layers[0][0]) / 8
         rows.append({"shape": f"{in_features}x{out_features}", "bits": bits, "batch": batch, "us": seconds * 1e6,
-                     "us_gather": gather_seconds * 1e6, "bytes": stored, "gb_s": stored / seconds / 1e9})
+                     "bytes": stored, "gb_s": stored / seconds / 1e9})
         del layers
     return rows
 
@@ -306,7 +304,7 @@ def main() -> None:
             matrix += kernel_bandwidth((2, 3, 4, 5, 6, 8, *MIXED), batch=batch, shape=(in_features, out_features))
     for row in matrix:
         print(f"{row['shape']} {row['bits']}-bit batch {row['batch']}: {row['us']:.1f} us, {row['gb_s']:.0f} GB/s "
-              f"({row['gb_s'] * 1e9 / bandwidth:.0%} of copy); gathering its inputs {row['us_gather']:.1f} us", flush=True)
+              f"({row['gb_s'] * 1e9 / bandwidth:.0%} of copy)", flush=True)
     if args.matrix_only:
         return
     records = []
@@ -336,10 +334,10 @@ def main() -> None:
               f"{r['decode_tok_s']:.0f} | {r.get('decode_graph_sync_tok_s', float('nan')):.0f} | "
               f"{r.get('decode_eager_tok_s', float('nan')):.0f} | {r['roofline_tok_s']:.0f} | "
               f"{r['roofline_ratio']:.0%} | {r['prefill_tok_s']:.0f} | {r['peak_mem_gib']:.1f} |")
-    print("\n| shape | bits | batch | us | GB/s | of copy | us, gathering its inputs |\n|---|---|---|---|---|---|---|")
+    print("\n| shape | bits | batch | us | GB/s | of copy |\n|---|---|---|---|---|---|")
     for row in matrix:
         print(f"| {row['shape']} | {row['bits']} | {row['batch']} | {row['us']:.1f} | {row['gb_s']:.0f} | "
-              f"{row['gb_s'] * 1e9 / bandwidth:.0%} | {row['us_gather']:.1f} |")
+              f"{row['gb_s'] * 1e9 / bandwidth:.0%} |")
 
 
 if __name__ == "__main__":

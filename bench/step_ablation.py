@@ -6,7 +6,8 @@ Under programmatic dependent launch a kernel's profiled time includes its wait
 for the one before, so per-kernel sums overstate the step (KERNEL_NOTES v5).
 This captures the same decode step with groups of the small kernels replaced by
 nothing (norms, attention with its rope and cache append, SwiGLU), or with the
-EXL2 products (or o_proj alone) gathering their own inputs (no "slot order"), and times each
+inputs of the EXL2 products (or o_proj's alone) gathered by torch instead of
+written in slot order by the kernel before (no "slot order"), and times each
 graph's replay alone: the difference to the full step is what those kernels
 cost in context. The outputs of an ablated step are meaningless; only its time
 is read.
@@ -76,8 +77,8 @@ def main() -> None:
     cache = KVCache(config, max(512, args.position + 64), device="cuda", dtype=torch.float16)
     decoder = GraphDecoder(model, cache)
     full_ops, slots, o_slots = decoder.ops, decoder.slots, decoder.o_slots
-    # "slot order": the norms, SwiGLU and attention write plain rows and every EXL2 product gathers
-    # its own inputs; "o slot order": only o_proj does.
+    # "slot order": the norms, SwiGLU and attention write plain rows and torch gathers every EXL2
+    # product's inputs; "o slot order": only o_proj's.
     variants = [set(), {"slot order"}, {"o slot order"}, {"norm"}, {"attention"}, {"silu"},
                 {"norm", "attention", "silu"}]
     print(f"{device_name()}, {args.model} {args.bpw} bpw, {config.num_layers} layers, position {args.position}")

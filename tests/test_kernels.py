@@ -225,6 +225,9 @@ def test_exl2_plan_stages_every_input_once(group_size):
         # The inverse the decode attention kernel scatters through finds every input again.
         x = torch.randn(2, in_features)
         assert torch.equal(reference.slot_gather(x, plan.xperm)[:, reference.slot_of_inputs(plan.xperm).long()], x)
+        # ...and the index the product's own gather (outside the graph) reads through agrees with the twin.
+        padded = torch.nn.functional.pad(x, (0, 1))
+        assert torch.equal(padded.index_select(1, plan.slot_source), reference.slot_gather(x, plan.xperm))
         units = plan.units.view(plan.quads, 4, 4)
         assert bool((units[:, :, 0] == units[:, :1, 0]).all())
         one_group = (units[:, :, 2] == units[:, :1, 2]).all(dim=1)

@@ -37,46 +37,44 @@ Exl2Layer layer_view(const torch::Tensor& q_weight, int64_t n, const torch::Tens
     return layer;
 }
 
-// One launch for several layers that read the same x (q, k, v; gate, up): list i of every
-// argument describes layer i; a bias of no elements means none.
-std::vector<torch::Tensor> exl2_gemm_small(torch::Tensor x, std::vector<torch::Tensor> xperm,
-                                           std::vector<torch::Tensor> units, std::vector<torch::Tensor> q_weight,
-                                           std::vector<int64_t> n, std::vector<torch::Tensor> q_scale,
-                                           std::vector<torch::Tensor> q_scale_max, std::vector<int64_t> slices,
-                                           std::vector<int64_t> quads_per_slice, int64_t warps, torch::Tensor partial,
-                                           std::vector<torch::Tensor> bias, std::vector<torch::Tensor> x_slots) {
-    check(x, torch::kHalf, "x");
+// One launch for several layers that read the same input (q, k, v; gate, up), given in each
+// layer's slot order (x_slots[i] fp16 [M <= 16, quads_i * 128]): list i of every argument
+// describes layer i; a bias of no elements means none.
+std::vector<torch::Tensor> exl2_gemm_small(std::vector<torch::Tensor> x_slots, std::vector<torch::Tensor> units,
+                                           std::vector<torch::Tensor> q_weight, std::vector<int64_t> n,
+                                           std::vector<torch::Tensor> q_scale, std::vector<torch::Tensor> q_scale_max,
+                                           std::vector<int64_t> slices, std::vector<int64_t> quads_per_slice,
+                                           int64_t warps, torch::Tensor partial, std::vector<torch::Tensor> bias) {
     check(partial, torch::kFloat, "partial");
-    TORCH_CHECK(x.dim() == 2 && x.size(0) <= 16 && (!x_slots.empty() || x.size(1) < 0xFFFF),
-                "x: [M <= 16, K < 65535] (with x_slots, only its rows are read)");
     const size_t count = q_weight.size();
     TORCH_CHECK(count >= 1 && count <= (size_t)exl2_gemm_group_max(), "one launch takes 1 to ",
                 exl2_gemm_group_max(), " layers");
-    TORCH_CHECK(xperm.size() == count && units.size() == count && n.size() == count && q_scale.size() == count &&
+    TORCH_CHECK(x_slots.size() == count && units.size() == count && n.size() == count && q_scale.size() == count &&
                 q_scale_max.size() == count && slices.size() == count && quads_per_slice.size() == count &&
                 bias.size() == count, "one entry per layer in every list");
     TORCH_CHECK(warps >= 1 && warps <= exl2_gemm_warps_max(), "warps: 1 to ", exl2_gemm_warps_max(), " per block");
-    TORCH_CHECK(x_slots.empty() || x_slots.size() == count, "x_slots: none, or one per layer");
-    const c10::cuda::CUDAGuard guard(x.device());
+    for (const auto& slots : x_slots) check(slots, torch::kHalf, "x_slots");
+    const int64_t rows = x_slots[0].dim() == 2 ? x_slots[0].size(0) : -1;
+    TORCH_CHECK(rows >= 0 && rows <= 16, "x_slots: [M <= 16, quads * 128]");
+    const c10::cuda::CUDAGuard guard(x_slots[0].device());
     std::vector<Exl2Product> products(count);
     std::vector<torch::Tensor> outs;
     for (size_t i = 0; i < count; ++i) {
-        check(xperm[i], torch::kShort, "xperm");
         check(units[i], torch::kInt32, "units");
         Exl2Layer layer = layer_view(q_weight[i], n[i], q_scale[i], q_scale_max[i]);
         TORCH_CHECK(units[i].dim() == 2 && units[i].size(1) == 4 && units[i].size(0) % 4 == 0 && units[i].size(0) > 0,
                     "units: [quads * 4, 4]");
         const int64_t quads = units[i].size(0) / 4;
-        TORCH_CHECK(xperm[i].numel() == quads * 128, "xperm: 128 slots per quad");
+        TORCH_CHECK(x_slots[i].dim() == 2 && x_slots[i].size(0) == rows && x_slots[i].size(1) == quads * 128,
+                    "x_slots: [M, quads * 128], the input in the layer's slot order");
         TORCH_CHECK(quads_per_slice[i] >= 1 && slices[i] >= 1 && (slices[i] - 1) * quads_per_slice[i] < quads &&
                     slices[i] * quads_per_slice[i] >= quads, "slices of quads_per_slice must cover the quads, none empty");
         const int64_t warp_quads = (quads_per_slice[i] + warps - 1) / warps;
         TORCH_CHECK(warp_quads <= exl2_gemm_warp_quads_max(), "at most ", exl2_gemm_warp_quads_max(),
                     " quads per warp: more slices or warps");
-        TORCH_CHECK(warps * x.size(0) * (warp_quads * 128 + 32) * 2 <= 96 * 1024,
+        TORCH_CHECK(warps * rows * (warp_quads * 128 + 32) * 2 <= 96 * 1024,
                     "the staged inputs of a block: at most 96 KiB");
         layer.units = units[i].data_ptr<int>();
-        layer.xperm = reinterpret_cast<const uint16_t*>(xperm[i].data_ptr<int16_t>());
         layer.quads = quads;
         const void* bias_ptr = nullptr;
         if (bias[i].numel() > 0) {
@@ -84,22 +82,15 @@ std::vector<torch::Tensor> exl2_gemm_small(torch::Tensor x, std::vector<torch::T
             TORCH_CHECK(bias[i].numel() == n[i], "bias: [n]");
             bias_ptr = bias[i].data_ptr<at::Half>();
         }
-        const void* slots_ptr = nullptr;
-        if (!x_slots.empty()) {
-            check(x_slots[i], torch::kHalf, "x_slots");
-            TORCH_CHECK(x_slots[i].dim() == 2 && x_slots[i].size(0) == x.size(0) && x_slots[i].size(1) == quads * 128,
-                        "x_slots: [M, quads * 128], x in the layer's slot order");
-            slots_ptr = x_slots[i].data_ptr<at::Half>();
-        }
-        outs.push_back(torch::empty({x.size(0), n[i]}, x.options()));
+        outs.push_back(torch::empty({rows, n[i]}, x_slots[0].options()));
         products[i] = Exl2Product{layer, (int)slices[i], (int)quads_per_slice[i], bias_ptr, outs.back().data_ptr<at::Half>(),
-                                  slots_ptr};
+                                  x_slots[i].data_ptr<at::Half>()};
     }
-    TORCH_CHECK((size_t)partial.numel() >= exl2_gemm_scratch(products.data(), count, x.size(0)),
+    TORCH_CHECK((size_t)partial.numel() >= exl2_gemm_scratch(products.data(), count, rows),
                 "partial: fp32 zeros for M * n sums of each split layer and one count per column tile");
-    if (x.size(0) == 0) return outs;
-    exl2_gemm_group_launch(products.data(), count, x.data_ptr<at::Half>(), x.size(0), x.size(1), warps,
-                           partial.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
+    if (rows == 0) return outs;
+    exl2_gemm_group_launch(products.data(), count, rows, warps, partial.data_ptr<float>(),
+                           c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return outs;
 }

@@ -14,11 +14,11 @@
 // a time and multiplies them on the tensor cores (mma m16n8k16, fp32 sums), the
 // inputs of the batch as the mma's 8 (or 16) columns. A reduction may visit its
 // terms in any order, so the mma's k index of every weight is whatever makes the
-// decoding cheap; each warp stages its quads' inputs in that same order, from a
-// table made on the host (`xperm`). Where the kernel before wrote the inputs in
-// that order already (SLOTTED: the graph decoder's norms and SwiGLU), a warp's
-// quads' inputs are a few contiguous 256-byte runs: no copy of x for every block
-// and no gather (4096x11008 at 4 bits, H100: 12.6 -> 9.8 us).
+// decoding cheap; the kernel reads its inputs in that same "slot order" (a
+// table made on the host, `xperm`), written so by the kernel before it (the
+// graph decoder's norms, SwiGLU and attention) or by a torch gather: a warp's
+// quads' inputs are a few contiguous 256-byte runs. Gathering them from x in
+// every block instead cost 12.6 against 9.8 us on 4096x11008 at 4 bits (H100).
 
 #include "exl2.h"
 #include "launch.h"
@@ -32,7 +32,6 @@ namespace {
 constexpr int COLS_PER_THREAD = 4;  // one 16-byte load covers four columns of a packed row
 constexpr int WARP_COLS = 32;       // 8 thread groups of 4 columns
 constexpr int QUAD_SLOTS = 128;     // staged inputs per quad: 4 units of 32 rows
-constexpr uint16_t NO_INPUT = 0xFFFF;
 
 // ---- Two codes into one half2 without a conversion -------------------------
 //
@@ -316,8 +315,7 @@ __device__ __forceinline__ Walk walk_width(Walk walk, bool have_first, const Uni
 // One matrix of a launch, as the kernel reads it: its tables, its K split, its outputs, and the
 // first column tile of the launch's grid that is its.
 struct GemvMatrix {
-    const uint16_t* xperm;
-    const __half* x_slots;  // SLOTTED: the inputs already in slot order, [x_rows, quads * 128]
+    const __half* x_slots;  // the inputs in slot order, [x_rows, quads * 128]
     const int4* units;
     const uint4* q_weight;
     const uint32_t* q_scale;
@@ -350,8 +348,6 @@ __host__ __device__ inline size_t warp_staging_bytes(int warp_quads, int x_rows)
     return sizeof(__half) * (size_t)x_rows * (warp_quads * QUAD_SLOTS + 32) + sizeof(int4) * 4 * warp_quads;
 }
 
-// A block copies all of x to shared memory, for its warps to gather from, where it fits this.
-constexpr size_t X_SHARED_BYTES = 48 * 1024;
 
 // grid (column tiles of 32 of all the matrices, K slices); block: warps each taking a few of the
 // slice's quads (warp w: quads w, w + warps, ...), each staging the inputs of its own quads in
@@ -361,10 +357,9 @@ constexpr size_t X_SHARED_BYTES = 48 * 1024;
 // into the matrix's `partial` (fp32, zero on entry) by atomics and the last block of a column
 // tile to finish (counted in `done`, one count per tile of the grid) writes fp16 with the bias
 // and leaves `partial` and `done` zeroed.
-template <int NT, bool SLOTTED>
+template <int NT>
 __global__ void __launch_bounds__(MOST_WARPS * 32, NT == 1 ? MIN_BLOCKS : 1)
-exl2_gemv_kernel(const __half* __restrict__ x, int x_rows, int k, bool x_in_shared, const GemvGroup group,
-                 int* __restrict__ done) {
+exl2_gemv_kernel(int x_rows, const GemvGroup group, int* __restrict__ done) {
     // Whole-struct selects with constant indices: a dynamic index into the parameters would
     // copy them to local memory.
     GemvMatrix mat = group.m[0];
@@ -372,7 +367,6 @@ exl2_gemv_kernel(const __half* __restrict__ x, int x_rows, int k, bool x_in_shar
     if (group.count > 2 && (int)blockIdx.x >= group.m[2].first_tile) mat = group.m[2];
     allow_dependents();
     if ((int)blockIdx.y >= mat.slices) return;  // a matrix split fewer ways than the grid's widest
-    const uint16_t* __restrict__ xperm = mat.xperm;
     const int4* __restrict__ units = mat.units;
     const int quads = mat.quads, packed_rows = mat.packed_rows, n_pad = mat.n_pad, n = mat.n;
     const int tile = blockIdx.x - mat.first_tile;
@@ -391,16 +385,14 @@ exl2_gemv_kernel(const __half* __restrict__ x, int x_rows, int k, bool x_in_shar
     for (int i = 0; i < WARP_QUADS; ++i) my_quads += quad_of(i) < q_end;
     // Rows 64 bytes apart modulo 128: a quarter-warp's 16-byte reads of two rows hit different banks.
     const int x_stride = warp_quads * QUAD_SLOTS + 32;
-    const size_t x_bytes = x_in_shared ? (sizeof(__half) * x_rows * k + 15) / 16 * 16 : 0;
-    const __half* x_rows_s = reinterpret_cast<const __half*>(shared);
-    unsigned char* mine = shared + x_bytes + warp * warp_staging_bytes(warp_quads, x_rows);
+    unsigned char* mine = shared + warp * warp_staging_bytes(warp_quads, x_rows);
     __half* xs = reinterpret_cast<__half*>(mine);
     int4* units_w = reinterpret_cast<int4*>(mine + sizeof(__half) * x_rows * x_stride);
     const uint4* q = mat.q_weight + col / COLS_PER_THREAD;
     const int stride4 = n_pad / COLS_PER_THREAD;
 
     // Before the wait only the layer's own tensors are read: the first quad's table entry and
-    // words, the warp's unit table and its slots' input indices.
+    // words and the warp's unit table.
     Walk walk{0, make_int4(0, -1, 0, 0)};
     UnitWords<8> first;
     if (my_quads > 0) {
@@ -408,62 +400,19 @@ exl2_gemv_kernel(const __half* __restrict__ x, int x_rows, int k, bool x_in_shar
         load_words<8>(first, walk.info, q, stride4, packed_rows, mat.q_scale, mat.q_scale_max, n_pad, col, walk.info.x);
     }
     for (int e = lane; e < my_quads * 4; e += 32) units_w[e] = __ldg(units + quad_of(e / 4) * 4 + e % 4);
-    uint2 slot_inputs[WARP_QUADS];
-    if constexpr (!SLOTTED) {
-#pragma unroll
-        for (int i = 0; i < WARP_QUADS; ++i)
-            if (i < my_quads)
-                slot_inputs[i] = __ldg(reinterpret_cast<const uint2*>(xperm + (size_t)quad_of(i) * QUAD_SLOTS) + lane);
-    }
-
-    // x is the previous kernel's output.
+    // The inputs are the previous kernel's output, in slot order: each quad's 128 are one
+    // 256-byte run per row, two quads to a pass of the warp's 16-byte loads.
     wait_for_producer();
-    if constexpr (SLOTTED) {
-        // The producer wrote the inputs in slot order: each quad's 128 are one 256-byte run per
-        // row, two quads to a pass of the warp's 16-byte loads.
-        const size_t row_slots = (size_t)quads * QUAD_SLOTS;
-        for (int m = 0; m < x_rows; ++m) {
+    const size_t row_slots = (size_t)quads * QUAD_SLOTS;
+    for (int m = 0; m < x_rows; ++m) {
 #pragma unroll
-            for (int i0 = 0; i0 < WARP_QUADS; i0 += 2) {
-                const int i = i0 + (lane >> 4);
-                if (i < my_quads) {
-                    const uint4 v = __ldg(reinterpret_cast<const uint4*>(mat.x_slots + m * row_slots +
-                                                                         (size_t)quad_of(i) * QUAD_SLOTS) + (lane & 15));
-                    *reinterpret_cast<uint4*>(xs + m * x_stride + i * QUAD_SLOTS + 8 * (lane & 15)) = v;
-                }
+        for (int i0 = 0; i0 < WARP_QUADS; i0 += 2) {
+            const int i = i0 + (lane >> 4);
+            if (i < my_quads) {
+                const uint4 v = __ldg(reinterpret_cast<const uint4*>(mat.x_slots + m * row_slots +
+                                                                     (size_t)quad_of(i) * QUAD_SLOTS) + (lane & 15));
+                *reinterpret_cast<uint4*>(xs + m * x_stride + i * QUAD_SLOTS + 8 * (lane & 15)) = v;
             }
-        }
-    } else {
-        auto gather = [&](const __half* rows) {
-            for (int m = 0; m < x_rows; ++m) {
-                const __half* row = rows + (size_t)m * k;
-#pragma unroll
-                for (int i = 0; i < WARP_QUADS; ++i) {
-                    if (i >= my_quads) break;
-                    const uint32_t pair[2] = {slot_inputs[i].x, slot_inputs[i].y};
-                    __half v[4];
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const uint32_t source = (pair[e / 2] >> (16 * (e % 2))) & 0xFFFFu;
-                        v[e] = source == NO_INPUT ? __float2half(0.f) : row[source];
-                    }
-                    *reinterpret_cast<uint2*>(xs + m * x_stride + i * QUAD_SLOTS + 4 * lane) =
-                        *reinterpret_cast<const uint2*>(v);
-                }
-            }
-        };
-        if (x_in_shared) {
-            __half* xr = reinterpret_cast<__half*>(shared);
-            if ((k & 7) == 0) {
-                for (int i = threadIdx.x; i < x_rows * k / 8; i += blockDim.x)
-                    reinterpret_cast<uint4*>(xr)[i] = __ldg(reinterpret_cast<const uint4*>(x) + i);
-            } else {
-                for (int i = threadIdx.x; i < x_rows * k; i += blockDim.x) xr[i] = x[i];
-            }
-            __syncthreads();
-            gather(x_rows_s);
-        } else {
-            gather(x);
         }
     }
     __syncwarp();
@@ -653,8 +602,8 @@ __global__ void exl2_dequant_kernel(const int4* __restrict__ q_weight, int packe
     }
 }
 
-template <int NT, bool SLOTTED>
-void launch_gemv(const Exl2Product* products, int count, const __half* x, int x_rows, int k, int warps,
+template <int NT>
+void launch_gemv(const Exl2Product* products, int count, int x_rows, int warps,
                  float* partial, cudaStream_t stream) {
     GemvGroup group{};
     group.count = count;
@@ -665,7 +614,6 @@ void launch_gemv(const Exl2Product* products, int count, const __half* x, int x_
         const Exl2Product& p = products[i];
         const Exl2Layer& layer = p.layer;
         GemvMatrix& m = group.m[i];
-        m.xperm = layer.xperm;
         m.x_slots = static_cast<const __half*>(p.x_slots);
         m.units = reinterpret_cast<const int4*>(layer.units);
         m.q_weight = reinterpret_cast<const uint4*>(layer.q_weight);
@@ -691,13 +639,11 @@ void launch_gemv(const Exl2Product* products, int count, const __half* x, int x_
     // The grid's completion counts sit right after the sums, zero like them between launches.
     int* done = reinterpret_cast<int*>(sums);
     const dim3 grid(tiles, slices);
-    const size_t whole_x = (sizeof(__half) * x_rows * k + 15) / 16 * 16;
-    const bool x_in_shared = !SLOTTED && whole_x <= X_SHARED_BYTES;
     const size_t warp_sums = sizeof(float) * warps * NT * 8 * 32;
-    const size_t smem = std::max((x_in_shared ? whole_x : 0) + staged, warp_sums);
-    auto kernel = exl2_gemv_kernel<NT, SLOTTED>;
+    const size_t smem = std::max(staged, warp_sums);
+    auto kernel = exl2_gemv_kernel<NT>;
     if (smem > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    launch_chained(kernel, grid, dim3(warps * 32), smem, stream, x, x_rows, k, x_in_shared, group, done);
+    launch_chained(kernel, grid, dim3(warps * 32), smem, stream, x_rows, group, done);
 }
 
 }  // namespace
@@ -715,16 +661,12 @@ size_t exl2_gemm_scratch(const Exl2Product* products, int count, int x_rows) {
     return floats + tiles;
 }
 
-void exl2_gemm_group_launch(const Exl2Product* products, int count, const void* x, int x_rows, int k, int warps,
-                            float* partial, cudaStream_t stream) {
-    const __half* xh = static_cast<const __half*>(x);
-    const bool slotted = products[0].x_slots != nullptr;
+void exl2_gemm_group_launch(const Exl2Product* products, int count, int x_rows, int warps, float* partial,
+                            cudaStream_t stream) {
     if (x_rows <= 8) {
-        if (slotted) launch_gemv<1, true>(products, count, xh, x_rows, k, warps, partial, stream);
-        else launch_gemv<1, false>(products, count, xh, x_rows, k, warps, partial, stream);
+        launch_gemv<1>(products, count, x_rows, warps, partial, stream);
     } else {
-        if (slotted) launch_gemv<2, true>(products, count, xh, x_rows, k, warps, partial, stream);
-        else launch_gemv<2, false>(products, count, xh, x_rows, k, warps, partial, stream);
+        launch_gemv<2>(products, count, x_rows, warps, partial, stream);
     }
 }
 

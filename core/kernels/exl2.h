@@ -12,7 +12,6 @@ struct Exl2Layer {
     const void* q_scale_max;    // fp16 [groups]
     const int* groups;          // int32 [groups, 4]: bits, first packed row, first act-order row, rows (dequantizer)
     const int* units;           // int32 [quads * 4, 4]: bits, first packed row (-1: padding), group, quad in one group
-    const uint16_t* xperm;      // [quads * 128]: input index staged in each slot, 0xFFFF for a zero
     int quads;
     int packed_rows;
     int n_pad;
@@ -27,18 +26,19 @@ struct Exl2Product {
     int quads_per_slice;
     const void* bias;
     void* out;
-    const void* x_slots;  // fp16 [x_rows, quads * 128]: x already in the layer's slot order (xperm); null: gathered here
+    const void* x_slots;  // fp16 [x_rows, quads * 128]: the input in the layer's slot order (exl2.py, xperm)
 };
 
-// Up to exl2_gemm_group_max() products of one input x fp16 [x_rows, k] in one launch, `warps`
-// warps per block (at most exl2_gemm_warps_max()), each taking at most exl2_gemm_warp_quads_max()
-// quads of a slice. `partial` is fp32 scratch of exl2_gemm_scratch() zeros, left zeroed.
+// Up to exl2_gemm_group_max() products of one input of x_rows rows (each product's x_slots) in
+// one launch, `warps` warps per block (at most exl2_gemm_warps_max()), each taking at most
+// exl2_gemm_warp_quads_max() quads of a slice. `partial` is fp32 scratch of exl2_gemm_scratch()
+// zeros, left zeroed.
 int exl2_gemm_group_max();
 int exl2_gemm_warps_max();
 int exl2_gemm_warp_quads_max();
 size_t exl2_gemm_scratch(const Exl2Product* products, int count, int x_rows);
-void exl2_gemm_group_launch(const Exl2Product* products, int count, const void* x, int x_rows, int k, int warps,
-                            float* partial, cudaStream_t stream);
+void exl2_gemm_group_launch(const Exl2Product* products, int count, int x_rows, int warps, float* partial,
+                            cudaStream_t stream);
 
 // out fp16 [k, n] = the layer's weight, act-order row r at row row_of[r] (null: at r).
 void exl2_dequant_launch(const Exl2Layer& layer, int groups, const int* row_of, void* out, cudaStream_t stream);

@@ -44,6 +44,7 @@ class Exl2Plan:
     groups: torch.Tensor  # int32 [G, 4]: bits, first packed row, first act-order row, rows (dequantizer)
     units: torch.Tensor  # int32 [quads * 4, 4]: bits, first packed row (-1: padding), group, quad in one group
     xperm: torch.Tensor  # int16 [quads * 128]: input index staged in each slot (as uint16; 0xFFFF: zero)
+    slot_source: torch.Tensor  # int64 [quads * 128]: the same, with in_features (a zero column) for no input
     perm: torch.Tensor  # int32 [K]: input index of each act-order row
     quads: int
     column_tiles: int  # of 32 columns
@@ -105,6 +106,7 @@ def plan_layer(tensors: dict[str, torch.Tensor], out_features: int, multiprocess
         rows = unit_array[index, 3:4] + codes[None, :]
         real = codes[None, :] < unit_array[index, 4:5]
         xperm[slot[real]] = perm_cpu[rows[real]]
+    slot_source = np.where(xperm == NO_INPUT, in_features, xperm)
     xperm = np.where(xperm >= 1 << 15, xperm - (1 << 16), xperm)  # uint16 stored as int16
     unit_table = np.zeros((len(units), 4), dtype=np.int32)
     unit_table[:, :3] = unit_array[:, :3]
@@ -117,6 +119,7 @@ def plan_layer(tensors: dict[str, torch.Tensor], out_features: int, multiprocess
         groups=torch.tensor(table, dtype=torch.int32, device=device),
         units=torch.from_numpy(unit_table).to(device),
         xperm=torch.from_numpy(xperm.astype(np.int16)).to(device),
+        slot_source=torch.from_numpy(slot_source).to(device),
         perm=perm.to(torch.int32),
         quads=len(units) // 4,
         column_tiles=q_weight.shape[1] // 32,
@@ -156,11 +159,14 @@ def gemm_group(x: torch.Tensor, layers: Sequence[tuple[dict[str, torch.Tensor], 
     """fp16 x [M <= dispatch.SMALL_BATCH, K] @ each layer's weight (+ its fp16 bias) -> fp16 [M, N_i],
     straight from the packed weights, up to GROUP_MOST layers (tensors, plan, bias) in one launch.
 
-    With `x_slots` (one per layer: x in its plan's slot order, [M, quads * 128], as
-    reference.slot_gather writes it) the kernel reads those instead of gathering from x, whose
-    rows alone it then reads: a producer kernel that writes them so saves every block of the
-    product a copy of x and a gather."""
+    The kernel reads its input in each layer's slot order (x_slots[i] [M, quads_i * 128], as
+    reference.slot_gather writes it). The graph decoder's norms, SwiGLU and attention write it so;
+    without x_slots it is gathered here from x (a few torch launches, for calls outside the graph).
+    x's rows alone are read then."""
     rows = x.shape[0]
+    if not x_slots:
+        padded = torch.nn.functional.pad(x, (0, 1))  # the zero column slots without an input read
+        x_slots = [padded.index_select(1, plan.slot_source) for _, plan, _ in layers]
     tiles = sum(plan.column_tiles for _, plan, _ in layers)
     # The split of K counts the blocks of the whole launch: three 4096-column layers fill an H100 unsplit.
     shapes = [launch_shape(plan.quads, tiles, plan.multiprocessors, rows, BLOCKS_PER_SM, WARPS, QUADS_PER_WARP)
@@ -169,11 +175,11 @@ def gemm_group(x: torch.Tensor, layers: Sequence[tuple[dict[str, torch.Tensor], 
     partial = _scratch.get(x.device, split_sums + max(tiles, COUNT_ROOM))
     no_bias = x.new_empty(0)
     return kernels().exl2_gemm_small(
-        x, [plan.xperm for _, plan, _ in layers], [plan.units for _, plan, _ in layers],
+        list(x_slots), [plan.units for _, plan, _ in layers],
         [tensors["q_weight"] for tensors, _, _ in layers], [plan.out_features for _, plan, _ in layers],
         [tensors["q_scale"] for tensors, _, _ in layers], [tensors["q_scale_max"] for tensors, _, _ in layers],
         [shape[0] for shape in shapes], [shape[1] for shape in shapes], max(shape[2] for shape in shapes), partial,
-        [bias if bias is not None else no_bias for _, _, bias in layers], list(x_slots))
+        [bias if bias is not None else no_bias for _, _, bias in layers])
 
 
 def gemm_small(x: torch.Tensor, tensors: dict[str, torch.Tensor], plan: Exl2Plan,
