@@ -348,11 +348,10 @@ __host__ __device__ inline size_t warp_staging_bytes(int warp_quads, int x_rows)
     return sizeof(__half) * (size_t)x_rows * (warp_quads * QUAD_SLOTS + 32) + sizeof(int4) * 4 * warp_quads;
 }
 
-
 // grid (column tiles of 32 of all the matrices, K slices); block: warps each taking a few of the
-// slice's quads (warp w: quads w, w + warps, ...), each staging the inputs of its own quads in
-// slot order. Before waiting for the previous kernel a warp requests its first quad's words,
-// so they are on their way while x is copied and gathered.
+// slice's quads (warp w: quads w, w + warps, ...), each staging the inputs of its own quads
+// (already in slot order) in shared memory. Before waiting for the previous kernel a warp
+// requests its first quad's words, so they are on their way while its inputs are staged.
 // A matrix with one slice writes its columns; with several, every block adds its sums
 // into the matrix's `partial` (fp32, zero on entry) by atomics and the last block of a column
 // tile to finish (counted in `done`, one count per tile of the grid) writes fp16 with the bias
