@@ -81,6 +81,13 @@ def exl2_copies(shape: tuple[int, int], bits, copies: int) -> list[tuple[dict, e
     return layers
 
 
+def slotted_product_time(x: torch.Tensor, layers: list[tuple[dict, exl2.Exl2Plan]], copies: int) -> float:
+    """Seconds per product of x by layers[i] (graph_time), the input in slot order as the decode
+    step's norms, SwiGLU and attention write it."""
+    x_slots = [[reference.slot_gather(x, plan.xperm)] for _, plan in layers]
+    return graph_time(lambda i: exl2.gemm_group(x, [(*layers[i], None)], x_slots[i]), copies)
+
+
 def kernel_bandwidth(bits_list, copies: int = 6, batch: int = 1, shape: tuple[int, int] = (4096, 11008)) -> list[dict]:
     """Small-batch product on one (in, out) shape at each width (or MIXED name), over several copies
     so L2 holds none, its inputs in slot order as the decode step's norms, SwiGLU and attention write them."""
@@ -89,9 +96,8 @@ def kernel_bandwidth(bits_list, copies: int = 6, batch: int = 1, shape: tuple[in
     for bits in bits_list:
         layers = exl2_copies(shape, bits, copies)
         x = torch.randn(batch, in_features, device="cuda").half()
-        x_slots = [[reference.slot_gather(x, plan.xperm)] for _, plan in layers]
         exl2.reserve_scratch(x.device, batch, out_features)
-        seconds = graph_time(lambda i: exl2.gemm_group(x, [(*layers[i], None)], x_slots[i]), copies)
+        seconds = slotted_product_time(x, layers, copies)
         stored = stored_bits(layers[0][0]) / 8
         rows.append({"shape": f"{in_features}x{out_features}", "bits": bits, "batch": batch, "us": seconds * 1e6,
                      "bytes": stored, "gb_s": stored / seconds / 1e9})
@@ -106,7 +112,6 @@ def launch_sweep(shape: tuple[int, int], bits: int = 4, copies: int = 6) -> list
     layers = exl2_copies(shape, bits, copies)
     plan = layers[0][1]
     x = torch.randn(1, in_features, device="cuda").half()
-    x_slots = [[reference.slot_gather(x, plan.xperm)] for _, plan in layers]
     exl2.reserve_scratch(x.device, 1, out_features)
     saved = exl2.WARPS, exl2.BLOCKS_PER_SM, exl2.QUADS_PER_WARP
     rows = []
@@ -118,8 +123,7 @@ def launch_sweep(shape: tuple[int, int], bits: int = 4, copies: int = 6) -> list
                     exl2.launch_shape.cache_clear()
                     split = exl2.launch_shape(plan.quads, plan.column_tiles, plan.multiprocessors, 1, per_sm, warps,
                                               per_warp)
-                    # As the decode step calls it: the inputs in slot order.
-                    seconds = graph_time(lambda i: exl2.gemm_group(x, [(*layers[i], None)], x_slots[i]), copies)
+                    seconds = slotted_product_time(x, layers, copies)
                     rows.append({"shape": f"{in_features}x{out_features}", "bits": bits, "warps": warps,
                                  "blocks_per_sm": per_sm, "quads_per_warp": per_warp, "slices": split[0],
                                  "quads_per_slice": split[1], "block_warps": split[2], "us": seconds * 1e6})

@@ -13,8 +13,7 @@ layers run as they are; norms, rope with the cache append, and SwiGLU run as
 fused kernels (core/kernels/fused.cu) or their torch twins, which compute what
 CausalLM.forward computes. Where the next product is EXL2, the norm, SwiGLU or
 decode attention before it also writes its output in the order that product
-stages its inputs in (linear.input_slots), so the product reads them instead of
-gathering them.
+reads its inputs in (linear.input_slots), so no gather runs before the product.
 
 A batch of several rows decodes in lockstep (one shared position, as a
 left-padded batch does): each row's key mask hides its padding, and rope with
@@ -82,7 +81,7 @@ class GraphDecoder:
         # The norms and SwiGLU write their outputs in the order the next product reads them, where
         # that product has one (EXL2; see linear.input_slots): per layer, the tables of q/k/v,
         # gate/up and down, then those of the head.
-        self.slots = None
+        self.slots, self.head_slots = None, None
         if built is not None and built.rms_norm_takes_slots(config.hidden_size):
             self.slots = [(input_slots((layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
                                        self.batch),

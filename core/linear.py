@@ -139,9 +139,10 @@ def input_slots(layers: tuple[nn.Module, ...], rows: int) -> list[torch.Tensor] 
     run as one kernel launch that reads its input in an order of its own, the tables of that
     order a producer kernel writes it in (see project_slots); else None.
 
-    The EXL2 small-batch kernel stages its inputs so that each weight it decodes meets its input
-    without a shuffle; written in that order by the kernel before it (a norm, SwiGLU), the inputs
-    reach every block of the product as one contiguous read instead of a copy and a gather."""
+    The EXL2 small-batch kernel reads its inputs in an order that lets each weight it decodes
+    meet its input without a shuffle. Written in that order by the kernel before it (a norm,
+    SwiGLU, attention), they cost the product one contiguous read; without that, torch gathers
+    them first (exl2.gemm_group)."""
     from .kernels.dispatch import SMALL_BATCH
 
     kind = type(layers[0])

@@ -180,13 +180,13 @@ void gptq_scale_search(torch::Tensor work, int64_t first_row, int64_t rows, torc
 SlotTables slot_tables(const std::vector<torch::Tensor>& index, int64_t rows, int64_t width,
                        std::vector<torch::Tensor>& outs, const torch::TensorOptions& options) {
     TORCH_CHECK(index.size() <= (size_t)SLOT_TABLES_MOST, "at most 3 slot tables");
+    TORCH_CHECK(index.empty() || width < NO_SLOT_INPUT, "slot tables index at most 65534 inputs");
     SlotTables tables{};
     tables.count = (int)index.size();
     for (size_t t = 0; t < index.size(); ++t) {
         check(index[t], torch::kShort, "slot table");
         TORCH_CHECK(index[t].dim() == 1 && index[t].numel() % 8 == 0 && index[t].numel() < (1 << 30),
                     "slot table: [slots], a multiple of 8");
-        TORCH_CHECK(width < NO_SLOT_INPUT, "slot tables index at most 65534 inputs");
         outs.push_back(torch::empty({rows, index[t].numel()}, options));
         tables.index[t] = reinterpret_cast<const uint16_t*>(index[t].data_ptr<int16_t>());
         tables.out[t] = outs.back().data_ptr<at::Half>();
@@ -208,6 +208,8 @@ std::vector<torch::Tensor> norm_checked(torch::Tensor x, torch::Tensor weight, d
         TORCH_CHECK(residual->sizes() == x.sizes(), "rms_norm: residual shaped like x");
         residual_ptr = residual->data_ptr<at::Half>();
     }
+    // slot_tables checks this too, but only after the device guard below; a throw from there with
+    // 4 tables crashed the process on the H100 instead of raising (not understood), so here first.
     static_assert(SLOT_TABLES_MOST == 3, "the message below");
     TORCH_CHECK(index.size() <= 3, "rms_norm: at most 3 slot tables");
     TORCH_CHECK(index.empty() || rms_norm_takes_slots(hidden), "rms_norm: slot tables take rows of a multiple of 8 up to ",

@@ -33,7 +33,7 @@ BLOCKS_PER_SM = 2
 STAGED_BYTES = 64 * 1024
 UNIT_ROWS = 32
 QUAD_SLOTS = 128
-NO_INPUT = 0xFFFF
+NO_INPUT = reference.NO_SLOT_INPUT  # a slot with no input stages a zero
 # Layers one launch of the small-batch kernel takes (exl2.cu, MOST_MATRICES): q, k and v.
 GROUP_MOST = 3
 
@@ -44,7 +44,7 @@ class Exl2Plan:
     groups: torch.Tensor  # int32 [G, 4]: bits, first packed row, first act-order row, rows (dequantizer)
     units: torch.Tensor  # int32 [quads * 4, 4]: bits, first packed row (-1: padding), group, quad in one group
     xperm: torch.Tensor  # int16 [quads * 128]: input index staged in each slot (as uint16; 0xFFFF: zero)
-    slot_source: torch.Tensor  # int64 [quads * 128]: the same, with in_features (a zero column) for no input
+    slot_source: torch.Tensor  # int32 [quads * 128]: the same, with in_features (a zero column) for no input
     perm: torch.Tensor  # int32 [K]: input index of each act-order row
     quads: int
     column_tiles: int  # of 32 columns
@@ -119,7 +119,7 @@ def plan_layer(tensors: dict[str, torch.Tensor], out_features: int, multiprocess
         groups=torch.tensor(table, dtype=torch.int32, device=device),
         units=torch.from_numpy(unit_table).to(device),
         xperm=torch.from_numpy(xperm.astype(np.int16)).to(device),
-        slot_source=torch.from_numpy(slot_source).to(device),
+        slot_source=torch.from_numpy(slot_source.astype(np.int32)).to(device),
         perm=perm.to(torch.int32),
         quads=len(units) // 4,
         column_tiles=q_weight.shape[1] // 32,
