@@ -17,6 +17,7 @@
 
 #include "attention.h"
 #include "launch.h"
+#include "rounding.h"
 
 #include <cuda_fp16.h>
 #include <math_constants.h>
@@ -53,8 +54,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 __device__ __forceinline__ __half rotated(const __half* x, const __half* c, const __half* s, int d, int dim) {
     const int half_dim = dim / 2;
     const float partner = d < half_dim ? -__half2float(x[d + half_dim]) : __half2float(x[d - half_dim]);
-    return __float2half(__half2float(__float2half(__half2float(x[d]) * __half2float(c[d]))) +
-                        __half2float(__float2half(partner * __half2float(s[d]))));
+    return __float2half(rope_element(__half2float(x[d]), __half2float(c[d]), partner, __half2float(s[d])));
 }
 
 // The block's max (MAX) or sum of one value per thread; every thread gets it.

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("bindings.cpp", "attention.cu", "attention.h", "exl2.cu", "exl2.h", "fused.cu", "fused.h", "launch.h", "gptq.cu", "gptq.h", "gptq4.cu", "gptq4.h")
+SOURCES = ("bindings.cpp", "attention.cu", "attention.h", "exl2.cu", "exl2.h", "fused.cu", "fused.h", "launch.h", "rounding.h", "gptq.cu", "gptq.h", "gptq4.cu", "gptq4.h")
 # Compiled units (headers are hashed for the cache key only).
 COMPILED = ("bindings.cpp", "attention.cu", "exl2.cu", "fused.cu", "gptq.cu", "gptq4.cu")
 # Turing (T4) is the oldest GPU a Space offers; the kernels use nothing newer than sm_75 has.

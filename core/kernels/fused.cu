@@ -5,6 +5,7 @@
 
 #include "fused.h"
 #include "launch.h"
+#include "rounding.h"
 
 #include <cuda_fp16.h>
 #include <algorithm>
@@ -36,17 +37,16 @@ __global__ void rms_norm_kernel(const __half* x, const __half* __restrict__ resi
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
         float v = __half2float(x[base + i]);
         if (residual) {
-            const __half sum = __float2half(v + __half2float(residual[base + i]));
+            const __half sum = half_sum(v, __half2float(residual[base + i]));
             sum_out[base + i] = sum;
             v = __half2float(sum);
         }
         squares += v * v;
     }
-    const float inverse_rms = rsqrtf(block_sum(squares, shared) / hidden + eps);
+    const float inverse_rms = inverse_rms_of(block_sum(squares, shared), hidden, eps);
     const __half* row = residual ? sum_out : x;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-        const float normed = __half2float(__float2half(__half2float(row[base + i]) * inverse_rms));
-        out[base + i] = __float2half(normed * __half2float(weight[i]));
+        out[base + i] = rms_normed(__half2float(row[base + i]), inverse_rms, __half2float(weight[i]));
     }
 }
 
@@ -165,7 +165,7 @@ __global__ void __launch_bounds__(VEC_THREADS_MOST) rms_norm_vec_kernel(const __
 #pragma unroll
         for (int e = 0; e < 8; ++e) squares += values[c][e] * values[c][e];
     }
-    const float inverse_rms = rsqrtf(block_sum(squares, shared) / hidden + eps);
+    const float inverse_rms = inverse_rms_of(block_sum(squares, shared), hidden, eps);
 #pragma unroll
     for (int c = 0; c < VEC_CHUNKS; ++c) {
         const int i = (threadIdx.x + c * blockDim.x) * 8;
@@ -175,9 +175,8 @@ __global__ void __launch_bounds__(VEC_THREADS_MOST) rms_norm_vec_kernel(const __
         __half2 result[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-            const float a = __half2float(__float2half(values[c][2 * e] * inverse_rms));
-            const float b = __half2float(__float2half(values[c][2 * e + 1] * inverse_rms));
-            result[e] = __floats2half2_rn(a * w[2 * e], b * w[2 * e + 1]);
+            result[e] = __halves2half2(rms_normed(values[c][2 * e], inverse_rms, w[2 * e]),
+                                       rms_normed(values[c][2 * e + 1], inverse_rms, w[2 * e + 1]));
         }
         if (writes_row) *reinterpret_cast<uint4*>(out + base + i) = *reinterpret_cast<const uint4*>(result);
         if (tables.count) *reinterpret_cast<uint4*>(normed_row + i) = *reinterpret_cast<const uint4*>(result);
@@ -209,8 +208,7 @@ __global__ void rope_cache_kernel(__half* __restrict__ q, const __half* __restri
     const __half* src = is_query ? q + ((size_t)token * heads + head) * dim : k + ((size_t)token * kv_heads + head) * dim;
     const float own = __half2float(src[d]);
     const float partner = d < half_dim ? -__half2float(src[d + half_dim]) : __half2float(src[d - half_dim]);
-    // As the reference: fp16(x * cos) + fp16(rotate_half(x) * sin), rounded again.
-    const float rotated = __half2float(__float2half(own * c)) + __half2float(__float2half(partner * s));
+    const float rotated = rope_element(own, c, partner, s);
     if (is_query) {
         __syncthreads();  // every partner read before any write of this head
         q[((size_t)token * heads + head) * dim + d] = __float2half(rotated);
@@ -248,13 +246,10 @@ __global__ void rope_cache_pairs_kernel(__half* __restrict__ q, const __half* __
                            : const_cast<__half*>(k) + ((size_t)token * kv_heads + head) * dim;
     const float2 x_lo = __half22float2(*reinterpret_cast<const __half2*>(src + lo));
     const float2 x_hi = __half22float2(*reinterpret_cast<const __half2*>(src + hi));
-    // As the reference: fp16(x * cos) + fp16(rotate_half(x) * sin), rounded again; rotate_half
-    // puts -x[d + dim/2] in the first half and x[d - dim/2] in the second.
-    auto rope = [](float own, float c, float partner, float s) {
-        return __half2float(__float2half(own * c)) + __half2float(__float2half(partner * s));
-    };
-    const __half2 out_lo = __floats2half2_rn(rope(x_lo.x, c_lo.x, -x_hi.x, s_lo.x), rope(x_lo.y, c_lo.y, -x_hi.y, s_lo.y));
-    const __half2 out_hi = __floats2half2_rn(rope(x_hi.x, c_hi.x, x_lo.x, s_hi.x), rope(x_hi.y, c_hi.y, x_lo.y, s_hi.y));
+    const __half2 out_lo = __floats2half2_rn(rope_element(x_lo.x, c_lo.x, -x_hi.x, s_lo.x),
+                                             rope_element(x_lo.y, c_lo.y, -x_hi.y, s_lo.y));
+    const __half2 out_hi = __floats2half2_rn(rope_element(x_hi.x, c_hi.x, x_lo.x, s_hi.x),
+                                             rope_element(x_hi.y, c_hi.y, x_lo.y, s_hi.y));
     if (is_query) {
         *reinterpret_cast<__half2*>(src + lo) = out_lo;
         *reinterpret_cast<__half2*>(src + hi) = out_hi;
@@ -268,10 +263,6 @@ __global__ void rope_cache_pairs_kernel(__half* __restrict__ q, const __half* __
     }
 }
 
-// fp16(silu(g)) first, as F.silu on an fp16 tensor returns it, then the fp16 product.
-__device__ __forceinline__ __half silu_times(float g, float u) {
-    return __float2half(__half2float(__float2half(g / (1.f + __expf(-g)))) * u);
-}
 
 __global__ void silu_mul_kernel(const __half2* __restrict__ gate, const __half2* __restrict__ up,
                                 __half2* __restrict__ out, int64_t pairs) {
