@@ -7,7 +7,9 @@ for the one before, so per-kernel sums overstate the step (KERNEL_NOTES v5).
 This captures the same decode step with groups of the small kernels replaced by
 nothing (norms, attention with its rope and cache append, SwiGLU), or with the
 inputs of the EXL2 products (or o_proj's alone) gathered by torch instead of
-written in slot order by the kernel before (no "slot order"), and times each
+written in slot order by the kernel before (no "slot order"), or with the norms
+and SwiGLU as kernels of their own instead of handed from product to product
+(no "handoff"), and times each
 graph's replay alone: the difference to the full step is what those kernels
 cost in context. The outputs of an ablated step are meaningless; only its time
 is read.
@@ -76,10 +78,11 @@ def main() -> None:
     model = random_model(config, args.bpw, "cuda", torch.float16)
     cache = KVCache(config, max(512, args.position + 64), device="cuda", dtype=torch.float16)
     decoder = GraphDecoder(model, cache)
-    full_ops, slots, o_slots = decoder.ops, decoder.slots, decoder.o_slots
+    full_ops, slots, o_slots, handoffs = decoder.ops, decoder.slots, decoder.o_slots, decoder.handoffs
     # "slot order": the norms, SwiGLU and attention write plain rows and torch gathers every EXL2
     # product's inputs; "o slot order": only o_proj's.
-    variants = [set(), {"slot order"}, {"o slot order"}, {"norm"}, {"attention"}, {"silu"},
+    # "handoff": the norms and SwiGLU run as kernels of their own instead of inside the products.
+    variants = [set(), {"handoff"}, {"slot order"}, {"o slot order"}, {"norm"}, {"attention"}, {"silu"},
                 {"norm", "attention", "silu"}]
     print(f"{device_name()}, {args.model} {args.bpw} bpw, {config.num_layers} layers, position {args.position}")
     full = None
@@ -87,6 +90,8 @@ def main() -> None:
         decoder.ops = skipping(full_ops, leave_out)
         decoder.slots = None if "slot order" in leave_out else slots
         decoder.o_slots = None if leave_out & {"slot order", "o slot order"} else o_slots
+        # Leaving out the norm or SwiGLU kernels measures them where they are kernels.
+        decoder.handoffs = None if leave_out & {"handoff", "slot order", "norm", "silu"} else handoffs
         decoder.graphs.clear()
         seconds = replay_time(decoder, args.position)
         full = full if full is not None else seconds

@@ -14,6 +14,11 @@ fused kernels (core/kernels/fused.cu) or their torch twins, which compute what
 CausalLM.forward computes. Where the next product is EXL2, the norm, SwiGLU or
 decode attention before it also writes its output in the order that product
 reads its inputs in (linear.input_slots), so no gather runs before the product.
+Where the products on both sides of a norm or SwiGLU read that order, the piece
+runs in neither kernel of its own: the product before writes its output summed
+with the residual, in the next products' orders, with the row's sum of squares,
+and the product after finishes the norm or SwiGLU while staging its inputs
+(kernels/handoff.py), two kernel boundaries less a layer.
 
 A batch of several rows decodes in lockstep (one shared position, as a
 left-padded batch does): each row's key mask hides its padding, and rope with
@@ -23,14 +28,16 @@ the cache append runs as its torch twin, the fused kernel being batch-1.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .cache import KVCache
 from .kernels import dispatch, reference
+from .kernels.handoff import OutputRoute, StagedInput
 from .linear import input_slots, project, project_slots, share_input_weights
-from .model import CausalLM
+from .model import CausalLM, RMSNorm
 
 # Attention reads the cache prefix rounded up to this many positions: few graphs, little wasted reading.
 BUCKET = 256
@@ -41,6 +48,44 @@ GRAPHS_SWITCH = "QUANTLAB_CUDA_GRAPHS"
 def graphs_wanted(device: torch.device) -> bool:
     """Whether decoding on `device` replays CUDA graphs: on a GPU, unless QUANTLAB_CUDA_GRAPHS=0."""
     return device.type == "cuda" and os.environ.get(GRAPHS_SWITCH, "1") != "0"
+
+
+@dataclass(frozen=True)
+class NormHandoff:
+    """A norm that the product before it (o_proj or down) hands to the products after it: the
+    product writes x + its output into `buffers` (one per consumer, in its slot order) and each
+    row's sum of squares into `squares`; the consumers stage `staged`."""
+
+    slot_of: tuple[torch.Tensor, ...]
+    buffers: list[torch.Tensor]
+    squares: torch.Tensor
+    staged: StagedInput
+
+    def route(self, residual: torch.Tensor) -> OutputRoute:
+        return OutputRoute(residual=residual, slot_of=self.slot_of, slots_out=tuple(self.buffers),
+                           squares=self.squares)
+
+
+@dataclass(frozen=True)
+class SwigluHandoff:
+    """SwiGLU that gate and up hand to down: each writes its output in down's slot order."""
+
+    gate: torch.Tensor
+    up: torch.Tensor
+    routes: tuple[OutputRoute, OutputRoute]
+
+
+@dataclass(frozen=True)
+class Handoffs:
+    """Per layer, the norm before q/k/v (None for the first layer, whose input is the embedding),
+    the norm before gate/up and SwiGLU, each None where a side does not read slot order; then the
+    final norm before the head. `squares` holds every norm's sums, zeroed at each step's start."""
+
+    attention_norms: list[NormHandoff | None]
+    mlp_norms: list[NormHandoff | None]
+    swiglus: list[SwigluHandoff | None]
+    head_norm: NormHandoff | None
+    squares: torch.Tensor
 
 
 class GraphDecoder:
@@ -96,6 +141,41 @@ class GraphDecoder:
             if all(tables):
                 self.o_slots = [(reference.slot_of_inputs(table), torch.zeros(1, table.numel(), dtype=dtype, device=device))
                                 for table, in tables]
+        self.handoffs = self._handoffs() if self.slots else None
+
+    def _handoffs(self) -> Handoffs:
+        model, batch, layers = self.model, self.batch, self.model.model.layers
+        squares = torch.zeros(2 * len(layers) + 1, batch, dtype=torch.float32, device=model.device)
+
+        def buffers(tables):  # zero where a slot has no input, and never written there
+            return [torch.zeros(batch, table.numel(), dtype=model.dtype, device=model.device) for table in tables]
+
+        def norm(producer, norm: RMSNorm, tables, site: int) -> NormHandoff | None:
+            if not tables or input_slots((producer,), batch) is None:
+                return None
+            weights = [reference.slot_gather(norm.weight, table).view(-1) for table in tables]
+            staged = StagedInput(norm_weight=weights, squares=squares[site], eps=norm.eps, hidden=norm.weight.numel())
+            return NormHandoff(tuple(reference.slot_of_inputs(table) for table in tables), buffers(tables),
+                               squares[site], staged)
+
+        def swiglu(gate_up_tables, down_tables) -> SwigluHandoff | None:
+            if not gate_up_tables or not down_tables:
+                return None
+            slot_of = (reference.slot_of_inputs(down_tables[0]),)
+            gate, up = buffers(down_tables * 2)
+            return SwigluHandoff(gate, up, (OutputRoute(slot_of=slot_of, slots_out=(gate,)),
+                                            OutputRoute(slot_of=slot_of, slots_out=(up,))))
+
+        attention_norms, mlp_norms, swiglus = [None], [], []
+        for index, layer in enumerate(layers):
+            qkv_tables, gate_up_tables, down_tables = self.slots[index]
+            mlp_norms.append(norm(layer.self_attn.o_proj, layer.post_attention_layernorm, gate_up_tables, 2 * index + 1))
+            swiglus.append(swiglu(gate_up_tables, down_tables))
+            if index + 1 < len(layers):
+                attention_norms.append(norm(layer.mlp.down_proj, layers[index + 1].input_layernorm,
+                                            self.slots[index + 1][0], 2 * index + 2))
+        head_norm = norm(layers[-1].mlp.down_proj, model.model.norm, self.head_slots, 2 * len(layers))
+        return Handoffs(attention_norms, mlp_norms, swiglus, head_norm, squares)
 
     def set_key_mask(self, key_mask: torch.Tensor) -> None:
         """Rows' real tokens [batch, n] (True = attend) for the first n positions; later positions are all real."""
@@ -166,9 +246,14 @@ class GraphDecoder:
             return x, h, slots
         return x, self.ops.rms_norm(x, norm.weight, norm.eps, residual), None
 
-    @staticmethod
-    def _project(h: torch.Tensor, slots: list[torch.Tensor] | None, layers) -> list[torch.Tensor]:
-        return project_slots(slots, layers, h.shape[:-1]) if slots else project(h, layers)
+    def _project(self, h: torch.Tensor | None, slots: list[torch.Tensor] | None, layers,
+                 staged: StagedInput | None = None, routes=()) -> list[torch.Tensor | None]:
+        """Rows h through the layers, or their input as a producer left it (slots, staged); routes as
+        project_slots takes them."""
+        if slots or routes:
+            return project_slots(slots, layers, (self.batch, 1), staged, routes,
+                                 x=None if slots else h.reshape(self.batch, -1))
+        return project(h, layers)
 
     def _forward(self, length: int) -> torch.Tensor:
         model, cache, ops = self.model, self.cache, self.ops
@@ -182,11 +267,15 @@ class GraphDecoder:
         # runs their own forward, which reads plain rows.
         in_slot_order = self.slots is not None and dispatch.enabled(model.device)
         slots = self.slots if in_slot_order else [(None, None, None)] * len(layers)
+        handoffs = self.handoffs if in_slot_order else None
+        if handoffs:
+            handoffs.squares.zero_()
         x = model.model.embed_tokens(self.tokens)
         x, h, h_slots = self._norm(x, layers[0].input_layernorm, None, slots[0][0])
+        staged = None  # a norm the next product finishes (h is None then)
         for index, layer in enumerate(layers):
             attn = layer.self_attn
-            q, k, v = self._project(h, h_slots, (attn.q_proj, attn.k_proj, attn.v_proj))
+            q, k, v = self._project(h, h_slots, (attn.q_proj, attn.k_proj, attn.v_proj), staged)
             key_buffer, value_buffer = cache.keys[attn.layer_index], cache.values[attn.layer_index]
             o_slots = self.o_slots[index] if in_slot_order and self.o_slots and self.attention_kernel else None
             if self.attention_kernel:
@@ -199,17 +288,36 @@ class GraphDecoder:
                                                      key_buffer[:, :, :length], value_buffer[:, :, :length],
                                                      attn_mask=mask, enable_gqa=heads != kv_heads)
                 out = out.transpose(1, 2).reshape(batch, 1, -1)
-            o = self._project(out, [o_slots[1]] if o_slots else None, (attn.o_proj,))[0]
             mlp = layer.mlp
             _, gate_up_tables, down_tables = slots[index]
-            x, h, h_slots = self._norm(x, layer.post_attention_layernorm, o, gate_up_tables)  # x + o, then the norm
-            gate, up = self._project(h, h_slots, (mlp.gate_proj, mlp.up_proj))
-            if down_tables:
-                d = self._project(gate, [ops.silu_mul_slots(gate, up, down_tables[0])], (mlp.down_proj,))[0]
+            handoff = handoffs.mlp_norms[index] if handoffs else None
+            if handoff:  # o_proj adds itself into x and writes that in gate and up's orders
+                self._project(out, [o_slots[1]] if o_slots else None, (attn.o_proj,), routes=[handoff.route(x)])
+                h, h_slots, staged = None, handoff.buffers, handoff.staged
+            else:
+                o = self._project(out, [o_slots[1]] if o_slots else None, (attn.o_proj,))[0]
+                x, h, h_slots = self._norm(x, layer.post_attention_layernorm, o, gate_up_tables)  # x + o, then the norm
+                staged = None
+            swiglu = handoffs.swiglus[index] if handoffs else None
+            gate, up = self._project(h, h_slots, (mlp.gate_proj, mlp.up_proj), staged, swiglu.routes if swiglu else ())
+            if swiglu:
+                down_in, down_staged = [swiglu.gate], StagedInput(up=[swiglu.up])
+            elif down_tables:
+                down_in, down_staged = [ops.silu_mul_slots(gate, up, down_tables[0])], None
+            else:
+                down_in, down_staged = None, None
+            last = index + 1 == len(layers)
+            handoff = (handoffs.head_norm if last else handoffs.attention_norms[index + 1]) if handoffs else None
+            if handoff:  # down adds itself into x and writes that in the next products' orders
+                self._project(None, down_in, (mlp.down_proj,), down_staged, [handoff.route(x)])
+                h, h_slots, staged = None, handoff.buffers, handoff.staged
+                continue
+            if down_in:
+                d = self._project(None, down_in, (mlp.down_proj,), down_staged)[0]
             else:
                 d = mlp.down_proj(ops.silu_mul(gate, up))
-            if index + 1 < len(layers):
-                x, h, h_slots = self._norm(x, layers[index + 1].input_layernorm, d, slots[index + 1][0])
-            else:
-                x, h, h_slots = self._norm(x, model.model.norm, d, self.head_slots if in_slot_order else None)
-        return self._project(h, h_slots, (model.lm_head,))[0].float()
+            next_norm = model.model.norm if last else layers[index + 1].input_layernorm
+            next_tables = (self.head_slots if in_slot_order else None) if last else slots[index + 1][0]
+            x, h, h_slots = self._norm(x, next_norm, d, next_tables)
+            staged = None
+        return self._project(h, h_slots, (model.lm_head,), staged)[0].float()

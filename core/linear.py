@@ -80,8 +80,8 @@ class QuantizedLinear(nn.Module):
         raise NotImplementedError
 
     @staticmethod
-    def kernel_matmul_slots(x_slots: list[torch.Tensor], layers: list["QuantizedLinear"], plans: list
-                            ) -> list[torch.Tensor]:
+    def kernel_matmul_slots(x_slots: list[torch.Tensor] | None, layers: list["QuantizedLinear"], plans: list,
+                            staged=None, routes=(), x: torch.Tensor | None = None) -> list[torch.Tensor]:
         raise NotImplementedError
 
     def dense_weight(self) -> torch.Tensor:
@@ -156,13 +156,18 @@ def input_slots(layers: tuple[nn.Module, ...], rows: int) -> list[torch.Tensor] 
     return [kind.slot_table(plan) for plan in plans]
 
 
-def project_slots(x_slots: list[torch.Tensor], layers: tuple[nn.Module, ...], shape: torch.Size) -> list[torch.Tensor]:
+def project_slots(x_slots: list[torch.Tensor] | None, layers: tuple[nn.Module, ...], shape: torch.Size,
+                  staged=None, routes=(), x: torch.Tensor | None = None) -> list[torch.Tensor | None]:
     """project() of an input of leading shape `shape` that a producer wrote in the tables' orders
-    (x_slots[i] in input_slots(layers)[i]'s order), each output shaped as layer(x) gives it."""
+    (x_slots[i] in input_slots(layers)[i]'s order; or rows x [M, K] where x_slots is None), each
+    output shaped as layer(x) gives it. `staged` and `routes` hand a norm or SwiGLU over between
+    two such products (kernels/handoff.py); a routed output with no residual is None here."""
     kind = type(layers[0])
     plans = [layer.kernel_plan() for layer in layers]
-    outs = kind.kernel_matmul_slots(x_slots, list(layers), plans)
-    return [out.reshape(*shape, layer.out_features) for out, layer in zip(outs, layers)]
+    outs = kind.kernel_matmul_slots(x_slots, list(layers), plans, staged, routes, x)
+    routes = list(routes) + [None] * (len(layers) - len(routes))
+    return [None if route is not None and route.residual is None else out.reshape(*shape, layer.out_features)
+            for out, layer, route in zip(outs, layers, routes)]
 
 
 def share_input_weights(model: nn.Module) -> None:
@@ -265,11 +270,12 @@ class EXL2Linear(QuantizedLinear):
         return plan.xperm
 
     @staticmethod
-    def kernel_matmul_slots(x_slots: list[torch.Tensor], layers: list["EXL2Linear"], plans: list) -> list[torch.Tensor]:
+    def kernel_matmul_slots(x_slots: list[torch.Tensor] | None, layers: list["EXL2Linear"], plans: list,
+                            staged=None, routes=(), x: torch.Tensor | None = None) -> list[torch.Tensor]:
         from .kernels import exl2
 
         return exl2.matmul_slots(x_slots, [(layer.quantized_tensors(), plan, layer.bias)
-                                           for layer, plan in zip(layers, plans)])
+                                           for layer, plan in zip(layers, plans)], staged, routes, x)
 
 
 class GPTQLinear(QuantizedLinear):

@@ -14,6 +14,13 @@ from core.cache import KVCache
 pytestmark = pytest.mark.cuda
 
 
+def assert_every_piece_handed_over(decoder) -> None:
+    handoffs = decoder.handoffs
+    assert handoffs is not None and handoffs.head_norm is not None
+    assert handoffs.attention_norms[0] is None and all(handoffs.attention_norms[1:])
+    assert all(handoffs.mlp_norms) and all(handoffs.swiglus)
+
+
 @pytest.mark.parametrize("bpw", [None, 4.0])
 def test_batched_graph_decode_matches_plain_decode_with_left_padding(bpw):
     from core.graph_decode import BUCKET, GraphDecoder
@@ -31,6 +38,8 @@ def test_batched_graph_decode_matches_plain_decode_with_left_padding(bpw):
     graph_cache = KVCache(model.config, total, batch_size=len(lengths), device="cuda", dtype=torch.float16)
     decoder = GraphDecoder(model, graph_cache)
     decoder.set_key_mask(key_mask)
+    if bpw:  # every norm and SwiGLU handed from product to product, o_proj's input gathered by torch
+        assert_every_piece_handed_over(decoder)
     with torch.inference_mode():
         expected = model(ids, plain_cache, 0, last_only=True, key_mask=key_mask[:, :longest])[:, -1]
         model(ids, graph_cache, 0, last_only=True, key_mask=key_mask[:, :longest])

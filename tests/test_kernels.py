@@ -15,7 +15,9 @@ from core.cache import KVCache
 from core.exl2_format import dequantize_exl2
 from core.kernels import dispatch, exl2, reference
 from core.kernels.build import kernels
+from core.kernels.handoff import OutputRoute, StagedInput
 from tests.greedy_check import assert_same_greedy_choices
+from tests.test_graph_decode import assert_every_piece_handed_over
 
 
 # fp16 output of an fp32-accumulated product: about 2^-11 relative per element.
@@ -156,6 +158,130 @@ def test_exl2_product_reads_inputs_a_producer_wrote_in_slot_order(in_features, o
         check_each_product(x, got, layers, biases)
 
 
+def slot_ordered_weight(tensors, plan):
+    """The layer's dequantized weight [slots, N] with row s the weight of the input slot s stages (zero where none)."""
+    weight = dequantize_exl2(tensors, plan.out_features).float()
+    return torch.cat((weight, weight.new_zeros(1, weight.shape[1]))).index_select(0, plan.slot_source.long())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("in_features, outs", [(576, (576, 192, 192)), (4096, (4096, 4096, 1024)), (11008, (4096,))])
+@pytest.mark.parametrize("piece", ["norm", "swiglu"])
+def test_exl2_product_finishes_the_norm_or_swiglu_its_producer_left(in_features, outs, piece):
+    # The graph decoder's o_proj and down leave the next norm to the products after them, and
+    # gate/up leave SwiGLU to down: the product stages the finished inputs itself. Reference: the
+    # fused norm or SwiGLU, gathered into slot order, times the float32 weights; and the torch twin.
+    mixes = [[(6, 0.25), (4, 0.5), (3, 0.25)], [(8, 0.1), (5, 0.4), (2, 0.5)], [(4, 1.0)]]
+    layers = [layer(in_features, out, mixes[i]) for i, out in enumerate(outs)]
+    weight = (1 + 0.1 * torch.randn(in_features, device="cuda")).half()
+    for rows in (1, 3, 9, 16):
+        x = (4 * torch.randn(rows, in_features, device="cuda")).half()
+        if piece == "norm":
+            squares = x.float().pow(2).sum(-1)
+            staged = StagedInput(norm_weight=[reference.slot_gather(weight, plan.xperm).view(-1) for _, plan in layers],
+                                 squares=squares, eps=1e-5, hidden=in_features)
+            finished = kernels().rms_norm(x.clone(), weight, 1e-5)
+        else:
+            up = torch.randn_like(x)
+            staged = StagedInput(up=[reference.slot_gather(up, plan.xperm) for _, plan in layers])
+            finished = kernels().silu_mul(x, up)
+        x_slots = [reference.slot_gather(x, plan.xperm) for _, plan in layers]
+        poison(rows * sum(outs) * 2)
+        got = exl2.matmul_slots(x_slots, [(tensors, plan, None) for tensors, plan in layers], staged)
+        check_each_product(finished, got, layers, [None] * len(layers))
+        for i, (out, (tensors, plan)) in enumerate(zip(got, layers)):
+            twin = reference.staged_input(x_slots[i], staged, i).float() @ slot_ordered_weight(tensors, plan)
+            assert relative_error(out, twin) < TOLERANCE
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("in_features, out_features", [(576, 576), (532, 202), (4096, 4096), (11008, 4096)])
+def test_exl2_product_routes_its_output_into_the_residual_and_its_consumers_slot_orders(in_features, out_features):
+    # o_proj and down add themselves into the residual stream and write the sum in the next
+    # products' slot orders, with each row's sum of squares for the next norm; gate and up write
+    # only the slot orders. Each split of K (4096 and 11008 split, 576 not) finishes them its own way.
+    tensors, plan = layer(in_features, out_features, [(6, 0.25), (4, 0.5), (3, 0.25)])
+    consumers = [layer(out_features, width, [(4, 1.0)])[1] for width in (256, 64, 96)]
+    slot_of = tuple(reference.slot_of_inputs(consumer.xperm) for consumer in consumers)
+    bias = torch.randn(out_features, device="cuda").half()
+    for rows in (1, 2, 9, 16):
+        x = torch.randn(rows, in_features, device="cuda").half()
+        x_slots = [reference.slot_gather(x, plan.xperm)]
+        residual = torch.randn(rows, out_features, device="cuda").half()
+        expected_sum = residual.float() + expected_product(x, tensors, out_features, bias)
+        buffers = tuple(torch.zeros(rows, consumer.xperm.numel(), device="cuda").half() for consumer in consumers)
+        squares = torch.zeros(rows, device="cuda")
+        route = OutputRoute(residual=residual, slot_of=slot_of, slots_out=buffers, squares=squares)
+        got = exl2.matmul_slots(x_slots, [(tensors, plan, bias)], routes=[route])[0]
+        assert got.data_ptr() == residual.data_ptr()
+        assert relative_error(residual, expected_sum) < TOLERANCE
+        for buffer, consumer in zip(buffers, consumers):
+            # What the consumer reads: the sum itself in its order, zeros where a slot has no input.
+            assert torch.equal(buffer, reference.slot_gather(residual, consumer.xperm))
+        assert torch.allclose(squares, residual.float().pow(2).sum(-1), rtol=1e-5)
+        assert int(exl2._scratch.buffers[x.device].count_nonzero()) == 0
+        # Only slot orders (gate and up for down): no output tensor of its own.
+        buffer = torch.zeros(rows, consumers[0].xperm.numel(), device="cuda").half()
+        got = exl2.matmul_slots(x_slots, [(tensors, plan, bias)], routes=[OutputRoute(slot_of=slot_of[:1],
+                                                                                      slots_out=(buffer,))])[0]
+        assert got.numel() == 0
+        expected = reference.slot_gather(expected_product(x, tensors, out_features, bias), consumers[0].xperm)
+        assert relative_error(buffer, expected) < TOLERANCE
+
+
+def test_handoff_twins_finish_and_route_as_the_pieces_they_replace():
+    # The torch twins of the product's staging and routing (reference.staged_input, routed_output),
+    # on the CPU: a slot table with empty slots, against rms_norm / silu_mul and slot_gather.
+    generator = torch.Generator().manual_seed(4)
+    width = 96
+    table = torch.cat((torch.randperm(width, generator=generator), torch.full((32,), reference.NO_SLOT_INPUT)))
+    table = table[torch.randperm(table.numel(), generator=generator)]
+    table = torch.where(table >= 1 << 15, table - (1 << 16), table).to(torch.int16)
+    x = (4 * torch.randn(3, width, generator=generator)).half()
+    weight = (1 + 0.1 * torch.randn(width, generator=generator)).half()
+    up = torch.randn(3, width, generator=generator).half()
+    x_slots = reference.slot_gather(x, table)
+
+    staged = StagedInput(norm_weight=[reference.slot_gather(weight, table).view(-1)],
+                         squares=x.float().pow(2).sum(-1), eps=1e-5, hidden=width)
+    expected = reference.slot_gather(reference.rms_norm(x.clone(), weight, 1e-5), table)
+    assert torch.allclose(reference.staged_input(x_slots, staged, 0).float(), expected.float(), rtol=2e-3, atol=1e-3)
+    swiglu = StagedInput(up=[reference.slot_gather(up, table)])
+    assert torch.equal(reference.staged_input(x_slots, swiglu, 0), reference.slot_gather(reference.silu_mul(x, up), table))
+
+    residual, before = up.clone(), up.clone()
+    buffer, squares = torch.zeros(3, table.numel()).half(), torch.zeros(3)
+    route = OutputRoute(residual=residual, slot_of=(reference.slot_of_inputs(table),), slots_out=(buffer,),
+                        squares=squares)
+    assert reference.routed_output(x, route) is residual
+    assert torch.equal(residual, before + x)
+    assert torch.equal(buffer, reference.slot_gather(residual, table))
+    assert torch.allclose(squares, residual.float().pow(2).sum(-1))
+
+
+@pytest.mark.cuda
+def test_exl2_handoff_refuses_what_it_cannot_do():
+    tensors, plan = layer(576, 576, [(4, 1.0)])
+    x_slots = [reference.slot_gather(torch.randn(1, 576, device="cuda").half(), plan.xperm)]
+    layers = [(tensors, plan, None)]
+    weight_slots = [torch.ones(plan.xperm.numel(), device="cuda").half()]
+    with pytest.raises(RuntimeError, match="SwiGLU or a norm, not both"):
+        exl2.matmul_slots(x_slots, layers, StagedInput(up=x_slots, norm_weight=weight_slots,
+                                                       squares=torch.ones(1, device="cuda"), hidden=576))
+    with pytest.raises(RuntimeError, match="squares"):
+        exl2.matmul_slots(x_slots, layers, StagedInput(norm_weight=weight_slots, hidden=576))
+    slot_of = reference.slot_of_inputs(plan.xperm)
+    buffer = torch.zeros(1, plan.xperm.numel(), device="cuda").half()
+    with pytest.raises(ValueError, match="at most 3"):
+        OutputRoute(slot_of=(slot_of,) * 4, slots_out=(buffer,) * 4)
+    with pytest.raises(ValueError, match="one slot_of per slots_out"):
+        OutputRoute(slot_of=(slot_of, slot_of), slots_out=(buffer,))
+    with pytest.raises(RuntimeError, match="slot_of"):  # the binding's own check: the table of another width
+        exl2.matmul_slots(x_slots, layers, routes=[OutputRoute(slot_of=(slot_of[:-1].clone(),), slots_out=(buffer,))])
+    with pytest.raises(RuntimeError, match="residual"):
+        exl2.matmul_slots(x_slots, layers, routes=[OutputRoute(residual=torch.zeros(1, 575, device="cuda").half())])
+
+
 @pytest.mark.cuda
 def test_model_projections_in_one_launch_match_one_by_one():
     # core.linear.project groups q/k/v and gate/up; the layers' own calls are the reference.
@@ -290,6 +416,8 @@ def test_graph_decode_matches_plain_decode_across_a_bucket_edge(bpw):
     plain_cache = KVCache(model.config, 2 * BUCKET, device="cuda", dtype=torch.float16)
     graph_cache = KVCache(model.config, 2 * BUCKET, device="cuda", dtype=torch.float16)
     decoder = GraphDecoder(model, graph_cache)
+    if bpw:
+        assert_every_piece_handed_over(decoder)
     with torch.inference_mode():
         model(prompt, plain_cache, 0)
         model(prompt, graph_cache, 0)

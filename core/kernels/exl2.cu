@@ -22,6 +22,7 @@
 
 #include "exl2.h"
 #include "launch.h"
+#include "rounding.h"
 
 #include <cuda_fp16.h>
 #include <algorithm>
@@ -266,6 +267,34 @@ __device__ __forceinline__ void quad_product(const UnitWords<B>& u, bool one_gro
     }
 }
 
+// Eight staged inputs (16 bytes) made from what the previous kernel left: SwiGLU of gate and up,
+// or RMSNorm's output from x, the row's scale and the weight.
+__device__ __forceinline__ uint4 swiglu8(uint4 gate, uint4 up) {
+    const __half2* g = reinterpret_cast<const __half2*>(&gate);
+    const __half2* u = reinterpret_cast<const __half2*>(&up);
+    uint4 out;
+    __half2* o = reinterpret_cast<__half2*>(&out);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        const float2 gf = __half22float2(g[e]), uf = __half22float2(u[e]);
+        o[e] = __halves2half2(silu_times(gf.x, uf.x), silu_times(gf.y, uf.y));
+    }
+    return out;
+}
+
+__device__ __forceinline__ uint4 rms_normed8(uint4 x, float inverse_rms, uint4 weight) {
+    const __half2* h = reinterpret_cast<const __half2*>(&x);
+    const __half2* w = reinterpret_cast<const __half2*>(&weight);
+    uint4 out;
+    __half2* o = reinterpret_cast<__half2*>(&out);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        const float2 xf = __half22float2(h[e]), wf = __half22float2(w[e]);
+        o[e] = __halves2half2(rms_normed(xf.x, inverse_rms, wf.x), rms_normed(xf.y, inverse_rms, wf.y));
+    }
+    return out;
+}
+
 // Where a warp's walk through its quads stands: its i-th quad (of the warp's own, in order) and
 // that quad's table entry.
 struct Walk {
@@ -320,18 +349,72 @@ struct GemvMatrix {
     const uint4* q_weight;
     const uint32_t* q_scale;
     const __half* q_scale_max;
-    const __half* bias;
-    __half* out;
-    float* partial;
     int quads, quads_per_slice, warp_quads, slices, packed_rows, n_pad, n, first_tile;
+};
+// What staging makes of x_slots (exl2.h, Exl2Input), read in place when staging.
+struct GemvInput {
+    const __half* up_slots;
+    const __half* weight_slots;
+    const float* squares;
+    float eps;
+    int hidden;
+};
+// Where a matrix's sums go (exl2.h, Exl2Output), apart from GemvMatrix: the kernel reads these only
+// after its main loop, so they hold no registers through it.
+struct GemvOutput {
+    const __half* bias;
+    float* partial;
+    __half* out;
+    __half* residual;
+    float* squares;
+    const int* slot_of[EXL2_ROUTES_MOST];
+    __half* slots_out[EXL2_ROUTES_MOST];
+    int slots[EXL2_ROUTES_MOST];
+    int routes, n;
 };
 // q, k and v (or gate and up) read the same input: one launch takes them all, so the launch's
 // fixed cost (the first loads' latency, the tail) is paid once instead of per matrix.
 constexpr int MOST_MATRICES = 3;
 struct GemvGroup {
     GemvMatrix m[MOST_MATRICES];
+    GemvInput in[MOST_MATRICES];
+    GemvOutput o[MOST_MATRICES];
     int count;
 };
+
+// What writing column c of row m reads: its bias, its residual, its slot in each consumer's order.
+// All are loaded before anything is stored, so they take one memory round trip, not one each.
+struct OutputReads {
+    float bias, residual;
+    int slot[EXL2_ROUTES_MOST];
+};
+
+__device__ __forceinline__ OutputReads output_reads(const GemvOutput& o, int m, int c) {
+    OutputReads reads{};
+    if (o.bias) reads.bias = __half2float(o.bias[c]);
+    if (o.residual) reads.residual = __half2float(o.residual[(size_t)m * o.n + c]);
+#pragma unroll
+    for (int r = 0; r < EXL2_ROUTES_MOST; ++r)
+        if (r < o.routes) reads.slot[r] = __ldg(o.slot_of[r] + c);
+    return reads;
+}
+
+// Column c of row m, its fp32 sum v: the bias added, rounded to fp16 once, then where the matrix's
+// output goes (exl2.h, Exl2Output). Returns the square of the value written, for the row's norm.
+__device__ __forceinline__ float put_output(const GemvOutput& o, int m, int c, float v, const OutputReads& reads) {
+    __half h = __float2half(v + reads.bias);
+    const size_t at = (size_t)m * o.n + c;
+    if (o.residual) {
+        h = half_sum(__half2float(h), reads.residual);
+        o.residual[at] = h;
+    }
+    if (o.out) o.out[at] = h;
+#pragma unroll
+    for (int r = 0; r < EXL2_ROUTES_MOST; ++r)
+        if (r < o.routes) o.slots_out[r][(size_t)m * o.slots[r] + reads.slot[r]] = h;
+    const float f = __half2float(h);
+    return f * f;
+}
 
 // Blocks of 8 warps a multiprocessor keeps at batch 1..8, which caps a thread at 80 registers.
 // Measured on the H100 (4096x11008, 4 bits): 2 blocks (128 registers, no spills) 15.8 us,
@@ -358,12 +441,16 @@ __host__ __device__ inline size_t warp_staging_bytes(int warp_quads, int x_rows)
 // and leaves `partial` and `done` zeroed.
 template <int NT>
 __global__ void __launch_bounds__(MOST_WARPS * 32, NT == 1 ? MIN_BLOCKS : 1)
-exl2_gemv_kernel(int x_rows, const GemvGroup group, int* __restrict__ done) {
-    // Whole-struct selects with constant indices: a dynamic index into the parameters would
-    // copy them to local memory.
+exl2_gemv_kernel(int x_rows, const __grid_constant__ GemvGroup group, int* __restrict__ done) {
+    // The matrix by whole-struct selects with constant indices: its fields are used all through the
+    // kernel. The outputs are read in place after the main loop by a dynamic index, which the
+    // __grid_constant__ parameters allow without a local copy.
+    int which = 0;
+    if (group.count > 1 && (int)blockIdx.x >= group.m[1].first_tile) which = 1;
+    if (group.count > 2 && (int)blockIdx.x >= group.m[2].first_tile) which = 2;
     GemvMatrix mat = group.m[0];
-    if (group.count > 1 && (int)blockIdx.x >= group.m[1].first_tile) mat = group.m[1];
-    if (group.count > 2 && (int)blockIdx.x >= group.m[2].first_tile) mat = group.m[2];
+    if (which == 1) mat = group.m[1];
+    if (which == 2) mat = group.m[2];
     allow_dependents();
     if ((int)blockIdx.y >= mat.slices) return;  // a matrix split fewer ways than the grid's widest
     const int4* __restrict__ units = mat.units;
@@ -400,19 +487,36 @@ exl2_gemv_kernel(int x_rows, const GemvGroup group, int* __restrict__ done) {
     }
     for (int e = lane; e < my_quads * 4; e += 32) units_w[e] = __ldg(units + quad_of(e / 4) * 4 + e % 4);
     // The inputs are the previous kernel's output, in slot order: each quad's 128 are one
-    // 256-byte run per row, two quads to a pass of the warp's 16-byte loads.
+    // 256-byte run per row, two quads to a pass of the warp's 16-byte loads. Where that kernel
+    // left SwiGLU or the norm to this one, they are applied here, as the reference rounds them.
     wait_for_producer();
     const size_t row_slots = (size_t)quads * QUAD_SLOTS;
-    for (int m = 0; m < x_rows; ++m) {
+    // One loop per way of finishing the inputs (the choice is the launch's), so plain staging stays a bare copy.
+    auto stage = [&](auto finish) {
+        for (int m = 0; m < x_rows; ++m) {
 #pragma unroll
-        for (int i0 = 0; i0 < WARP_QUADS; i0 += 2) {
-            const int i = i0 + (lane >> 4);
-            if (i < my_quads) {
-                const uint4 v = __ldg(reinterpret_cast<const uint4*>(mat.x_slots + m * row_slots +
-                                                                     (size_t)quad_of(i) * QUAD_SLOTS) + (lane & 15));
-                *reinterpret_cast<uint4*>(xs + m * x_stride + i * QUAD_SLOTS + 8 * (lane & 15)) = v;
+            for (int i0 = 0; i0 < WARP_QUADS; i0 += 2) {
+                const int i = i0 + (lane >> 4);
+                if (i < my_quads) {
+                    const size_t at = (size_t)quad_of(i) * QUAD_SLOTS + 8 * (lane & 15);
+                    const uint4 v = __ldg(reinterpret_cast<const uint4*>(mat.x_slots + m * row_slots + at));
+                    *reinterpret_cast<uint4*>(xs + m * x_stride + i * QUAD_SLOTS + 8 * (lane & 15)) = finish(v, m, at);
+                }
             }
         }
+    };
+    const GemvInput& in = group.in[which];
+    if (in.up_slots) {
+        stage([&](uint4 gate, int m, size_t at) {
+            return swiglu8(gate, __ldg(reinterpret_cast<const uint4*>(in.up_slots + m * row_slots + at)));
+        });
+    } else if (in.weight_slots) {
+        stage([&](uint4 x, int m, size_t at) {
+            return rms_normed8(x, inverse_rms_of(in.squares[m], in.hidden, in.eps),
+                               __ldg(reinterpret_cast<const uint4*>(in.weight_slots + at)));
+        });
+    } else {
+        stage([](uint4 x, int, size_t) { return x; });
     }
     __syncwarp();
 
@@ -452,6 +556,9 @@ exl2_gemv_kernel(int x_rows, const GemvGroup group, int* __restrict__ done) {
 
     // Sum the warps' tiles through shared memory (the staged inputs are no longer needed).
     __syncthreads();
+    // Opaque from here: the compiler cannot load the outputs before the loop and keep them live through it.
+    asm volatile("" : "+r"(which));
+    const GemvOutput& o = group.o[which];
     float* sums = reinterpret_cast<float*>(shared);
     constexpr int ENTRIES = NT * 8;
 #pragma unroll
@@ -462,19 +569,30 @@ exl2_gemv_kernel(int x_rows, const GemvGroup group, int* __restrict__ done) {
             for (int i = 0; i < 4; ++i) sums[(warp * ENTRIES + nt * 8 + mt * 4 + i) * 32 + lane] = acc[nt][mt][i];
     __syncthreads();
     const bool split = mat.slices > 1;
+    // The loop's trip count is the same for every lane of a warp (a multiple of 32 entries), so
+    // the rows' squares can be summed across the warp.
     for (int e = threadIdx.x; e < ENTRIES * 32; e += blockDim.x) {
         // Entry (nt, mt, i) of lane (g, t): column 4g + 2mt + i/2, batch row 8nt + 2t + i%2.
         const int entry = e >> 5, owner = e & 31;
         const int c = tile * WARP_COLS + COLS_PER_THREAD * (owner >> 2) + 2 * ((entry >> 2) & 1) + ((entry >> 1) & 1);
         const int m = 8 * (entry >> 3) + 2 * (owner & 3) + (entry & 1);
-        if (m >= x_rows || c >= n) continue;
-        float v = 0.f;
-        for (int w = 0; w < warps; ++w) v += sums[(w * ENTRIES + entry) * 32 + owner];
-        if (split) {
-            atomicAdd(mat.partial + (size_t)m * n + c, v);
-        } else {
-            if (mat.bias) v += __half2float(mat.bias[c]);
-            mat.out[(size_t)m * n + c] = __float2half(v);
+        float square = 0.f;
+        if (m < x_rows && c < n) {
+            float v = 0.f;
+            for (int w = 0; w < warps; ++w) v += sums[(w * ENTRIES + entry) * 32 + owner];
+            if (split) {
+                atomicAdd(o.partial + (size_t)m * n + c, v);
+            } else if (o.routes == 0 && !o.residual) {  // a plain product: only its own output
+                o.out[(size_t)m * n + c] = __float2half(o.bias ? v + __half2float(o.bias[c]) : v);
+            } else {
+                square = put_output(o, m, c, v, output_reads(o, m, c));
+            }
+        }
+        if (!split && o.squares) {
+            // Lanes with one owner % 4 hold one row: sum over them, then one add per row.
+#pragma unroll
+            for (int offset = 4; offset < 32; offset <<= 1) square += __shfl_xor_sync(0xffffffffu, square, offset);
+            if (owner < 4 && m < x_rows) atomicAdd(o.squares + m, square);
         }
     }
     if (!split) return;
@@ -487,14 +605,22 @@ exl2_gemv_kernel(int x_rows, const GemvGroup group, int* __restrict__ done) {
     __syncthreads();
     if (!last) return;
     __threadfence();
+    // A warp takes one row's 32 columns of the tile at a time.
     for (int e = threadIdx.x; e < x_rows * WARP_COLS; e += blockDim.x) {
         const int m = e / WARP_COLS, c = tile * WARP_COLS + e % WARP_COLS;
-        if (c >= n) continue;
-        float* p = mat.partial + (size_t)m * n + c;
-        float v = __ldcg(p);
-        *p = 0.f;
-        if (mat.bias) v += __half2float(mat.bias[c]);
-        mat.out[(size_t)m * n + c] = __float2half(v);
+        float square = 0.f;
+        if (c < n) {
+            float* p = o.partial + (size_t)m * n + c;
+            const float v = __ldcg(p);
+            const OutputReads reads = output_reads(o, m, c);
+            *p = 0.f;
+            square = put_output(o, m, c, v, reads);
+        }
+        if (o.squares) {
+#pragma unroll
+            for (int offset = 16; offset > 0; offset >>= 1) square += __shfl_xor_sync(0xffffffffu, square, offset);
+            if (lane == 0) atomicAdd(o.squares + m, square);
+        }
     }
     if (threadIdx.x == 0) done[blockIdx.x] = 0;
 }
@@ -618,8 +744,24 @@ void launch_gemv(const Exl2Product* products, int count, int x_rows, int warps,
         m.q_weight = reinterpret_cast<const uint4*>(layer.q_weight);
         m.q_scale = reinterpret_cast<const uint32_t*>(layer.q_scale);
         m.q_scale_max = static_cast<const __half*>(layer.q_scale_max);
-        m.bias = static_cast<const __half*>(p.bias);
-        m.out = static_cast<__half*>(p.out);
+        GemvInput& in = group.in[i];
+        in.up_slots = static_cast<const __half*>(p.input.up_slots);
+        in.weight_slots = static_cast<const __half*>(p.input.weight_slots);
+        in.squares = p.input.squares;
+        in.eps = p.input.eps;
+        in.hidden = p.input.hidden;
+        GemvOutput& o = group.o[i];
+        o.bias = static_cast<const __half*>(p.bias);
+        o.out = static_cast<__half*>(p.output.out);
+        o.residual = static_cast<__half*>(p.output.residual);
+        o.squares = p.output.squares;
+        for (int r = 0; r < EXL2_ROUTES_MOST; ++r) {
+            o.slot_of[r] = p.output.slot_of[r];
+            o.slots_out[r] = static_cast<__half*>(p.output.slots_out[r]);
+            o.slots[r] = p.output.slots[r];
+        }
+        o.routes = p.output.routes;
+        o.n = layer.n;
         m.quads = layer.quads;
         m.quads_per_slice = p.quads_per_slice;
         m.warp_quads = (p.quads_per_slice + warps - 1) / warps;
@@ -629,7 +771,7 @@ void launch_gemv(const Exl2Product* products, int count, int x_rows, int warps,
         m.n = layer.n;
         m.first_tile = tiles;
         // Only a split matrix adds into the scratch: each its own stretch of it.
-        m.partial = sums;
+        o.partial = sums;
         if (p.slices > 1) sums += (size_t)x_rows * layer.n;
         tiles += layer.n_pad / WARP_COLS;
         slices = std::max(slices, p.slices);

@@ -18,15 +18,43 @@ struct Exl2Layer {
     int n;
 };
 
-// One product of a launch: out fp16 [x_rows <= 16, layer.n] = x @ layer (+ bias fp16 [n] or
+// What the product makes of its staged inputs, so that the kernel before it need not finish them
+// (the step then has one kernel boundary less): x_slots as they are; with up_slots, SwiGLU's
+// fp16(silu(x_slots)) * up_slots; with weight_slots, RMSNorm's weight_slots * fp16(x_slots *
+// rsqrt(squares[row] / hidden + eps)), squares being the sum of squares of the row x_slots holds.
+struct Exl2Input {
+    const void* up_slots;      // fp16 [x_rows, quads * 128], or null
+    const void* weight_slots;  // fp16 [quads * 128], the norm's weight in slot order, or null
+    const float* squares;      // fp32 [x_rows], with weight_slots
+    float eps;
+    int hidden;
+};
+
+// Where the product's output goes: `out` (or nowhere, where null), and where `residual` is given
+// first fp16(out + residual), written back into residual. Then also into up to three consumers'
+// slot orders (column c of row m at slots_out[t][m * slots[t] + slot_of[t][c]]), with each row's
+// sum of squares of what was written added to `squares` (fp32 [x_rows], or null).
+constexpr int EXL2_ROUTES_MOST = 3;
+struct Exl2Output {
+    void* out;
+    void* residual;
+    float* squares;
+    const int* slot_of[EXL2_ROUTES_MOST];
+    void* slots_out[EXL2_ROUTES_MOST];
+    int slots[EXL2_ROUTES_MOST];
+    int routes;
+};
+
+// One product of a launch: fp16 [x_rows <= 16, layer.n] = input @ layer (+ bias fp16 [n] or
 // null), its quads cut into `slices` runs of `quads_per_slice`.
 struct Exl2Product {
     Exl2Layer layer;
     int slices;
     int quads_per_slice;
     const void* bias;
-    void* out;
     const void* x_slots;  // fp16 [x_rows, quads * 128]: the input in the layer's slot order (exl2.py, xperm)
+    Exl2Input input;
+    Exl2Output output;
 };
 
 // Up to exl2_gemm_group_max() products of one input of x_rows rows (each product's x_slots) in

@@ -21,6 +21,7 @@ from ..exl2_format import group_rows
 from . import reference
 from .build import kernels
 from .dispatch import SplitKScratch, fp16_bias, fp16_rows, multiprocessor_count, product
+from .handoff import OutputRoute, StagedInput
 
 WARPS = 8  # per block of the small-batch kernel (at most 8); each warp takes 32 columns of a few quads
 # Quads a warp takes in a launch (the kernel's limit is 4): a warp's fixed cost (its first words,
@@ -155,14 +156,17 @@ def reserve_scratch(device: torch.device, rows: int, out_features: int) -> None:
 
 
 def gemm_group(x: torch.Tensor, layers: Sequence[tuple[dict[str, torch.Tensor], Exl2Plan, torch.Tensor | None]],
-               x_slots: Sequence[torch.Tensor] = ()) -> list[torch.Tensor]:
+               x_slots: Sequence[torch.Tensor] = (), staged: StagedInput | None = None,
+               routes: Sequence[OutputRoute | None] = ()) -> list[torch.Tensor]:
     """fp16 x [M <= dispatch.SMALL_BATCH, K] @ each layer's weight (+ its fp16 bias) -> fp16 [M, N_i],
     straight from the packed weights, up to GROUP_MOST layers (tensors, plan, bias) in one launch.
 
     The kernel reads its input in each layer's slot order (x_slots[i] [M, quads_i * 128], as
     reference.slot_gather writes it). The graph decoder's norms, SwiGLU and attention write it so;
     without x_slots it is gathered here from x (a few torch launches, for calls outside the graph).
-    x's rows alone are read then."""
+    x's rows alone are read then. `staged` finishes a norm or SwiGLU on the inputs, and routes[i]
+    (where given) sends layer i's output elsewhere (handoff.py): its entry is then the residual it
+    was added into, or a tensor of no columns."""
     rows = x.shape[0]
     if not x_slots:
         padded = torch.nn.functional.pad(x, (0, 1))  # the zero column slots without an input read
@@ -174,12 +178,21 @@ def gemm_group(x: torch.Tensor, layers: Sequence[tuple[dict[str, torch.Tensor], 
     split_sums = sum(rows * plan.out_features for (_, plan, _), shape in zip(layers, shapes) if shape[0] > 1)
     partial = _scratch.get(x.device, split_sums + max(tiles, COUNT_ROOM))
     no_bias = x.new_empty(0)
+    staged = staged or StagedInput()
+    routes = [route or OutputRoute() for route in routes]
+    nothing = partial.new_empty(0)
     return kernels().exl2_gemm_small(
         list(x_slots), [plan.units for _, plan, _ in layers],
         [tensors["q_weight"] for tensors, _, _ in layers], [plan.out_features for _, plan, _ in layers],
         [tensors["q_scale"] for tensors, _, _ in layers], [tensors["q_scale_max"] for tensors, _, _ in layers],
         [shape[0] for shape in shapes], [shape[1] for shape in shapes], max(shape[2] for shape in shapes), partial,
-        [bias if bias is not None else no_bias for _, _, bias in layers])
+        [bias if bias is not None else no_bias for _, _, bias in layers],
+        up_slots=list(staged.up or ()), weight_slots=list(staged.norm_weight or ()), squares=staged.squares,
+        eps=staged.eps, hidden=staged.hidden,
+        residual=[route.residual if route.residual is not None else no_bias for route in routes],
+        routes=[len(route.slot_of) for route in routes],
+        slot_of=[t for route in routes for t in route.slot_of], slots_out=[t for route in routes for t in route.slots_out],
+        squares_out=[route.squares if route.squares is not None else nothing for route in routes])
 
 
 def gemm_small(x: torch.Tensor, tensors: dict[str, torch.Tensor], plan: Exl2Plan,
@@ -213,11 +226,16 @@ def matmul_group(x: torch.Tensor, layers: Sequence[tuple[dict[str, torch.Tensor]
     return [out.to(x.dtype).reshape(*x.shape[:-1], plan.out_features) for out, (_, plan, _) in zip(outs, layers)]
 
 
-def matmul_slots(x_slots: Sequence[torch.Tensor],
-                 layers: Sequence[tuple[dict[str, torch.Tensor], Exl2Plan, torch.Tensor | None]]) -> list[torch.Tensor]:
-    """matmul_group of an input a producer wrote in each layer's slot order (x_slots[i] fp16 [M, quads_i * 128]):
-    fp16 [M, N_i] each."""
-    return gemm_group(x_slots[0], [(tensors, plan, fp16_bias(bias)) for tensors, plan, bias in layers], x_slots)
+def matmul_slots(x_slots: Sequence[torch.Tensor] | None,
+                 layers: Sequence[tuple[dict[str, torch.Tensor], Exl2Plan, torch.Tensor | None]],
+                 staged: StagedInput | None = None, routes: Sequence[OutputRoute | None] = (),
+                 x: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """matmul_group of an input a producer wrote in each layer's slot order (x_slots[i] fp16 [M, quads_i * 128]),
+    or of fp16 rows x [M, K] where x_slots is None: fp16 [M, N_i] each, finished and routed as gemm_group says."""
+    layers = [(tensors, plan, fp16_bias(bias)) for tensors, plan, bias in layers]
+    if x_slots is None:
+        return gemm_group(x, layers, (), staged, routes)
+    return gemm_group(x_slots[0], layers, x_slots, staged, routes)
 
 
 def matmul_reference(x: torch.Tensor, tensors: dict[str, torch.Tensor], out_features: int,

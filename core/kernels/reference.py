@@ -56,6 +56,33 @@ def rms_norm_slots(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: 
     return [total, out, *(slot_gather(out, table) for table in index)]
 
 
+def staged_input(x_slots: torch.Tensor, staged, layer: int) -> torch.Tensor:
+    """The input the EXL2 product stages for `layer` from x_slots [rows, slots] (handoff.StagedInput):
+    SwiGLU or the norm finished as silu_mul and rms_norm round them."""
+    if staged is None:
+        return x_slots
+    if staged.up is not None:
+        return silu_mul(x_slots, staged.up[layer])
+    if staged.norm_weight is not None:
+        rows = x_slots.shape[0]
+        inverse_rms = torch.rsqrt(staged.squares[:rows, None] / staged.hidden + staged.eps)
+        return staged.norm_weight[layer] * (x_slots.float() * inverse_rms).to(x_slots.dtype)
+    return x_slots
+
+
+def routed_output(out: torch.Tensor, route) -> torch.Tensor | None:
+    """Sends a product's fp16 output [rows, n] where route (handoff.OutputRoute) says; returns the
+    residual it was added into, or None."""
+    if route.residual is not None:
+        route.residual.add_(out.view_as(route.residual))
+        out = route.residual.view(out.shape)
+    for slot_of, slots_out in zip(route.slot_of, route.slots_out):
+        slots_out[:, slot_of.long()] = out
+    if route.squares is not None:
+        route.squares[: out.shape[0]] += out.float().pow(2).sum(-1)
+    return route.residual
+
+
 def rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor,
                position: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
     """One token per batch row, all at one position: rotate q in place; rotated k and v go
