@@ -16,8 +16,9 @@
 // terms in any order, so the mma's k index of every weight is whatever makes the
 // decoding cheap; the kernel reads its inputs in that same "slot order" (a
 // table made on the host, `xperm`), written so by the kernel before it (the
-// graph decoder's norms, SwiGLU and attention) or by a torch gather: a warp's
-// quads' inputs are a few contiguous 256-byte runs. Gathering them from x in
+// graph decoder's attention, norms and SwiGLU, or the product before, which
+// then leaves the norm or SwiGLU for this one to finish while staging; exl2.h)
+// or by a torch gather: a warp's quads' inputs are a few contiguous 256-byte runs. Gathering them from x in
 // every block instead cost 12.6 against 9.8 us on 4096x11008 at 4 bits (H100).
 
 #include "exl2.h"
@@ -267,30 +268,18 @@ __device__ __forceinline__ void quad_product(const UnitWords<B>& u, bool one_gro
     }
 }
 
-// Eight staged inputs (16 bytes) made from what the previous kernel left: SwiGLU of gate and up,
-// or RMSNorm's output from x, the row's scale and the weight.
-__device__ __forceinline__ uint4 swiglu8(uint4 gate, uint4 up) {
-    const __half2* g = reinterpret_cast<const __half2*>(&gate);
-    const __half2* u = reinterpret_cast<const __half2*>(&up);
+// Eight staged inputs (16 bytes) made from what the previous kernel left, elementwise from two
+// fp16 vectors: f(gate, up) for SwiGLU, f(x, weight) for RMSNorm.
+template <typename F>
+__device__ __forceinline__ uint4 elementwise8(uint4 a, uint4 b, F f) {
+    const __half2* ha = reinterpret_cast<const __half2*>(&a);
+    const __half2* hb = reinterpret_cast<const __half2*>(&b);
     uint4 out;
     __half2* o = reinterpret_cast<__half2*>(&out);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-        const float2 gf = __half22float2(g[e]), uf = __half22float2(u[e]);
-        o[e] = __halves2half2(silu_times(gf.x, uf.x), silu_times(gf.y, uf.y));
-    }
-    return out;
-}
-
-__device__ __forceinline__ uint4 rms_normed8(uint4 x, float inverse_rms, uint4 weight) {
-    const __half2* h = reinterpret_cast<const __half2*>(&x);
-    const __half2* w = reinterpret_cast<const __half2*>(&weight);
-    uint4 out;
-    __half2* o = reinterpret_cast<__half2*>(&out);
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-        const float2 xf = __half22float2(h[e]), wf = __half22float2(w[e]);
-        o[e] = __halves2half2(rms_normed(xf.x, inverse_rms, wf.x), rms_normed(xf.y, inverse_rms, wf.y));
+        const float2 fa = __half22float2(ha[e]), fb = __half22float2(hb[e]);
+        o[e] = __halves2half2(f(fa.x, fb.x), f(fa.y, fb.y));
     }
     return out;
 }
@@ -438,7 +427,8 @@ __host__ __device__ inline size_t warp_staging_bytes(int warp_quads, int x_rows)
 // A matrix with one slice writes its columns; with several, every block adds its sums
 // into the matrix's `partial` (fp32, zero on entry) by atomics and the last block of a column
 // tile to finish (counted in `done`, one count per tile of the grid) writes fp16 with the bias
-// and leaves `partial` and `done` zeroed.
+// and leaves `partial` and `done` zeroed. "Writes" as the matrix's GemvOutput says: its own
+// output, or added into a residual and in its consumers' slot orders, with the rows' squares.
 template <int NT>
 __global__ void __launch_bounds__(MOST_WARPS * 32, NT == 1 ? MIN_BLOCKS : 1)
 exl2_gemv_kernel(int x_rows, const __grid_constant__ GemvGroup group, int* __restrict__ done) {
@@ -508,12 +498,14 @@ exl2_gemv_kernel(int x_rows, const __grid_constant__ GemvGroup group, int* __res
     const GemvInput& in = group.in[which];
     if (in.up_slots) {
         stage([&](uint4 gate, int m, size_t at) {
-            return swiglu8(gate, __ldg(reinterpret_cast<const uint4*>(in.up_slots + m * row_slots + at)));
+            return elementwise8(gate, __ldg(reinterpret_cast<const uint4*>(in.up_slots + m * row_slots + at)),
+                                [](float g, float u) { return silu_times(g, u); });
         });
     } else if (in.weight_slots) {
         stage([&](uint4 x, int m, size_t at) {
-            return rms_normed8(x, inverse_rms_of(in.squares[m], in.hidden, in.eps),
-                               __ldg(reinterpret_cast<const uint4*>(in.weight_slots + at)));
+            const float inverse_rms = inverse_rms_of(in.squares[m], in.hidden, in.eps);
+            return elementwise8(x, __ldg(reinterpret_cast<const uint4*>(in.weight_slots + at)),
+                                [inverse_rms](float v, float w) { return rms_normed(v, inverse_rms, w); });
         });
     } else {
         stage([](uint4 x, int, size_t) { return x; });
