@@ -54,16 +54,15 @@ def graphs_wanted(device: torch.device) -> bool:
 class NormHandoff:
     """A norm that the product before it (o_proj or down) hands to the products after it: the
     product writes x + its output into `buffers` (one per consumer, in its slot order) and each
-    row's sum of squares into `squares`; the consumers stage `staged`."""
+    row's sum of squares into staged.squares; the consumers stage `staged`."""
 
     slot_of: tuple[torch.Tensor, ...]
     buffers: list[torch.Tensor]
-    squares: torch.Tensor
     staged: StagedInput
 
     def route(self, residual: torch.Tensor) -> OutputRoute:
         return OutputRoute(residual=residual, slot_of=self.slot_of, slots_out=tuple(self.buffers),
-                           squares=self.squares)
+                           squares=self.staged.squares)
 
 
 @dataclass(frozen=True)
@@ -73,6 +72,10 @@ class SwigluHandoff:
     gate: torch.Tensor
     up: torch.Tensor
     routes: tuple[OutputRoute, OutputRoute]
+
+    @property
+    def staged(self) -> StagedInput:
+        return StagedInput(up=[self.up])
 
 
 @dataclass(frozen=True)
@@ -150,13 +153,12 @@ class GraphDecoder:
         def buffers(tables):  # zero where a slot has no input, and never written there
             return [torch.zeros(batch, table.numel(), dtype=model.dtype, device=model.device) for table in tables]
 
-        def norm(producer, norm: RMSNorm, tables, site: int) -> NormHandoff | None:
+        def norm(producer, rms: RMSNorm, tables, site: int) -> NormHandoff | None:
             if not tables or input_slots((producer,), batch) is None:
                 return None
-            weights = [reference.slot_gather(norm.weight, table).view(-1) for table in tables]
-            staged = StagedInput(norm_weight=weights, squares=squares[site], eps=norm.eps, hidden=norm.weight.numel())
-            return NormHandoff(tuple(reference.slot_of_inputs(table) for table in tables), buffers(tables),
-                               squares[site], staged)
+            weights = [reference.slot_gather(rms.weight, table).view(-1) for table in tables]
+            staged = StagedInput(norm_weight=weights, squares=squares[site], eps=rms.eps, hidden=rms.weight.numel())
+            return NormHandoff(tuple(reference.slot_of_inputs(table) for table in tables), buffers(tables), staged)
 
         def swiglu(gate_up_tables, down_tables) -> SwigluHandoff | None:
             if not gate_up_tables or not down_tables:
@@ -168,7 +170,7 @@ class GraphDecoder:
 
         attention_norms, mlp_norms, swiglus = [None], [], []
         for index, layer in enumerate(layers):
-            qkv_tables, gate_up_tables, down_tables = self.slots[index]
+            _, gate_up_tables, down_tables = self.slots[index]
             mlp_norms.append(norm(layer.self_attn.o_proj, layer.post_attention_layernorm, gate_up_tables, 2 * index + 1))
             swiglus.append(swiglu(gate_up_tables, down_tables))
             if index + 1 < len(layers):
@@ -301,7 +303,7 @@ class GraphDecoder:
             swiglu = handoffs.swiglus[index] if handoffs else None
             gate, up = self._project(h, h_slots, (mlp.gate_proj, mlp.up_proj), staged, swiglu.routes if swiglu else ())
             if swiglu:
-                down_in, down_staged = [swiglu.gate], StagedInput(up=[swiglu.up])
+                down_in, down_staged = [swiglu.gate], swiglu.staged
             elif down_tables:
                 down_in, down_staged = [ops.silu_mul_slots(gate, up, down_tables[0])], None
             else:

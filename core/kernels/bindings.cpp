@@ -108,6 +108,7 @@ std::vector<torch::Tensor> exl2_gemm_small(std::vector<torch::Tensor> x_slots, s
     for (const auto& slots : x_slots) check(slots, torch::kHalf, "x_slots");
     const int64_t rows = x_slots[0].dim() == 2 ? x_slots[0].size(0) : -1;
     TORCH_CHECK(rows >= 0 && rows <= 16, "x_slots: [M <= 16, quads * 128]");
+    if (!weight_slots.empty()) TORCH_CHECK(squares->numel() >= rows, "squares: one per input row");
     std::vector<Exl2Product> products(count);
     std::vector<torch::Tensor> outs;
     size_t first_route = 0;
@@ -134,7 +135,6 @@ std::vector<torch::Tensor> exl2_gemm_small(std::vector<torch::Tensor> x_slots, s
             TORCH_CHECK(bias[i].numel() == n[i], "bias: [n]");
             bias_ptr = bias[i].data_ptr<at::Half>();
         }
-        if (!weight_slots.empty()) TORCH_CHECK(squares->numel() >= rows, "squares: one per input row");
         Exl2Output output{};
         output.routes = routes.empty() ? 0 : (int)routes[i];
         for (int r = 0; r < output.routes; ++r) {

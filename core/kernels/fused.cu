@@ -263,7 +263,6 @@ __global__ void rope_cache_pairs_kernel(__half* __restrict__ q, const __half* __
     }
 }
 
-
 __global__ void silu_mul_kernel(const __half2* __restrict__ gate, const __half2* __restrict__ up,
                                 __half2* __restrict__ out, int64_t pairs) {
     const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+# Consumers one product writes for (exl2.h, EXL2_ROUTES_MOST): q, k and v.
+ROUTES_MOST = 3
+
 
 @dataclass(frozen=True)
 class StagedInput:
@@ -50,7 +53,3 @@ class OutputRoute:
         if len(self.slot_of) != len(self.slots_out) or len(self.slot_of) > ROUTES_MOST:
             raise ValueError(f"an output route takes one slot_of per slots_out, at most {ROUTES_MOST} consumers "
                              f"(got {len(self.slot_of)} and {len(self.slots_out)})")
-
-
-# Consumers one product writes for (exl2.h, EXL2_ROUTES_MOST): q, k and v.
-ROUTES_MOST = 3
