@@ -272,14 +272,17 @@ decode_attention_kernel(const __half* __restrict__ q, const __half* __restrict__
         mine[dim] = chunk_max;
         mine[dim + 1] = chunk_sum;
     }
-    // Each thread's fence makes its sums visible before the block is counted; the last
-    // block's fence after the count orders its reads after every other block's sums.
-    __threadfence();
+    // One thread counts the block: its fence after the barrier is cumulative, so it makes the
+    // block's sums visible before the count; in the last block its fence after the count orders
+    // the reads behind the next barrier after every other block's sums (as in exl2.cu's split-K).
     __syncthreads();
-    if (threadIdx.x == 0) merges = atomicAdd(arrived + head, 1) == active - 1;
+    if (threadIdx.x == 0) {
+        __threadfence();
+        merges = atomicAdd(arrived + head, 1) == active - 1;
+        if (merges) __threadfence();
+    }
     __syncthreads();
     if (!merges) return;
-    __threadfence();
     // The chunks' maxima and sums in one round of loads, then every chunk's value row in another.
     float my_max = -CUDART_INF_F, my_sum = 0.f;
     for (int c = threadIdx.x; c < active; c += blockDim.x) {
