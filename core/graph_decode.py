@@ -279,6 +279,7 @@ class GraphDecoder:
             attn = layer.self_attn
             q, k, v = self._project(h, h_slots, (attn.q_proj, attn.k_proj, attn.v_proj), staged)
             key_buffer, value_buffer = cache.keys[attn.layer_index], cache.values[attn.layer_index]
+            # set_key_mask may have turned the attention kernel off since o_slots was made.
             o_slots = self.o_slots[index] if in_slot_order and self.o_slots and self.attention_kernel else None
             if self.attention_kernel:
                 out = ops.decode_attention(q.view(-1), k, v, self.cos_table, self.sin_table, self.position, key_buffer,

@@ -340,7 +340,11 @@ struct GemvMatrix {
     const __half* q_scale_max;
     int quads, quads_per_slice, warp_quads, slices, packed_rows, n_pad, n, first_tile;
 };
-// What staging makes of x_slots (exl2.h, Exl2Input), read in place when staging.
+// What staging makes of x_slots (exl2.h, Exl2Input), read in place when staging. GemvInput and
+// GemvOutput copy exl2.h's Exl2Input and Exl2Output field by field with typed pointers: the
+// kernel taking exl2.h's structs themselves (GemvOutput holding an Exl2Output) measured slower
+// on the H100 in one call, with the same registers and spills: 7B 4.0 bpw step 1.957 -> 1.988 ms,
+// 4096x4096 4-bit 7.3 -> 7.6 us.
 struct GemvInput {
     const __half* up_slots;
     const __half* weight_slots;
