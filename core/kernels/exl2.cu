@@ -202,49 +202,68 @@ __device__ __forceinline__ void k_step_pair(const uint32_t (&w)[COLS_PER_THREAD]
 template <int B>
 struct UnitWords {
     uint4 words[B];
-    uint32_t scale_word;  // eight columns' 4-bit scale codes, this thread's four at column_shift
+    uint32_t scale_word;  // eight columns' 4-bit scale codes, the thread's four in one half (column_scales)
     __half scale_max;     // the group's q_scale_max
+};
+
+// Where a thread's words and scales are: its four columns' first word and scale word, the strides
+// between packed rows and between groups, all unsigned so that an address is one multiply-add.
+struct WeightSource {
+    const uint4* q;          // q_weight at packed row 0, the thread's four columns
+    const uint32_t* scales;  // q_scale at group 0, the word holding the thread's columns
+    const __half* scale_max;
+    unsigned stride4, scale_stride;
+    int packed_rows;
 };
 
 // Unit table entry: bits, first packed row (-1: padding), group, 1 if the quad's four units share one group.
 // `width` words are loaded (the entry's own width where B is only the most there can be).
 template <int B>
-__device__ __forceinline__ void load_words(UnitWords<B>& u, int4 info, const uint4* q, int stride4, int packed_rows,
-                                           const uint32_t* q_scale, const __half* q_scale_max, int n_pad, int col,
-                                           int width = B) {
-    const uint4* word = q + (size_t)max(info.y, 0) * stride4;
+__device__ __forceinline__ void load_words(UnitWords<B>& u, int4 info, const WeightSource& src, int width = B) {
+    const uint4* word = src.q + (size_t)(unsigned)max(info.y, 0) * src.stride4;
 #pragma unroll
-    for (int i = 0; i < B; ++i, word += stride4) {
+    for (int i = 0; i < B; ++i) {
         u.words[i] = make_uint4(0, 0, 0, 0);
         // A last group that ends mid-unit stops at the matrix's end; the inputs past its rows are zero.
-        if (i < width && info.y >= 0 && info.y + i < packed_rows) u.words[i] = __ldg(word);
+        if (i < width && info.y >= 0 && info.y + i < src.packed_rows) u.words[i] = __ldg(word + i * src.stride4);
     }
-    u.scale_word = __ldg(q_scale + (size_t)info.z * (n_pad / 8) + col / 8);
-    u.scale_max = __ldg(q_scale_max + info.z);
+    u.scale_word = __ldg(src.scales + (size_t)(unsigned)info.z * src.scale_stride);
+    u.scale_max = __ldg(src.scale_max + info.z);
 }
 
-__device__ __forceinline__ float column_scale(uint32_t scale_codes, float max_over_256, int c) {
-    const float code = float((scale_codes >> (4 * c)) & 15u) + 1.f;
-    return __half2float(__float2half(code * code * max_over_256));
+// The thread's four columns' scales from their 4-bit codes (the thread's half of the scale word, which
+// `selector` picks), two columns an instruction: (code + 1)^2 * fp16(q_scale_max / 256) rounded once to
+// fp16, as the reference rounds it (each fp16 product is exact before its one rounding). The codes land
+// in fp16 mantissas as the weights' do; `even` holds columns 0 and 2, `odd` columns 1 and 3.
+__device__ __forceinline__ void column_scales(uint32_t scale_word, uint32_t selector, __half scale_max, __half2& even,
+                                              __half2& odd) {
+    const uint32_t spread = __byte_perm(scale_word, 0, selector);  // columns 0, 1 in byte 0; 2, 3 in byte 2
+    const __half2 low = as_half2(mask_and_bias<0x000F000Fu>(spread));   // 1024 + code
+    const __half2 high = as_half2(mask_and_bias<0x00F000F0u>(spread));  // 1024 + 16 code
+    constexpr uint32_t minus_1023 = half_neg_int(1023) * 0x10001u, minus_63 = half_neg_int(63) * 0x10001u;
+    const __half2 e = __hadd2(low, as_half2(minus_1023));
+    const __half2 o = __hfma2(high, as_half2(half_pow2_neg(4) * 0x10001u), as_half2(minus_63));
+    const __half2 max_over_256 = __hmul2(__half2half2(scale_max), as_half2(half_pow2_neg(8) * 0x10001u));
+    even = __hmul2(__hmul2(e, e), max_over_256);
+    odd = __hmul2(__hmul2(o, o), max_over_256);
 }
 
-// `column_shift`: where the thread's four columns' codes sit in the scale word (4 * (col % 8)).
+// `selector`: the __byte_perm that spreads the thread's four columns' scale codes (column_scales).
 template <int B, int NT>
-__device__ __forceinline__ void quad_product(const UnitWords<B>& u, bool one_group, int column_shift, const __half* xq,
+__device__ __forceinline__ void quad_product(const UnitWords<B>& u, bool one_group, uint32_t selector, const __half* xq,
                                              int x_stride, int g, int x_rows, float (&acc)[NT][2][4]) {
     uint32_t w[COLS_PER_THREAD][B];
 #pragma unroll
     for (int i = 0; i < B; ++i) {
         w[0][i] = u.words[i].x; w[1][i] = u.words[i].y; w[2][i] = u.words[i].z; w[3][i] = u.words[i].w;
     }
-    // As the reference rounds: q_scale_max / 256 to fp16, then (code + 1)^2 times that to fp16.
-    const float max_over_256 = __half2float(__float2half(__half2float(u.scale_max) / 256.f));
-    float scale[COLS_PER_THREAD];
-#pragma unroll
-    for (int c = 0; c < COLS_PER_THREAD; ++c) scale[c] = column_scale(u.scale_word >> column_shift, max_over_256, c);
+    __half2 even, odd;
+    column_scales(u.scale_word, selector, u.scale_max, even, odd);
     if (one_group) {
         // All k of the mma share each column's scale: multiply the quad's fp32 sums once
         // instead of every weight (one HMUL2 per pair saved; the weights skip their fp16 rounding).
+        const float scale[COLS_PER_THREAD] = {__low2float(even), __low2float(odd), __high2float(even),
+                                               __high2float(odd)};
         float part[NT][2][4] = {};
         const __half2 unused[COLS_PER_THREAD] = {};
         k_step_pair<B, 0, NT, false>(w, unused, xq, x_stride, g, x_rows, part);
@@ -258,9 +277,8 @@ __device__ __forceinline__ void quad_product(const UnitWords<B>& u, bool one_gro
 #pragma unroll
                 for (int i = 0; i < 4; ++i) acc[nt][mt][i] = fmaf(scale[2 * mt + i / 2], part[nt][mt][i], acc[nt][mt][i]);
     } else {
-        __half2 scale2[COLS_PER_THREAD];
-#pragma unroll
-        for (int c = 0; c < COLS_PER_THREAD; ++c) scale2[c] = __float2half2_rn(scale[c]);
+        const __half2 scale2[COLS_PER_THREAD] = {__low2half2(even), __low2half2(odd), __high2half2(even),
+                                                 __high2half2(odd)};
         k_step_pair<B, 0, NT, true>(w, scale2, xq, x_stride, g, x_rows, acc);
         k_step_pair<B, 1, NT, true>(w, scale2, xq, x_stride, g, x_rows, acc);
         k_step_pair<B, 2, NT, true>(w, scale2, xq, x_stride, g, x_rows, acc);
@@ -298,8 +316,7 @@ struct Walk {
 // words not yet loaded.
 template <int B, int NT>
 __device__ __forceinline__ Walk walk_width(Walk walk, bool have_first, const UnitWords<8>& first, int my_quads,
-                                           const int4* units_w, int t, const uint4* q, int stride4, int packed_rows,
-                                           const uint32_t* q_scale, const __half* q_scale_max, int n_pad, int col,
+                                           const int4* units_w, int t, const WeightSource& src, uint32_t selector,
                                            const __half* xs, int x_stride, int g, int x_rows,
                                            float (&acc)[NT][2][4]) {
     constexpr bool AHEAD = B <= 4;
@@ -310,22 +327,22 @@ __device__ __forceinline__ Walk walk_width(Walk walk, bool have_first, const Uni
         cur.scale_word = first.scale_word;
         cur.scale_max = first.scale_max;
     } else {
-        load_words<B>(cur, walk.info, q, stride4, packed_rows, q_scale, q_scale_max, n_pad, col);
+        load_words<B>(cur, walk.info, src);
     }
     for (;;) {
         const int next = walk.i + 1;
         const int4 info = next < my_quads ? units_w[next * 4 + t] : make_int4(0, -1, 0, 0);
         const bool same = next < my_quads && info.x == B;
         UnitWords<B> ahead;
-        if (AHEAD && same) load_words<B>(ahead, info, q, stride4, packed_rows, q_scale, q_scale_max, n_pad, col);
-        quad_product<B, NT>(cur, walk.info.w != 0, 4 * (col & 7), xs + walk.i * QUAD_SLOTS + t * 8, x_stride, g, x_rows,
+        if (AHEAD && same) load_words<B>(ahead, info, src);
+        quad_product<B, NT>(cur, walk.info.w != 0, selector, xs + walk.i * QUAD_SLOTS + t * 8, x_stride, g, x_rows,
                             acc);
         walk = {next, info};
         if (!same) return walk;
         if constexpr (AHEAD) {
             cur = ahead;
         } else {
-            load_words<B>(cur, info, q, stride4, packed_rows, q_scale, q_scale_max, n_pad, col);
+            load_words<B>(cur, info, src);
         }
     }
 }
@@ -468,8 +485,10 @@ exl2_gemv_kernel(int x_rows, const __grid_constant__ GemvGroup group, int* __res
     unsigned char* mine = shared + warp * warp_staging_bytes(warp_quads, x_rows);
     __half* xs = reinterpret_cast<__half*>(mine);
     int4* units_w = reinterpret_cast<int4*>(mine + sizeof(__half) * x_rows * x_stride);
-    const uint4* q = mat.q_weight + col / COLS_PER_THREAD;
-    const int stride4 = n_pad / COLS_PER_THREAD;
+    const WeightSource src{mat.q_weight + col / COLS_PER_THREAD, mat.q_scale + col / 8, mat.q_scale_max,
+                           unsigned(n_pad / COLS_PER_THREAD), unsigned(n_pad / 8), packed_rows};
+    // The thread's half of its scale word: columns col % 8 = 0 or 4 (column_scales).
+    const uint32_t selector = col & 4 ? 0x4342u : 0x4140u;
 
     // Before the wait only the layer's own tensors are read: the first quad's table entry and
     // words and the warp's unit table.
@@ -477,7 +496,7 @@ exl2_gemv_kernel(int x_rows, const __grid_constant__ GemvGroup group, int* __res
     UnitWords<8> first;
     if (my_quads > 0) {
         walk.info = __ldg(units + quad_of(0) * 4 + t);
-        load_words<8>(first, walk.info, q, stride4, packed_rows, mat.q_scale, mat.q_scale_max, n_pad, col, walk.info.x);
+        load_words<8>(first, walk.info, src, walk.info.x);
     }
     for (int e = lane; e < my_quads * 4; e += 32) units_w[e] = __ldg(units + quad_of(e / 4) * 4 + e % 4);
     // The inputs are the previous kernel's output, in slot order: each quad's 128 are one
@@ -530,8 +549,8 @@ exl2_gemv_kernel(int x_rows, const __grid_constant__ GemvGroup group, int* __res
     // that many walks): inside a loop over widths, ptxas kept everything live across the loop and
     // spilled the lookahead's words at 2-4 bits right after their loads (an STL waits for its
     // data, so each quad waited a memory round trip); unrolled, no walk spills loaded words.
-#define EXL2_WALK(B, FIRST) walk_width<B, NT>(walk, FIRST, first, my_quads, units_w, t, q, stride4, packed_rows, \
-                                              mat.q_scale, mat.q_scale_max, n_pad, col, xs, x_stride, g, x_rows, acc)
+#define EXL2_WALK(B, FIRST) walk_width<B, NT>(walk, FIRST, first, my_quads, units_w, t, src, selector, xs, x_stride, \
+                                              g, x_rows, acc)
 #define EXL2_WALK_ANY(FIRST)                                   \
     switch (walk.info.x) {                                     \
         case 2: walk = EXL2_WALK(2, FIRST); break;             \
