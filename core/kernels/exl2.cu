@@ -286,7 +286,7 @@ __device__ __forceinline__ void quad_product(const UnitWords<B>& u, bool one_gro
     }
 }
 
-// Eight staged inputs (16 bytes) made from what the previous kernel left, elementwise from two
+// Eight staged inputs (16 bytes) made from what the previous kernel left, two at a time from two
 // fp16 vectors: f(gate, up) for SwiGLU, f(x, weight) for RMSNorm.
 template <typename F>
 __device__ __forceinline__ uint4 elementwise8(uint4 a, uint4 b, F f) {
@@ -295,10 +295,7 @@ __device__ __forceinline__ uint4 elementwise8(uint4 a, uint4 b, F f) {
     uint4 out;
     __half2* o = reinterpret_cast<__half2*>(&out);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-        const float2 fa = __half22float2(ha[e]), fb = __half22float2(hb[e]);
-        o[e] = __halves2half2(f(fa.x, fb.x), f(fa.y, fb.y));
-    }
+    for (int e = 0; e < 4; ++e) o[e] = f(ha[e], hb[e]);
     return out;
 }
 
@@ -522,13 +519,13 @@ exl2_gemv_kernel(int x_rows, const __grid_constant__ GemvGroup group, int* __res
     if (in.up_slots) {
         stage([&](uint4 gate, int m, size_t at) {
             return elementwise8(gate, __ldg(reinterpret_cast<const uint4*>(in.up_slots + m * row_slots + at)),
-                                [](float g, float u) { return silu_times(g, u); });
+                                [](__half2 g, __half2 u) { return silu_times2(g, u); });
         });
     } else if (in.weight_slots) {
         stage([&](uint4 x, int m, size_t at) {
             const float inverse_rms = inverse_rms_of(in.squares[m], in.hidden, in.eps);
             return elementwise8(x, __ldg(reinterpret_cast<const uint4*>(in.weight_slots + at)),
-                                [inverse_rms](float v, float w) { return rms_normed(v, inverse_rms, w); });
+                                [inverse_rms](__half2 v, __half2 w) { return rms_normed2(v, inverse_rms, w); });
         });
     } else {
         stage([](uint4 x, int, size_t) { return x; });
