@@ -77,3 +77,33 @@ def test_a_step_captured_under_the_reference_path_reads_plain_rows():
         expected = model(torch.tensor([[5]], device="cuda"), KVCache(model.config, 64, device="cuda",
                                                                      dtype=torch.float16), 0)[0, -1]
     assert float((ours - expected).norm() / expected.norm()) < 5e-3
+
+
+def test_one_masked_row_reads_attention_from_sdpa_not_the_slot_buffer():
+    # A batch-1 decoder plans o_proj's inputs in slot order, written by the attention kernel. A key
+    # mask then hands attention to SDPA, which writes plain rows: o_proj must read those, not the
+    # slot-order buffer that nothing writes any more.
+    from core.graph_decode import GraphDecoder
+
+    model = random_model(llama_config("small", layers=2), 4.0, "cuda", torch.float16, seed=14)
+    padding, longest, total = 9, 24, 64
+    ids = torch.zeros(1, longest, dtype=torch.long, device="cuda")
+    ids[0, padding:] = torch.randint(0, model.config.vocab_size, (longest - padding,), device="cuda")
+    key_mask = torch.zeros(1, total, dtype=torch.bool, device="cuda")
+    key_mask[0, padding:] = True
+    plain_cache = KVCache(model.config, total, device="cuda", dtype=torch.float16)
+    graph_cache = KVCache(model.config, total, device="cuda", dtype=torch.float16)
+    decoder = GraphDecoder(model, graph_cache)
+    assert decoder.attention_kernel and decoder.o_slots is not None
+    decoder.set_key_mask(key_mask)
+    assert not decoder.attention_kernel
+    with torch.inference_mode():
+        expected = model(ids, plain_cache, 0, last_only=True, key_mask=key_mask[:, :longest])[0, -1]
+        model(ids, graph_cache, 0, last_only=True, key_mask=key_mask[:, :longest])
+        for position in range(longest, longest + 6):
+            token = int(expected.argmax())
+            expected = model(torch.tensor([[token]], device="cuda"), plain_cache, position,
+                             key_mask=key_mask[:, : position + 1])[0, -1]
+            ours = decoder.step(token, position)
+            error = (ours - expected).norm() / expected.norm()
+            assert float(error) < 5e-3, (position, float(error))
