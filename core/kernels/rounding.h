@@ -4,9 +4,6 @@
 #pragma once
 #include <cuda_fp16.h>
 
-// SwiGLU: fp16(silu(g)) first, as F.silu on an fp16 tensor returns it, then the fp16 product.
-// The fast divide (2 ulp of fp32) rounds to the same fp16 but for rare ties; an IEEE divide is a
-// dozen instructions more, which the EXL2 product pays for every input of every warp.
 // exp2 without the fix-up for results below 2^-126 (__expf's ex2 takes three instructions more for them): here
 // such a result is added to 1, so flushing it to zero changes nothing.
 __device__ __forceinline__ float exp2_flushed(float x) {
@@ -14,6 +11,10 @@ __device__ __forceinline__ float exp2_flushed(float x) {
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 }
+
+// SwiGLU: fp16(silu(g)) first, as F.silu on an fp16 tensor returns it, then the fp16 product.
+// The fast divide (2 ulp of fp32) rounds to the same fp16 but for rare ties; an IEEE divide is a
+// dozen instructions more, which the EXL2 product pays for every input of every warp.
 __device__ __forceinline__ float silu(float g) { return __fdividef(g, 1.f + exp2_flushed(-1.4426950408889634f * g)); }
 __device__ __forceinline__ __half silu_times(float g, float u) {
     return __float2half(__half2float(__float2half(silu(g))) * u);
