@@ -248,6 +248,17 @@ __device__ __forceinline__ void column_scales(uint32_t scale_word, uint32_t sele
     odd = __hmul2(__hmul2(o, o), max_over_256);
 }
 
+// column_scales' selector for columns col..col + 3 (col a multiple of 4): the half of the word that holds them.
+__device__ __forceinline__ uint32_t scale_selector(int col) { return col & 4 ? 0x4342u : 0x4140u; }
+
+// column_scales' four scales as fp32, columns in order.
+__device__ __forceinline__ void scales_in_order(__half2 even, __half2 odd, float (&scale)[COLS_PER_THREAD]) {
+    scale[0] = __low2float(even);
+    scale[1] = __low2float(odd);
+    scale[2] = __high2float(even);
+    scale[3] = __high2float(odd);
+}
+
 // `selector`: the __byte_perm that spreads the thread's four columns' scale codes (column_scales).
 template <int B, int NT>
 __device__ __forceinline__ void quad_product(const UnitWords<B>& u, bool one_group, uint32_t selector, const __half* xq,
@@ -262,8 +273,8 @@ __device__ __forceinline__ void quad_product(const UnitWords<B>& u, bool one_gro
     if (one_group) {
         // All k of the mma share each column's scale: multiply the quad's fp32 sums once
         // instead of every weight (one HMUL2 per pair saved; the weights skip their fp16 rounding).
-        const float scale[COLS_PER_THREAD] = {__low2float(even), __low2float(odd), __high2float(even),
-                                               __high2float(odd)};
+        float scale[COLS_PER_THREAD];
+        scales_in_order(even, odd, scale);
         float part[NT][2][4] = {};
         const __half2 unused[COLS_PER_THREAD] = {};
         k_step_pair<B, 0, NT, false>(w, unused, xq, x_stride, g, x_rows, part);
@@ -484,8 +495,7 @@ exl2_gemv_kernel(int x_rows, const __grid_constant__ GemvGroup group, int* __res
     int4* units_w = reinterpret_cast<int4*>(mine + sizeof(__half) * x_rows * x_stride);
     const WeightSource src{mat.q_weight + col / COLS_PER_THREAD, mat.q_scale + col / 8, mat.q_scale_max,
                            unsigned(n_pad / COLS_PER_THREAD), unsigned(n_pad / 8), packed_rows};
-    // The thread's half of its scale word: columns col % 8 = 0 or 4 (column_scales).
-    const uint32_t selector = col & 4 ? 0x4342u : 0x4140u;
+    const uint32_t selector = scale_selector(col);
 
     // Before the wait only the layer's own tensors are read: the first quad's table entry and
     // words and the warp's unit table.
@@ -677,12 +687,9 @@ __device__ __forceinline__ void load_quad(uint32_t (&dst)[COLS_PER_THREAD], cons
 __device__ __forceinline__ void group_scales(const int* q_scale, const __half* q_scale_max, int g, int n_pad, int col,
                                              float (&scale)[COLS_PER_THREAD]) {
     const uint32_t word = __ldg(reinterpret_cast<const uint32_t*>(q_scale) + (size_t)g * (n_pad / 8) + col / 8);
-    const float max_over_256 = __half2float(__float2half(__half2float(q_scale_max[g]) / 256.f));
-#pragma unroll
-    for (int c = 0; c < COLS_PER_THREAD; ++c) {
-        const float code = float((word >> (4 * ((col + c) & 7))) & 15u) + 1.f;
-        scale[c] = __half2float(__float2half(code * code * max_over_256));
-    }
+    __half2 even, odd;
+    column_scales(word, scale_selector(col), q_scale_max[g], even, odd);
+    scales_in_order(even, odd, scale);
 }
 
 // grid (column tiles, groups): each thread writes four columns of one group's rows, act-order
