@@ -6,7 +6,8 @@
 Each run starts from an empty work dir, so calibration (for the demo: text the
 model writes itself) and measurement are counted. A random-weight model gets a
 tokenizer trained here and a made-up calibration text (its own writing would
-be noise). Prints a markdown row and appends a record to
+be noise). Prints a markdown row and appends a record (with the command,
+device, commit and date that bench/report.py reads) to
 bench/results/convert-<device>.json.
 """
 
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from bench.provenance import provenance
 from core.convert.job import ConversionJob, ConversionSettings
 from core.convert.progress import ProgressEvent
 
@@ -154,9 +156,10 @@ def main() -> None:
     durations = {name: round(stages[i + 1][1] - at, 2) for i, (name, at) in enumerate(stages[:-1])}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     record = {
+        **provenance("convert", "bench.convert_speed", name),
         "model": args.shape if not args.layers else f"{args.shape} ({args.layers} layers)",
         "target_bpw": args.bpw, "bpw": round(result.bpw, 4), "seconds": round(seconds, 1), "stages": durations,
-        "rows": args.rows, "length": args.length, "device": name,
+        "rows": args.rows, "length": args.length,
         "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
         "size_gb": round(result.size_bytes / 1e9, 3), "kernel_build_s": build_seconds,
     }

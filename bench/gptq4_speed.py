@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from bench.provenance import provenance
 from core.gptq_checkpoint import default_g_idx, sort_rows_by_group
 from core.kernels import dispatch, gptq4
 
@@ -132,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.json) if args.json else Path(__file__).resolve().parent / "results" / f"gptq4-{device_name()}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
-        json.dump({"device": device, "device_short": device_name(), "copy_bandwidth": bandwidth,
+        json.dump({**provenance("gptq4", "bench.gptq4_speed", device, argv), "device_short": device_name(),
+                   "copy_bandwidth": bandwidth,
                    "torch": torch.__version__, "rows": rows}, handle, indent=1)
     return 0
 

