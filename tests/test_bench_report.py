@@ -1,0 +1,100 @@
+"""bench/RESULTS.md is generated from bench/results/*.json and cannot go stale."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import report
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def speed_run(command: str, device: str, date: str, decode_tok_s: float) -> dict:
+    row = {"model": "llama2-7b", "layers": 32, "engine": "quantlab", "bpw": 4.0, "real_bpw": 4.04,
+           "decode_tok_s": decode_tok_s, "roofline_tok_s": 850.0, "roofline_ratio": decode_tok_s / 850.0,
+           "prefill_tok_s": 39000.0, "peak_mem_gib": 4.8}
+    matrix = [{"shape": "4096x11008", "bits": 4, "batch": 1, "us": 10.25, "bytes": 22.7e6, "gb_s": 2215.0}]
+    return {"benchmark": "speed", "command": command, "device": device, "commit": "abc1234", "date": date,
+            "copy_bandwidth_gb_s": 2950.0, "matrix_4096x11008": matrix, "rows": [row]}
+
+
+def test_results_md_is_what_the_results_folder_generates():
+    assert report.render(REPO / "bench" / "results") == (REPO / "bench" / "RESULTS.md").read_text(), (
+        "bench/RESULTS.md is stale: run `python -m bench.report` and commit it")
+
+
+def test_check_flag_passes_on_the_repo_and_fails_on_a_stale_file(tmp_path, capsys):
+    assert report.main(["--check"]) == 0
+    stale = tmp_path / "RESULTS.md"
+    stale.write_text("# Measured results\n\nold numbers\n")
+    assert report.main(["--check", "--out", str(stale)]) == 1
+    assert "is stale: run `python -m bench.report`" in capsys.readouterr().err
+
+
+def test_table_shows_the_command_device_and_numbers_of_a_run(tmp_path):
+    (tmp_path / "speed-test.json").write_text(json.dumps(
+        speed_run("python3 -m bench.speed --quick", "Test GPU 9000", "2026-12-01T10:00:00+00:00", 512.4)))
+    text = report.render(tmp_path)
+    assert "## Engine speed on CUDA (bench.speed): whole models — Test GPU 9000" in text
+    assert "    python3 -m bench.speed --quick\n" in text
+    assert "commit abc1234" in text
+    assert "| llama2-7b | 32 | quantlab | 4 (4.04) | 512 | – | – | 850 | 60% | 39,000 | 4.8 |" in text
+    assert "| 4096×11008 | 1 | 10.2 (75%) |" in text
+    assert "## Older runs" not in text
+
+
+def test_newest_run_is_current_and_older_runs_are_listed_as_history(tmp_path):
+    (tmp_path / "speed-a.json").write_text(json.dumps(
+        speed_run("python3 -m bench.speed --old", "Test GPU", "2026-12-01T10:00:00+00:00", 400.0)))
+    (tmp_path / "speed-b.json").write_text(json.dumps(
+        speed_run("python3 -m bench.speed --new", "Test GPU", "2026-12-02T10:00:00+00:00", 500.0)))
+    (tmp_path / "speed-c.json").write_text(json.dumps(
+        speed_run("python3 -m bench.speed --other-card", "Other GPU", "2026-11-01T10:00:00+00:00", 300.0)))
+    text = report.render(tmp_path)
+    current, older = text.split("## Older runs")
+    assert "`speed-b.json` (2026-12-02, commit abc1234, newest of 2 runs)" in current
+    assert "| 500 |" in current and "| 400 |" not in current
+    assert "— Other GPU" in current and "| 300 |" in current  # another device is its own current table
+    assert "`speed-a.json`" in older and "`python3 -m bench.speed --old`" in older
+
+
+def test_convert_keeps_the_newest_run_of_each_model(tmp_path):
+    def run(model, seconds, date):
+        return {"benchmark": "convert", "command": f"python3 -m bench.convert_speed --shape {model}",
+                "device": "cpu", "date": date, "model": model, "target_bpw": 4.0, "bpw": 4.0, "seconds": seconds,
+                "stages": {"measure": seconds / 2}}
+    (tmp_path / "convert-cpu.json").write_text(json.dumps(
+        [run("demo", 300.0, "2026-12-01"), run("big", 900.0, "2026-12-01"), run("demo", 250.0, "2026-12-02")]))
+    current = report.render(tmp_path).split("## Older runs")[0]
+    assert "| demo | not recorded | 2026-12-02 | 4 | 4.000 | 250.0 | 125.0 |" in current
+    assert "| big | not recorded | 2026-12-01 | 4 | 4.000 | 900.0 |" in current
+    assert "300.0" not in current
+
+
+def test_notes_are_copied_in_as_written(tmp_path):
+    (tmp_path / "speed.json").write_text(json.dumps(speed_run("python3 -m bench.speed", "G", "2026-12-01", 1.0)))
+    (tmp_path / "notes.md").write_text("## What falls short\n\n- decode is slow\n")
+    assert "## What falls short\n\n- decode is slow\n" in report.render(tmp_path)
+
+
+def test_a_run_without_its_command_is_refused_with_the_file_named(tmp_path):
+    run = speed_run("python3 -m bench.speed", "G", "2026-12-01", 1.0)
+    del run["command"]
+    (tmp_path / "speed-x.json").write_text(json.dumps(run))
+    with pytest.raises(report.ResultsError, match=r"speed-x.json has no command: every run names its benchmark"):
+        report.render(tmp_path)
+
+
+def test_command_line_is_retypable():
+    from bench.provenance import command_line
+
+    assert command_line("bench.speed", ["--models", "llama2-7b", "--note", "two words"]) == (
+        "python3 -m bench.speed --models llama2-7b --note 'two words'")
+
+
+def test_bench_scripts_still_import():
+    code = "import bench.speed, bench.quality, bench.convert_speed, bench.gptq4_speed, bench.cpu_decode, bench.report"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
