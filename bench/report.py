@@ -98,7 +98,8 @@ def speed_models(run: Run) -> str:
                      number(row["decode_tok_s"], ".0f"), number(row.get("decode_graph_sync_tok_s"), ".0f"),
                      number(row.get("decode_eager_tok_s"), ".0f"), number(row["roofline_tok_s"], ".0f"),
                      share(row["roofline_ratio"]), number(row["prefill_tok_s"], ",.0f"),
-                     number(row["peak_mem_gib"], ".1f")] + ([row.get("measured_in", "this run")] if measured_in else []))
+                     number(row["peak_mem_gib"], ".1f")]
+                    + ([row.get("measured_in", "this run")] if measured_in else []))
     return ("Batch-1 decode (graph replay, as the chat generator runs it) and prefill, all layers, random weights; "
             "roofline = copy bandwidth / bytes read per token.\n\n" + table(header, body))
 

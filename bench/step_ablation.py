@@ -3,7 +3,7 @@
     python -m bench.step_ablation [--model llama2-7b] [--bpw 4.0] [--layers N]
 
 Under programmatic dependent launch a kernel's profiled time includes its wait
-for the one before, so per-kernel sums overstate the step (KERNEL_NOTES v5).
+for the one before, so per-kernel sums overstate the step (bench/history/KERNEL_NOTES.md v5).
 This captures the same decode step with groups of the small kernels replaced by
 nothing (norms, attention with its rope and cache append, SwiGLU), or with the
 inputs of the EXL2 products (or o_proj's alone) gathered by torch instead of

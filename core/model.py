@@ -38,7 +38,8 @@ class RMSNorm(nn.Module):
 def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
     dim = config.head_dim
     # On the CPU even inside a meta-device context (the loader's): meta arithmetic
-    # runs through torch._refs, whose first use imports torch._dynamo (seconds).
+    # runs through torch._refs, whose first use imports torch._dynamo (the load stage of
+    # python3 -m bench.convert_speed shows its cost).
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
     inv_freq = 1.0 / (config.rope_theta**exponents)
     scaling = config.rope_scaling or {}
@@ -168,7 +169,7 @@ class DecoderStack(nn.Module):
         super().__init__()
         # An uninitialised weight: the checkpoint fills it, and a random init built
         # on the meta device goes through torch._refs, whose first use imports
-        # torch._dynamo (1-6 s of every model load).
+        # torch._dynamo on every model load (the load stage of python3 -m bench.convert_speed).
         weight = torch.empty(config.vocab_size, config.hidden_size, device=device, dtype=dtype)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight, _freeze=True)
         self.layers = nn.ModuleList(DecoderLayer(config, i, device, dtype) for i in range(config.num_layers))

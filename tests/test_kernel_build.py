@@ -76,7 +76,7 @@ def test_no_exl2_walk_spills_the_words_it_loads_ahead():
     # Each width's walk loads the next quad's words before decoding the current one; a spill
     # store of those words right after the load waits for their bytes, so the lookahead is lost
     # and every quad waits a memory round trip. ptxas did this to the walks after a change of
-    # width while they ran inside a loop (bench/KERNEL_NOTES.md, v5, item 7).
+    # width while they ran inside a loop (bench/history/KERNEL_NOTES.md, v5, item 7).
     from bench import walk_spills
 
     _nvcc()

@@ -42,8 +42,8 @@ from fractions import Fraction
 import numpy as np
 
 OBJECTIVES = ("maximin", "sum-log", "sum-sq")
-# On the demo model at 4.0 bpw, maximin gave perplexity 72.9 where sum-sq gave 80.1 and
-# sum-log 233 (it starves the MLPs); see bench/RESULTS.md for the current comparison.
+# On the demo model at 4.0 bpw maximin beats sum-sq, and sum-log starves the MLPs
+# (python3 -m bench.quality --objectives maximin sum-log sum-sq; bench/RESULTS.md).
 DEFAULT_OBJECTIVE = "maximin"
 
 # A measured relative error below this is float noise of the measurement itself;

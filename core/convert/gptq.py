@@ -128,14 +128,14 @@ def _stretch_errors(blocks: torch.Tensor, scales: torch.Tensor, low: torch.Tenso
             s = scales[groups, first : first + per_scale].unsqueeze(2)
             safe = torch.where(s > 0, s, torch.ones_like(s))
             steps = torch.div(target, safe).round_()
-            # maximum/minimum: clamp_ with tensor bounds is several times slower on CPU.
+            # maximum/minimum: clamp_ with tensor bounds is slower on CPU (python3 -m bench.gptq_speed).
             torch.minimum(torch.maximum(steps, low[groups], out=steps), high[groups], out=steps)
             err = steps.mul_(s).sub_(target).abs_()
-            # |e|^3.5 as e·e·e·√e: several times faster than pow on CPU.
+            # |e|^3.5 as e·e·e·√e: faster than pow on CPU (python3 -m bench.gptq_speed).
             power = err * err
             power.mul_(err).mul_(err.sqrt_())
             # float32 over a group's rows (at most 128 positive terms), float64 over
-            # columns: five times faster than a float64 sum of every element.
+            # columns: faster than a float64 sum of every element (python3 -m bench.gptq_speed).
             sums[groups, first : first + per_scale] = power.sum(dim=2).sum(dim=2, dtype=torch.float64)
     return sums
 

@@ -108,7 +108,8 @@ def model_fingerprint(folder: Path) -> str:
 def _atomic_json(path: Path, value, indent: int | None = 1) -> None:
     temporary = path.with_name(path.name + ".tmp")
     # indent=None for state rewritten after every layer: json's C encoder only
-    # runs without indentation, and the Python one took ~9 s of a demo conversion.
+    # runs without indentation, and the Python one was a visible share of a demo conversion
+    # (python3 -m bench.convert_speed --profile).
     temporary.write_text(json.dumps(value, indent=indent), encoding="utf-8")
     os.replace(temporary, path)
 
@@ -214,7 +215,8 @@ class ConversionJob:
 
         source = make
         if s.calibration is None:
-            # The model's own text costs minutes to write and serves every size
+            # The model's own text is slow to write (the calibration stage of
+            # python3 -m bench.convert_speed) and serves every size
             # converted from it, so it is also kept beside the model cache.
             key = json.dumps({**signature, "model": model_fingerprint(folder)}, sort_keys=True)
             shared = cache_dir() / "calibration" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors"

@@ -24,8 +24,9 @@ CANDIDATES = {"self_attn": ATTENTION_CANDIDATES, "mlp": MLP_CANDIDATES}
 # A module group's candidates (fp16, [out, in] each) wait in host memory when
 # they would take more than this share of the GPU memory still free, and each
 # is copied in for its forward: ~20 candidates of a 7B MLP's three matrices are
-# 5.4 GB, several times the layer itself. Parking costs time (on the H100 a
-# 7B layer's measurement took 11 s instead of 3.3 s), so a GPU with room keeps them.
+# 5.4 GB, several times the layer itself. Parking costs time (each candidate crosses
+# PCIe twice; python3 -m bench.convert_speed --shape llama2-7b --layers 2 measures it),
+# so a GPU with room keeps them.
 CANDIDATE_SHARE_OF_FREE = 0.5
 
 

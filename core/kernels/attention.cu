@@ -28,9 +28,9 @@ namespace {
 // A lane scores its key through a chain of multiply-adds, so a block's keys are its latency.
 // While the bucket fits 256 keys, one block per head needs no merge; longer buckets take blocks
 // of 128 keys, twice as many to share them. Heads of up to 128 dims split each key over two
-// lanes in twice the warps: half the chain, more warps to hide it. Measured on the H100, 7B
-// step: at 160 keys 256-key blocks 2.50 ms against 2.57 for 128-key ones, two lanes a key 2.46;
-// at 1500 keys 256-key blocks lost to 128-key ones (2.91 against 2.77).
+// lanes in twice the warps: half the chain, more warps to hide it. The 7B step with each choice
+// built (python3 -m bench.step_ablation; bench/history/KERNEL_NOTES.md v6): at 160 keys 256-key
+// blocks beat 128-key ones and two lanes a key beat both; at 1500 keys 128-key blocks win.
 constexpr int MOST_WARPS = 8;          // a block at one lane a key: 256 keys
 constexpr int LONG_WARPS = 4;          // past one such block: 128 keys
 constexpr int SHORTEST_CHUNK = LONG_WARPS * 32;

@@ -70,7 +70,7 @@ Exl2Input staged_input(const std::vector<torch::Tensor>& up_slots, const std::ve
 // lists slot_of and slots_out (slots_out fp16 [M, slots], column c at slot slot_of[c]). A layer
 // with routes and no residual returns no output of its own (no elements). The routes come as flat
 // lists: taking them as a list of lists, every failed check after a non-empty one was converted
-// ended the process on the H100 with a segmentation fault instead of raising (KERNEL_NOTES v8).
+// ended the process on the H100 with a segmentation fault instead of raising (bench/history/KERNEL_NOTES.md v8).
 std::vector<torch::Tensor> exl2_gemm_small(std::vector<torch::Tensor> x_slots, std::vector<torch::Tensor> units,
                                            std::vector<torch::Tensor> q_weight, std::vector<int64_t> n,
                                            std::vector<torch::Tensor> q_scale, std::vector<torch::Tensor> q_scale_max,

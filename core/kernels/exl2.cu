@@ -19,7 +19,8 @@
 // graph decoder's attention, norms and SwiGLU, or the product before, which
 // then leaves the norm or SwiGLU for this one to finish while staging; exl2.h)
 // or by a torch gather: a warp's quads' inputs are a few contiguous 256-byte runs. Gathering them from x in
-// every block instead cost 12.6 against 9.8 us on 4096x11008 at 4 bits (H100).
+// every block instead was slower (python3 -m bench.speed's kernel table before 0f62cdf removed that
+// gather; bench/history/KERNEL_NOTES.md v7).
 
 #include "exl2.h"
 #include "launch.h"
@@ -197,8 +198,8 @@ __device__ __forceinline__ void k_step_pair(const uint32_t (&w)[COLS_PER_THREAD]
 
 // A unit's words (B of them, 4 columns each) and its group's scales, as loaded: nothing here is
 // computed from a load, so loading the next quad never waits for its bytes (a shift of the scale
-// word right after its load stalled every lookahead for a memory round trip: 22% of the stall
-// samples on 4096x11008 at 4 bits).
+// word right after its load stalled every lookahead for a memory round trip: ncu's stall samples of
+// 4096x11008 at 4 bits, bench/history/KERNEL_NOTES.md v5).
 template <int B>
 struct UnitWords {
     uint4 words[B];
@@ -368,8 +369,8 @@ struct GemvMatrix {
 // What staging makes of x_slots (exl2.h, Exl2Input), read in place when staging. GemvInput and
 // GemvOutput copy exl2.h's Exl2Input and Exl2Output field by field with typed pointers: the
 // kernel taking exl2.h's structs themselves (GemvOutput holding an Exl2Output) measured slower
-// on the H100 in one call, with the same registers and spills: 7B 4.0 bpw step 1.957 -> 1.988 ms,
-// 4096x4096 4-bit 7.3 -> 7.6 us.
+// with the same registers and spills, both builds in one call (python3 -m bench.step_ablation
+// --bpw 4.0 and python3 -m bench.speed --matrix-only).
 struct GemvInput {
     const __half* up_slots;
     const __half* weight_slots;
@@ -435,9 +436,10 @@ __device__ __forceinline__ float put_output(const GemvOutput& o, int m, int c, f
 }
 
 // Blocks of 8 warps a multiprocessor keeps at batch 1..8, which caps a thread at 80 registers.
-// Measured on the H100 (4096x11008, 4 bits): 2 blocks (128 registers, no spills) 15.8 us,
-// 3 blocks (some spills in the 5-8 bit walks) 12.8 us, 4 blocks (64 registers) 17.7 us: the
-// kernel is bound by latency, and warps to switch between matter more than the spills.
+// 3 blocks (some spills in the 5-8 bit walks) beat 2 (128 registers, no spills) and 4 (64
+// registers) on 4096x11008 at 4 bits, each built and timed by python3 -m bench.speed --matrix-only
+// (bench/history/KERNEL_NOTES.md v4): the kernel is bound by latency, and warps to switch between
+// matter more than the spills.
 constexpr int MIN_BLOCKS = 3;
 
 // The most quads one warp takes in a launch (the host's K split keeps within it).
@@ -621,8 +623,8 @@ exl2_gemv_kernel(int x_rows, const __grid_constant__ GemvGroup group, int* __res
 
     // One thread counts the block. Its fence after the barrier is cumulative (PTX memory model):
     // it makes every sum the block's threads added before the barrier visible before the count,
-    // so the other threads need no fence (each would wait for its own atomics: 8% of the stalls
-    // of the 4096x4096 product). In the last block the same thread's fence after the count
+    // so the other threads need no fence (each would wait for its own atomics: ncu's stalls of the
+    // 4096x4096 product, bench/history/KERNEL_NOTES.md v9). In the last block the same thread's fence after the count
     // orders the reads behind the next barrier after every other block's sums.
     __syncthreads();
     if (threadIdx.x == 0) {

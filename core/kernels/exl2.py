@@ -26,7 +26,7 @@ from .handoff import OutputRoute, StagedInput
 WARPS = 8  # per block of the small-batch kernel (at most 8); each warp takes 32 columns of a few quads
 # Quads a warp takes in a launch (the kernel's limit is 4): a warp's fixed cost (its first words,
 # staging its inputs, the block's sum) is about two quads' decoding, so few warps of 4 quads beat
-# many of 1-2 (H100, 4096x11008 4 bits: 12.8 us at 4, 18.6 at 2).
+# many of 1-2 (python3 -m bench.speed --sweep times each block shape).
 QUADS_PER_WARP = 4
 # Blocks per multiprocessor the K split aims for at least, so every SM has some to switch between.
 BLOCKS_PER_SM = 2

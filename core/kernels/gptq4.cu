@@ -14,9 +14,9 @@
 // packed row of a column is then four HFMA2 against half2 inputs paired the
 // same way (x0 x4, x1 x5, x2 x6, x3 x7), summed in fp32 and scaled per group:
 // about two instructions per weight against three for decoding one code at a
-// time into fp32. On an H100 that did not make it faster than the EXL2 kernel
-// at 4 bits (both ~18 us for 4096x11008, 44% of copy bandwidth), and neither
-// did having every weight in flight early (bench/RESULTS.md, "GPTQ 4-bit").
+// time into fp32. That did not make it faster than the EXL2 kernel at 4 bits,
+// and neither did having every weight in flight early (both measured by
+// python3 -m bench.gptq4_speed --sweep; bench/RESULTS.md).
 //
 // fp16 holds the four-term partial sums: |q - z| <= 16, so an input above ~1000
 // in magnitude could overflow one; ExLlamaV2's GPTQ kernel makes the same trade.

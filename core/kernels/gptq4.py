@@ -23,8 +23,8 @@ THREADS = 128  # threads per block of the small-batch kernel, four columns each
 MAX_SLICE_ROWS = 1024
 BLOCKS_PER_SM = 4
 # Two ways to have a block's weights in flight early: copy them all into shared memory
-# asynchronously, or ask L2 for them before staging the inputs. Both measured slower on an
-# H100 than plain loads BATCH rows at a time (bench/RESULTS.md), so neither is the default;
+# asynchronously, or ask L2 for them before staging the inputs. Both measured slower than plain
+# loads BATCH rows at a time (python3 -m bench.gptq4_speed --sweep), so neither is the default;
 # they stay, tested, for the next attempt at the roofline.
 ASYNC_COPY = False
 PREFETCH = False
