@@ -246,6 +246,8 @@ def render(folder: Path = RESULTS_DIR) -> str:
             for run in current:
                 of = len(by_series[run.fields.get(layout.series) if layout.series else None])
                 note = f"; {run.fields['note']}" if run.fields.get("note") and not layout.series else ""
+                if run.fields.get("transcribed_from"):
+                    note += f"; numbers transcribed from {run.fields['transcribed_from']}"
                 sources.append(f"{run.where} ({run.fields['date'][:10]}, commit {run.commit}"
                                f"{f', newest of {of} runs' if of > 1 else ''}{note})")
             parts += [heading, commands, f"Device: {device}. From " + "; ".join(sources) + ".", make(current)]
