@@ -17,12 +17,14 @@ channels, as a transformer's hidden states look. Columns:
 
 Each figure is the best of --repeats runs (`before` runs once: it is slow).
 The last column is the largest relative difference between the per-setting and
-the multi results' errors (0 when they agree bit for bit).
+the multi results' errors (0 when they agree bit for bit). Writes
+bench/results/gptq_speed-<device>.json for bench/report.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import subprocess
 import time
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from bench.provenance import provenance
 from core.convert import gptq
 from core.convert.qparams import ATTENTION_CANDIDATES, MLP_CANDIDATES
 from core.exl2_format import dequantize_exl2
@@ -93,6 +96,7 @@ def main() -> None:
                         help="threads the new code uses on CPU; 0 = leave the ambient count")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-before", action="store_true", help="skip the slow pre-change column")
+    parser.add_argument("--out", type=Path, default=None, help="default: bench/results/gptq_speed-<device>.json")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.threads:
@@ -105,6 +109,7 @@ def main() -> None:
     print(header)
     print("|" + "---|" * 9)
     totals = [0.0, 0.0, 0.0]
+    rows = []
     hessians: dict[int, torch.Tensor] = {}
     for seed, (name, (out_features, in_features, candidates)) in enumerate(DEMO_LINEARS.items()):
         settings = list(dict.fromkeys(c[name] for c in candidates))
@@ -130,8 +135,16 @@ def main() -> None:
         totals = [totals[0] + before_s, totals[1] + single_s, totals[2] + multi_s]
         print(f"| {name} | {out_features}x{in_features} | {len(settings)} | {before_s:.2f} | {single_s:.2f} | {multi_s:.2f} "
               f"| {before_s / multi_s:.1f}x | {single_s / multi_s:.1f}x | {difference:.1e} |")
+        rows.append({"matrix": name, "shape": f"{out_features}x{in_features}", "settings": len(settings),
+                     "before_s": None if math.isnan(before_s) else before_s, "per_setting_s": single_s,
+                     "multi_s": multi_s, "max_rel_error_diff": difference})
     print(f"| one demo layer | | | {totals[0]:.2f} | {totals[1]:.2f} | {totals[2]:.2f} "
           f"| {totals[0] / totals[2]:.1f}x | {totals[1] / totals[2]:.1f}x | |")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    out = args.out or Path(__file__).resolve().parent / "results" / f"gptq_speed-{name.replace(' ', '_')}.json"
+    out.write_text(json.dumps({**provenance("gptq_speed", "bench.gptq_speed", name),
+                               "torch_threads": torch.get_num_threads(), "gptq_threads": gptq._CPU_THREADS,
+                               "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -5,17 +5,22 @@ measures the ceiling for any such kernel under the same timing as bench/speed.py
 (a CUDA graph of 24 launches over 6 copies of the bytes, so L2 holds none): a
 kernel that reads the bytes with 16-byte loads, `loads` of them in flight per
 thread, and does nothing else. It also times an empty kernel, the cost of a
-graph node by itself.
+graph node by itself. Writes bench/results/read_ceiling-<device>.json for
+bench/report.py.
 
     python3 -m bench.read_ceiling
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from torch.utils.cpp_extension import load_inline
 
-from bench.speed import copy_bandwidth, graph_time
+from bench.provenance import provenance
+from bench.speed import copy_bandwidth, device_name, graph_time
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -76,7 +81,9 @@ def main() -> None:
                          extra_cuda_cflags=["-O3"], verbose=False)
     bandwidth = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s")
-    print(f"empty kernel, per graph node: {graph_time(lambda i: module.empty_launch()) * 1e6:.2f} us")
+    empty_us = graph_time(lambda i: module.empty_launch()) * 1e6
+    print(f"empty kernel, per graph node: {empty_us:.2f} us")
+    rows = []
     sink = torch.zeros(4, dtype=torch.int32, device="cuda")
     print("| bytes | loads/thread | threads | us | GB/s | of copy |")
     print("|---|---|---|---|---|---|")
@@ -89,7 +96,13 @@ def main() -> None:
                 rate = size / seconds
                 print(f"| {name} | {loads} | {threads} | {seconds * 1e6:.2f} | {rate / 1e9:.0f} | "
                       f"{rate / bandwidth:.0%} |", flush=True)
+                rows.append({"bytes": name, "loads": loads, "threads": threads, "us": seconds * 1e6,
+                             "gb_s": rate / 1e9, "of_copy": rate / bandwidth})
         del buffers
+    out = Path(__file__).resolve().parent / "results" / f"read_ceiling-{device_name()}.json"
+    out.write_text(json.dumps({**provenance("read_ceiling", "bench.read_ceiling", torch.cuda.get_device_name()),
+                               "copy_bandwidth_gb_s": bandwidth / 1e9, "empty_kernel_us": empty_us, "rows": rows},
+                              indent=1))
 
 
 if __name__ == "__main__":

@@ -185,8 +185,11 @@ def generic_table(run: Run) -> str:
                                  if not isinstance(value, (dict, list))))
     if not rows:
         return "(no rows)"
-    return table(columns, [[format(row[c], ".4g") if isinstance(row.get(c), float) else str(row.get(c, "–"))
-                            for c in columns] for row in rows])
+
+    def cell(value) -> str:
+        return "–" if value is None else format(value, ".4g") if isinstance(value, float) else str(value)
+
+    return table(columns, [[cell(row.get(c)) for c in columns] for row in rows])
 
 
 @dataclass(frozen=True)
@@ -207,6 +210,9 @@ LAYOUTS = {
     "quality": Layout("Quality per bit (bench.quality)", (("", one(quality_table)),)),
     "convert": Layout("Conversion speed (bench.convert_speed)", (("", convert_table),), series="model"),
     "cpu_decode": Layout("CPU decode (bench.cpu_decode)", (("", one(cpu_decode_table)),)),
+    "step_ablation": Layout("Decode step with kernels left out (bench.step_ablation)", (("", one(generic_table)),)),
+    "read_ceiling": Layout("Read-only kernel ceiling (bench.read_ceiling)", (("", one(generic_table)),)),
+    "gptq_speed": Layout("GPTQ on one demo layer's matrices (bench.gptq_speed)", (("", one(generic_table)),)),
 }
 
 

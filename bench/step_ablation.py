@@ -12,17 +12,20 @@ and SwiGLU as kernels of their own instead of handed from product to product
 (no "handoff"), and times each
 graph's replay alone: the difference to the full step is what those kernels
 cost in context. The outputs of an ablated step are meaningless; only its time
-is read.
+is read. Writes bench/results/step_ablation-<device>.json (or --out) for bench/report.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import types
+from pathlib import Path
 
 import torch
 
 from bench.exl2_random import llama_config, random_model
+from bench.provenance import provenance
 from bench.speed import device_name
 from core.cache import KVCache
 from core.graph_decode import GraphDecoder
@@ -73,6 +76,7 @@ def main() -> None:
     parser.add_argument("--bpw", type=float, default=4.0)
     parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--position", type=int, default=160)
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     config = llama_config(args.model, args.layers)
     model = random_model(config, args.bpw, "cuda", torch.float16)
@@ -86,6 +90,7 @@ def main() -> None:
                 {"norm", "attention", "silu"}]
     print(f"{device_name()}, {args.model} {args.bpw} bpw, {config.num_layers} layers, position {args.position}")
     full = None
+    rows = []
     for leave_out in variants:
         decoder.ops = skipping(full_ops, leave_out)
         decoder.slots = None if "slot order" in leave_out else slots
@@ -98,6 +103,12 @@ def main() -> None:
         label = "+".join(sorted(leave_out)) or "full step"
         print(f"{label:32s} {seconds * 1e3:.3f} ms ({1 / seconds:.0f} tok/s), "
               f"{(full - seconds) * 1e6 / config.num_layers:+.1f} us a layer less", flush=True)
+        rows.append({"left_out": label, "step_ms": seconds * 1e3, "tok_s": 1 / seconds,
+                     "us_a_layer_less": (full - seconds) * 1e6 / config.num_layers})
+    out = args.out or Path(__file__).resolve().parent / "results" / f"step_ablation-{device_name()}.json"
+    out.write_text(json.dumps({**provenance("step_ablation", "bench.step_ablation", torch.cuda.get_device_name()),
+                               "model": args.model, "bpw": args.bpw, "layers": config.num_layers,
+                               "position": args.position, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -74,6 +74,15 @@ def test_convert_keeps_the_newest_run_of_each_model(tmp_path):
     assert "300.0" not in current
 
 
+def test_a_benchmark_without_a_layout_still_gets_a_table_with_its_command(tmp_path):
+    run = {"benchmark": "new_bench", "command": "python3 -m bench.new_bench --fast", "device": "cpu",
+           "date": "2026-12-01", "rows": [{"case": "a", "ms": 1.23456, "skipped": None}]}
+    (tmp_path / "new_bench-cpu.json").write_text(json.dumps(run))
+    text = report.render(tmp_path)
+    assert "    python3 -m bench.new_bench --fast\n" in text
+    assert "| case | ms | skipped |\n|---|---|---|\n| a | 1.235 | – |" in text
+
+
 def test_notes_are_copied_in_as_written(tmp_path):
     (tmp_path / "speed.json").write_text(json.dumps(speed_run("python3 -m bench.speed", "G", "2026-12-01", 1.0)))
     (tmp_path / "notes.md").write_text("## What falls short\n\n- decode is slow\n")
