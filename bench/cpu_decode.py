@@ -4,21 +4,19 @@
 
 Both run the same weights in float32 with greedy decoding from the same chat
 prompt; runs alternate between the two so machine load hits both alike. Prints a
-markdown table (median of the repeats) and writes bench/results/cpu_decode-cpu.json
+markdown table (median of the repeats) and writes bench/results/cpu_decode-cpu-<time>.json
 with the command, commit and date that bench/report.py puts in bench/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from bench.provenance import provenance
+from bench.provenance import write_run
 from core.generator import Generator
 from core.loader import load
 from core.sampling import SamplingSettings
@@ -70,11 +68,9 @@ def main() -> None:
         print(f"| {engine} | {prefill:.0f} | {decode:.1f} |")
     import transformers  # already loaded above; only its version is wanted here
 
-    record = {**provenance("cpu_decode", "bench.cpu_decode", "cpu"), "threads": torch.get_num_threads(),
-              "prompt_tokens": len(prompt), "new_tokens": args.tokens, "repeats": args.repeats,
-              "transformers": transformers.__version__, "rows": rows}
-    path = Path(__file__).resolve().parent / "results" / "cpu_decode-cpu.json"
-    path.write_text(json.dumps(record, indent=1))
+    write_run("cpu_decode", "bench.cpu_decode", "cpu",
+              {"threads": torch.get_num_threads(), "prompt_tokens": len(prompt), "new_tokens": args.tokens,
+               "repeats": args.repeats, "transformers": transformers.__version__, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 One 4096x11008 layer (Llama-2-7B's MLP up/gate shape), group size 128, with
 and without act-order, random codes written straight into the AutoGPTQ layout
 (any int32 word is a valid run of eight codes, so no quantization is needed).
-Writes bench/results/gptq4-<device>.json. Each figure is the median of 20 replays of a CUDA graph of 24 calls over 6
+Writes bench/results/gptq4-<device>-<time>.json. Each figure is the median of 20 replays of a CUDA graph of 24 calls over 6
 copies of the layer, so the L2 cache holds none of the weights. Bandwidth is
 the bytes of qweight, qzeros and scales over the time; the same run measures
 a 2 GiB device-to-device copy, the fp16 cuBLAS product of the same shape, and
@@ -15,13 +15,12 @@ the EXL2 4-bit kernel on it, for comparison. --sweep also tries block shapes.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
 import torch
 
-from bench.provenance import provenance
+from bench.provenance import write_run
 from core.gptq_checkpoint import default_g_idx, sort_rows_by_group
 from core.kernels import dispatch, gptq4
 
@@ -97,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="1,2,4,8,16")
     parser.add_argument("--sweep", action="store_true",
                         help="also try threads 64/128/256 x 2/4/8 blocks per SM with each way of loading weights early")
-    parser.add_argument("--json", default=None, help="write every row here (default: bench/results/gptq4-<device>.json)")
+    parser.add_argument("--json", default=None, help="write every row here (default: bench/results/gptq4-<device>-<time>.json)")
     args = parser.parse_args(argv)
     from bench.speed import copy_bandwidth, device_name, kernel_bandwidth
 
@@ -130,12 +129,9 @@ def main(argv: list[str] | None = None) -> int:
             early = "async copy" if row["async_copy"] else "L2 prefetch" if row["prefetch"] else "none"
         print(f"| {row['kernel']} | {order} | {row['batch']} | {shape} | {early} | {row['us']:.1f} | "
               f"{row['gb_s']:.0f} | {row['gb_s'] * 1e9 / bandwidth:.0%} |")
-    path = Path(args.json) if args.json else Path(__file__).resolve().parent / "results" / f"gptq4-{device_name()}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        json.dump({**provenance("gptq4", "bench.gptq4_speed", device, argv), "device_short": device_name(),
-                   "copy_bandwidth": bandwidth,
-                   "torch": torch.__version__, "rows": rows}, handle, indent=1)
+    write_run("gptq4", "bench.gptq4_speed", device, {"device_short": device_name(), "copy_bandwidth": bandwidth,
+                                                      "torch": torch.__version__, "rows": rows},
+              Path(args.json) if args.json else None, argv)
     return 0
 
 

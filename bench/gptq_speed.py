@@ -18,13 +18,12 @@ channels, as a transformer's hidden states look. Columns:
 Each figure is the best of --repeats runs (`before` runs once: it is slow).
 The last column is the largest relative difference between the per-setting and
 the multi results' errors (0 when they agree bit for bit). Writes
-bench/results/gptq_speed-<device>.json for bench/report.py.
+bench/results/gptq_speed-<device>-<time>.json for bench/report.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import subprocess
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from bench.provenance import provenance
+from bench.provenance import write_run
 from core.convert import gptq
 from core.convert.qparams import ATTENTION_CANDIDATES, MLP_CANDIDATES
 from core.exl2_format import dequantize_exl2
@@ -96,7 +95,7 @@ def main() -> None:
                         help="threads the new code uses on CPU; 0 = leave the ambient count")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-before", action="store_true", help="skip the slow pre-change column")
-    parser.add_argument("--out", type=Path, default=None, help="default: bench/results/gptq_speed-<device>.json")
+    parser.add_argument("--out", type=Path, default=None, help="default: bench/results/gptq_speed-<device>-<time>.json")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.threads:
@@ -141,10 +140,8 @@ def main() -> None:
     print(f"| one demo layer | | | {totals[0]:.2f} | {totals[1]:.2f} | {totals[2]:.2f} "
           f"| {totals[0] / totals[2]:.1f}x | {totals[1] / totals[2]:.1f}x | |")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    out = args.out or Path(__file__).resolve().parent / "results" / f"gptq_speed-{name.replace(' ', '_')}.json"
-    out.write_text(json.dumps({**provenance("gptq_speed", "bench.gptq_speed", name),
-                               "torch_threads": torch.get_num_threads(), "gptq_threads": gptq._CPU_THREADS,
-                               "rows": rows}, indent=1))
+    write_run("gptq_speed", "bench.gptq_speed", name,
+              {"torch_threads": torch.get_num_threads(), "gptq_threads": gptq._CPU_THREADS, "rows": rows}, args.out)
 
 
 if __name__ == "__main__":

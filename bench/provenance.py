@@ -10,6 +10,7 @@ its git directory, so there the commit comes from QUANTLAB_COMMIT (launch with
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import shlex
 import subprocess
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
 
 
 def command_line(module: str, argv: list[str] | None = None) -> str:
@@ -47,3 +49,18 @@ def provenance(benchmark: str, module: str, device: str, argv: list[str] | None 
         "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def write_run(benchmark: str, module: str, device: str, payload: dict, out: Path | None = None,
+              argv: list[str] | None = None) -> Path:
+    """Write one run, provenance first. By default each run gets a file of its own (device and time in the
+    name), so a new run never overwrites the one before: bench/report.py shows the newest and lists the rest."""
+    record = {**provenance(benchmark, module, device, argv), **payload}
+    if out is None:
+        slug = device.replace("NVIDIA ", "").replace(" ", "-")
+        stamp = datetime.datetime.fromisoformat(record["date"]).strftime("%Y%m%d-%H%M%S")
+        out = RESULTS / f"{benchmark}-{slug}-{stamp}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {out}", flush=True)
+    return out

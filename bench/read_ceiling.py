@@ -5,7 +5,7 @@ measures the ceiling for any such kernel under the same timing as bench/speed.py
 (a CUDA graph of 24 launches over 6 copies of the bytes, so L2 holds none): a
 kernel that reads the bytes with 16-byte loads, `loads` of them in flight per
 thread, and does nothing else. It also times an empty kernel, the cost of a
-graph node by itself. Writes bench/results/read_ceiling-<device>.json for
+graph node by itself. Writes bench/results/read_ceiling-<device>-<time>.json for
 bench/report.py.
 
     python3 -m bench.read_ceiling
@@ -13,14 +13,11 @@ bench/report.py.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 from torch.utils.cpp_extension import load_inline
 
-from bench.provenance import provenance
-from bench.speed import copy_bandwidth, device_name, graph_time
+from bench.provenance import write_run
+from bench.speed import copy_bandwidth, graph_time
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -99,10 +96,8 @@ def main() -> None:
                 rows.append({"bytes": name, "loads": loads, "threads": threads, "us": seconds * 1e6,
                              "gb_s": rate / 1e9, "of_copy": rate / bandwidth})
         del buffers
-    out = Path(__file__).resolve().parent / "results" / f"read_ceiling-{device_name()}.json"
-    out.write_text(json.dumps({**provenance("read_ceiling", "bench.read_ceiling", torch.cuda.get_device_name()),
-                               "copy_bandwidth_gb_s": bandwidth / 1e9, "empty_kernel_us": empty_us, "rows": rows},
-                              indent=1))
+    write_run("read_ceiling", "bench.read_ceiling", torch.cuda.get_device_name(),
+              {"copy_bandwidth_gb_s": bandwidth / 1e9, "empty_kernel_us": empty_us, "rows": rows})
 
 
 if __name__ == "__main__":

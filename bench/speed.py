@@ -11,8 +11,8 @@ the ratio of decode speed to its roofline = copy bandwidth / bytes read per
 token (every weight once, plus the KV cache so far). In the same run: the
 device's copy bandwidth, HF transformers fp16 on the same shapes, and the
 small-batch kernel's bandwidth on a 4096x11008 matrix (or --matrix-shapes) per width. Prints a
-markdown table and writes bench/results/speed-<device>.json (or --out), with the command, device,
-commit and date that bench/report.py puts in bench/RESULTS.md.
+markdown table and writes bench/results/speed-<device>-<time>.json (or --out), with the command,
+device, commit and date that bench/report.py puts in bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from bench.exl2_random import MIXES, layout_for, llama_config, quantized_bits, random_exl2_tensors, random_model
-from bench.provenance import provenance
+from bench.provenance import write_run
 from core.cache import KVCache
 from core.exl2_format import stored_bits
 from core.generator import GenerationStats, Generator
@@ -36,8 +36,6 @@ from core.graph_decode import GraphDecoder
 from core.kernels import exl2, reference
 from core.kernels.build import kernels
 from core.sampling import SamplingSettings
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def device_name() -> str:
@@ -328,12 +326,10 @@ def main() -> None:
                       **run_transformers(config, args.prefill, args.decode_tokens, bandwidth)}
             records.append(record)
             print(json.dumps(record), flush=True)
-    out = args.out or RESULTS / f"speed-{device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     # "matrix_4096x11008" holds every --matrix-shapes row; the name stays so old and new files read alike.
-    out.write_text(json.dumps({**provenance("speed", "bench.speed", torch.cuda.get_device_name()),
-                               "device_short": device, "copy_bandwidth_gb_s": bandwidth / 1e9,
-                               "matrix_4096x11008": matrix, "rows": records}, indent=1))
+    write_run("speed", "bench.speed", torch.cuda.get_device_name(),
+              {"device_short": device, "copy_bandwidth_gb_s": bandwidth / 1e9, "matrix_4096x11008": matrix,
+               "rows": records}, args.out)
     print(f"\n{device}, copy {bandwidth / 1e12:.2f} TB/s, prefill {args.prefill} tokens, batch-1 decode after 128\n")
     print("| model | layers | engine | bpw (real) | decode tok/s | graph, host-synced tok/s | eager tok/s | "
           "roofline tok/s | ratio | prefill tok/s | peak GiB |\n|---|---|---|---|---|---|---|---|---|---|---|")

@@ -12,20 +12,19 @@ and SwiGLU as kernels of their own instead of handed from product to product
 (no "handoff"), and times each
 graph's replay alone: the difference to the full step is what those kernels
 cost in context. The outputs of an ablated step are meaningless; only its time
-is read. Writes bench/results/step_ablation-<device>.json (or --out) for bench/report.py.
+is read. Writes bench/results/step_ablation-<device>-<time>.json (or --out) for bench/report.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import types
 from pathlib import Path
 
 import torch
 
 from bench.exl2_random import llama_config, random_model
-from bench.provenance import provenance
+from bench.provenance import write_run
 from bench.speed import device_name
 from core.cache import KVCache
 from core.graph_decode import GraphDecoder
@@ -105,10 +104,9 @@ def main() -> None:
               f"{(full - seconds) * 1e6 / config.num_layers:+.1f} us a layer less", flush=True)
         rows.append({"left_out": label, "step_ms": seconds * 1e3, "tok_s": 1 / seconds,
                      "us_a_layer_less": (full - seconds) * 1e6 / config.num_layers})
-    out = args.out or Path(__file__).resolve().parent / "results" / f"step_ablation-{device_name()}.json"
-    out.write_text(json.dumps({**provenance("step_ablation", "bench.step_ablation", torch.cuda.get_device_name()),
-                               "model": args.model, "bpw": args.bpw, "layers": config.num_layers,
-                               "position": args.position, "rows": rows}, indent=1))
+    write_run("step_ablation", "bench.step_ablation", torch.cuda.get_device_name(),
+              {"model": args.model, "bpw": args.bpw, "layers": config.num_layers, "position": args.position,
+               "rows": rows}, args.out)
 
 
 if __name__ == "__main__":

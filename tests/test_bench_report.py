@@ -97,6 +97,22 @@ def test_a_run_without_its_command_is_refused_with_the_file_named(tmp_path):
         report.render(tmp_path)
 
 
+def test_a_written_run_gets_its_own_file_and_shows_in_the_report(tmp_path, monkeypatch):
+    from bench import provenance
+
+    monkeypatch.setattr(provenance, "RESULTS", tmp_path)
+    monkeypatch.setenv("QUANTLAB_COMMIT", "feed123")
+    payload = speed_run("unused", "unused", "unused", 480.0)
+    payload = {key: value for key, value in payload.items() if key not in ("benchmark", "command", "device", "commit", "date")}
+    path = provenance.write_run("speed", "bench.speed", "NVIDIA Test GPU", payload, argv=["--quick"])
+    assert path.parent == tmp_path and path.name.startswith("speed-Test-GPU-") and path.suffix == ".json"
+    record = json.loads(path.read_text())
+    assert (record["command"], record["device"], record["commit"]) == (
+        "python3 -m bench.speed --quick", "NVIDIA Test GPU", "feed123")
+    text = report.render(tmp_path)
+    assert "    python3 -m bench.speed --quick\n" in text and "commit feed123" in text and "| 480 |" in text
+
+
 def test_command_line_is_retypable():
     from bench.provenance import command_line
 
