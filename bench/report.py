@@ -181,10 +181,10 @@ def cpu_decode_table(run: Run) -> str:
 def generic_table(run: Run) -> str:
     """Any benchmark the report has no layout for yet: its rows' plain fields as columns."""
     rows = [row for row in run.fields.get("rows", []) if isinstance(row, dict)]
-    columns = list(dict.fromkeys(key for row in rows for key, value in row.items()
-                                 if not isinstance(value, (dict, list))))
     if not rows:
         return "(no rows)"
+    columns = list(dict.fromkeys(key for row in rows for key, value in row.items()
+                                 if not isinstance(value, (dict, list))))
 
     def cell(value) -> str:
         return "–" if value is None else format(value, ".4g") if isinstance(value, float) else str(value)
@@ -221,10 +221,33 @@ def order(run: Run) -> tuple:
     return run.fields["date"], run.file, run.index or 0
 
 
+def runs_by_series(group: list[Run], layout: Layout) -> dict:
+    """The group's runs (oldest first) split by the layout's series field; one list for most benchmarks."""
+    by_series: dict = {}
+    for run in group:
+        by_series.setdefault(run.fields.get(layout.series) if layout.series else None, []).append(run)
+    return by_series
+
+
+def source_line(device: str, current: list[Run], by_series: dict, layout: Layout) -> str:
+    sources = []
+    for run in current:
+        runs_of_series = len(by_series[run.fields.get(layout.series) if layout.series else None])
+        details = [run.fields["date"][:10], f"commit {run.commit}"]
+        if runs_of_series > 1:
+            details.append(f"newest of {runs_of_series} runs")
+        text = ", ".join(details)
+        if run.fields.get("note") and not layout.series:  # a series layout shows each run's note in its table
+            text += f"; {run.fields['note']}"
+        if run.fields.get("transcribed_from"):
+            text += f"; numbers transcribed from {run.fields['transcribed_from']}"
+        sources.append(f"{run.where} ({text})")
+    return f"Device: {device}. From " + "; ".join(sources) + "."
+
+
 def render(folder: Path = RESULTS_DIR) -> str:
-    runs = sorted(load_runs(folder), key=order)
     groups: dict[tuple[str, str], list[Run]] = {}
-    for run in runs:
+    for run in sorted(load_runs(folder), key=order):
         groups.setdefault((run.fields["benchmark"], run.fields["device"]), []).append(run)
     known = list(LAYOUTS)
     keys = sorted(groups, key=lambda key: (known.index(key[0]) if key[0] in known else len(known), key))
@@ -238,25 +261,14 @@ def render(folder: Path = RESULTS_DIR) -> str:
     ]
     older: list[Run] = []
     for benchmark, device in keys:
-        group = groups[(benchmark, device)]
-        layout = LAYOUTS.get(benchmark, Layout(f"{benchmark}", (("", one(generic_table)),)))
-        by_series: dict = {}
-        for run in group:
-            by_series.setdefault(run.fields.get(layout.series) if layout.series else None, []).append(run)
-        current = sorted((series[-1] for series in by_series.values()), key=order)
-        older += [run for series in by_series.values() for run in series[:-1]]
+        layout = LAYOUTS.get(benchmark, Layout(benchmark, (("", one(generic_table)),)))
+        by_series = runs_by_series(groups[(benchmark, device)], layout)
+        current = sorted((runs[-1] for runs in by_series.values()), key=order)
+        older += [run for runs in by_series.values() for run in runs[:-1]]
+        commands = "\n".join(f"    {command}" for run in current for command in run.commands)
         for subtitle, make in layout.tables:
             heading = f"## {layout.title}{': ' + subtitle if subtitle else ''} — {device}"
-            commands = "\n".join(f"    {command}" for run in current for command in run.commands)
-            sources = []
-            for run in current:
-                of = len(by_series[run.fields.get(layout.series) if layout.series else None])
-                note = f"; {run.fields['note']}" if run.fields.get("note") and not layout.series else ""
-                if run.fields.get("transcribed_from"):
-                    note += f"; numbers transcribed from {run.fields['transcribed_from']}"
-                sources.append(f"{run.where} ({run.fields['date'][:10]}, commit {run.commit}"
-                               f"{f', newest of {of} runs' if of > 1 else ''}{note})")
-            parts += [heading, commands, f"Device: {device}. From " + "; ".join(sources) + ".", make(current)]
+            parts += [heading, commands, source_line(device, current, by_series, layout), make(current)]
     notes = folder / "notes.md"
     if notes.is_file():
         parts.append(notes.read_text().strip())
