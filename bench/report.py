@@ -258,6 +258,9 @@ def render(folder: Path = RESULTS_DIR) -> str:
         "The current numbers: for each benchmark and device, the newest run in `bench/results/`, with the command "
         "that produced it. Older runs are listed at the end; the session-by-session narrative of how the numbers "
         "got here is in `bench/history/`.",
+        "To add a run: run the command (on the device machine after `source bench/device_setup.sh`, with "
+        "`QUANTLAB_COMMIT=<commit>` where the tree has no git directory), commit its new file in `bench/results/`, "
+        "then `python -m bench.report`.",
     ]
     older: list[Run] = []
     for benchmark, device in keys:
