@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
@@ -35,11 +36,11 @@ def load_model(folder, device="cpu", dtype: torch.dtype | None = None) -> Causal
         model = CausalLM(config, dtype=dtype)
     names = tensor_names(folder)
     present = set(names)
-    quantized = _use_quantized_layers(model, names, dtype, named_format, settings)
+    quantized = _use_quantized_layers(model, names, present, dtype, named_format, settings)
     expected = {name for name, _ in model.named_parameters()}
     # Quantized layers' buffers are still empty (None) here, which named_buffers() skips.
-    for checkpoint_format, layer_settings, prefix, _ in quantized:
-        expected |= checkpoint_format.stored_tensors(prefix, layer_settings, present)
+    for swapped in quantized:
+        expected |= swapped.format.stored_tensors(swapped.prefix, swapped.settings, present)
     stored_dtype = {name for checkpoint_format in FORMATS for name in checkpoint_format.tensors}
     filled = set()
     for name, tensor in iter_tensors(folder):
@@ -58,18 +59,25 @@ def load_model(folder, device="cpu", dtype: torch.dtype | None = None) -> Causal
     missing = sorted(expected - filled)
     if missing:
         raise WeightsError(f"{folder} lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
-    for checkpoint_format, layer_settings, _, layer in quantized:
-        checkpoint_format.finish_layer(layer, layer_settings)
+    for swapped in quantized:
+        swapped.format.finish_layer(swapped.layer, swapped.settings)
     model.inv_freq = rope_inverse_frequencies(config).to(device)
     return model.eval()
 
 
-def _use_quantized_layers(model: CausalLM, names: list[str], dtype: torch.dtype,
-                          named_format: CheckpointFormat | None, settings
-                          ) -> list[tuple[CheckpointFormat, object, str, QuantizedLinear]]:
-    """Swap each dense layer whose checkpoint tensors are a quantized format's for that format's
-    layer: (format, its settings, prefix, layer) for each."""
-    present = set(names)
+class _Swapped(NamedTuple):
+    """A dense layer the loader replaced with a checkpoint format's layer."""
+
+    format: CheckpointFormat
+    settings: Any
+    prefix: str
+    layer: QuantizedLinear
+
+
+def _use_quantized_layers(model: CausalLM, names: list[str], present: set[str], dtype: torch.dtype,
+                          named_format: CheckpointFormat | None, settings: Any) -> list[_Swapped]:
+    """Swap each dense layer whose checkpoint tensors are a quantized format's for that format's layer.
+    Formats go in registry order; only the format the config names gets its settings (None for the rest)."""
     quantized = []
     for checkpoint_format in FORMATS:
         layer_settings = settings if checkpoint_format is named_format else None
@@ -81,7 +89,7 @@ def _use_quantized_layers(model: CausalLM, names: list[str], dtype: torch.dtype,
                 raise WeightsError(f"quantized tensors for {prefix}, which this model does not have") from None
             layer = checkpoint_format.build_layer(dense, prefix, dtype, layer_settings, present)
             setattr(model.get_submodule(parent_path), leaf, layer)
-            quantized.append((checkpoint_format, layer_settings, prefix, layer))
+            quantized.append(_Swapped(checkpoint_format, layer_settings, prefix, layer))
     return quantized
 
 
