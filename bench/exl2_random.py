@@ -12,9 +12,10 @@ import math
 import torch
 
 from core.config import ModelConfig
-from core.exl2_format import padded_columns, packed_rows
-from core.linear import EXL2Linear
-from core.model import CausalLM, rope_inverse_frequencies
+from core.formats.exl2.layout import packed_rows, padded_columns, stored_bits
+from core.formats.exl2.linear import EXL2Linear
+from core.model import CausalLM
+from core.rope import rope_inverse_frequencies
 
 GROUP_SIZE = 128
 
@@ -132,8 +133,6 @@ def random_model(config: ModelConfig, bpw: float | None, device="cuda", dtype=to
 
 def quantized_bits(model: CausalLM) -> tuple[int, int]:
     """(bits stored, weights) over the model's EXL2 layers, the head excluded as bpw counts it."""
-    from core.exl2_format import stored_bits
-
     bits = weights = 0
     for name, module in model.named_modules():
         if isinstance(module, EXL2Linear) and name != "lm_head":

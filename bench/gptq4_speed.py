@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from bench.provenance import write_run
-from core.gptq_checkpoint import default_g_idx, sort_rows_by_group
-from core.kernels import dispatch, gptq4
+from core.formats.gptq import kernel as gptq4
+from core.formats.gptq.layout import default_g_idx, sort_rows_by_group
+from core.kernels import dispatch
 
 SHAPE = (4096, 11008)
 GROUP_SIZE = 128

@@ -35,7 +35,7 @@ import torch
 from bench.provenance import write_run
 from core.convert import gptq
 from core.convert.qparams import ATTENTION_CANDIDATES, MLP_CANDIDATES
-from core.exl2_format import dequantize_exl2
+from core.formats.exl2.reference import dequantize_exl2
 
 BEFORE_COMMIT = "5799a27af68367b835fed77004721d7712858682"
 HIDDEN, INTERMEDIATE, KV = 576, 1536, 192

@@ -30,10 +30,11 @@ import torch
 from bench.exl2_random import MIXES, layout_for, llama_config, quantized_bits, random_exl2_tensors, random_model
 from bench.provenance import write_run
 from core.cache import KVCache
-from core.exl2_format import stored_bits
+from core.formats.exl2 import kernel as exl2
+from core.formats.exl2.layout import stored_bits
 from core.generator import GenerationStats, Generator
 from core.graph_decode import GraphDecoder
-from core.kernels import exl2, reference
+from core.kernels import reference
 from core.kernels.build import kernels
 from core.sampling import SamplingSettings
 

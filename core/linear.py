@@ -1,6 +1,8 @@
 """The linear-layer family. Every member has the same call signature, so the
 model never learns how its weights are stored; a quantized layer replaces a
-dense one by name when the loader finds its tensors."""
+dense one by name when the loader finds its tensors. Each checkpoint format's
+layer (core/formats/<format>/linear.py) is a QuantizedLinear that says how to
+dequantize, plan and multiply."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels.exl2 import GROUP_MOST as EXL2_GROUP_MOST
+from .kernels import dispatch
 
 
 class DenseLinear(nn.Module):
@@ -26,10 +28,6 @@ class DenseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
-
-
-# Tensor names (after the layer's prefix) of an EXL2 layer, as ExLlamaV2 writes them.
-EXL2_TENSORS = ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm")
 
 
 class QuantizedLinear(nn.Module):
@@ -92,8 +90,6 @@ class QuantizedLinear(nn.Module):
 
     def kernel_plan(self):
         """The kernels' per-layer tables, or None where the torch reference runs."""
-        from .kernels import dispatch
-
         device = self.packed_weight().device
         if not dispatch.enabled(device):
             return None
@@ -115,8 +111,6 @@ def project(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> list[torch.Tensor
     Quantized layers of one kind on the GPU share one kernel launch for a few input rows:
     decoding a token is a chain of a few hundred small products, and each launch's fixed
     cost (staging the input, the first loads' latency, the tail) is then paid once."""
-    from .kernels.dispatch import SMALL_BATCH
-
     kind = type(layers[0])
     if kind is DenseLinear and len(layers) > 1:
         shared = _shared_weight(layers)
@@ -127,7 +121,7 @@ def project(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> list[torch.Tensor
             return [out.contiguous() for out in outs]
     if (len(layers) > 1 and x.is_cuda and issubclass(kind, QuantizedLinear) and len(layers) <= kind.group_most
             and all(type(layer) is kind and layer.in_features == layers[0].in_features for layer in layers)
-            and x.numel() <= SMALL_BATCH * x.shape[-1]):
+            and x.numel() <= dispatch.SMALL_BATCH * x.shape[-1]):
         plans = [layer.kernel_plan() for layer in layers]
         if all(plan is not None for plan in plans):
             return kind.kernel_matmul_group(x, list(layers), plans)
@@ -142,12 +136,10 @@ def input_slots(layers: tuple[nn.Module, ...], rows: int) -> list[torch.Tensor] 
     The EXL2 small-batch kernel reads its inputs in an order that lets each weight it decodes
     meet its input without a shuffle. Written in that order by the kernel before it (a norm,
     SwiGLU, attention), they cost the product one contiguous read; without that, torch gathers
-    them first (exl2.gemm_group)."""
-    from .kernels.dispatch import SMALL_BATCH
-
+    them first (core/formats/exl2/kernel.py, gemm_group)."""
     kind = type(layers[0])
     if (not issubclass(kind, QuantizedLinear) or not kind.reads_slots or len(layers) > kind.group_most
-            or rows > SMALL_BATCH or any(type(layer) is not kind for layer in layers)
+            or rows > dispatch.SMALL_BATCH or any(type(layer) is not kind for layer in layers)
             or len({layer.in_features for layer in layers}) != 1):
         return None
     plans = [layer.kernel_plan() for layer in layers]
@@ -161,7 +153,7 @@ def project_slots(x_slots: list[torch.Tensor] | None, layers: tuple[nn.Module, .
     """project() of an input of leading shape `shape` that a producer wrote in the tables' orders
     (x_slots[i] in input_slots(layers)[i]'s order; or rows x [M, K] where x_slots is None), each
     output shaped as layer(x) gives it. `staged` and `routes` hand a norm or SwiGLU over between
-    two such products (kernels/handoff.py); a routed output with no residual is None here."""
+    two such products (core/kernels/handoff.py); a routed output with no residual is None here."""
     kind = type(layers[0])
     plans = [layer.kernel_plan() for layer in layers]
     outs = kind.kernel_matmul_slots(x_slots, list(layers), plans, staged, routes, x)
@@ -224,107 +216,3 @@ def _shared_weight(layers) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         rows = sum(part.shape[0] for part in parts)
         joined.append(base.as_strided((rows, *base.shape[1:]), base.stride()))
     return joined[0], joined[1] if len(joined) > 1 else None
-
-
-class EXL2Linear(QuantizedLinear):
-    """A layer stored in ExLlamaV2's mixed-bit format (kernels: core/kernels/exl2.py)."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, device=None, dtype=None):
-        super().__init__(in_features, out_features, bias, device, dtype)
-        for name in EXL2_TENSORS:
-            self.register_buffer(name, None)
-
-    def quantized_tensors(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in EXL2_TENSORS}
-
-    def packed_weight(self) -> torch.Tensor:
-        return self.q_weight
-
-    def dequantized(self) -> torch.Tensor:
-        from .exl2_format import dequantize_exl2
-
-        return dequantize_exl2(self.quantized_tensors(), self.out_features)
-
-    def make_plan(self):
-        from .kernels import exl2
-
-        return exl2.plan_layer(self.quantized_tensors(), self.out_features)
-
-    def kernel_matmul(self, x: torch.Tensor, plan) -> torch.Tensor:
-        from .kernels import exl2
-
-        return exl2.matmul(x, self.quantized_tensors(), plan, self.bias)
-
-    group_most = EXL2_GROUP_MOST
-
-    @staticmethod
-    def kernel_matmul_group(x: torch.Tensor, layers: list["EXL2Linear"], plans: list) -> list[torch.Tensor]:
-        from .kernels import exl2
-
-        return exl2.matmul_group(x, [(layer.quantized_tensors(), plan, layer.bias) for layer, plan in zip(layers, plans)])
-
-    reads_slots = True
-
-    @staticmethod
-    def slot_table(plan) -> torch.Tensor:
-        return plan.xperm
-
-    @staticmethod
-    def kernel_matmul_slots(x_slots: list[torch.Tensor] | None, layers: list["EXL2Linear"], plans: list,
-                            staged=None, routes=(), x: torch.Tensor | None = None) -> list[torch.Tensor]:
-        from .kernels import exl2
-
-        return exl2.matmul_slots(x_slots, [(layer.quantized_tensors(), plan, layer.bias)
-                                           for layer, plan in zip(layers, plans)], staged, routes, x)
-
-
-class GPTQLinear(QuantizedLinear):
-    """A layer from a GPTQ 4-bit checkpoint (AutoGPTQ / GPTQModel layout, core/gptq_checkpoint.py).
-
-    `prepare()`, run once after loading, sorts the rows by group (act-order
-    shuffles them), so the kernels see each group as one run of rows and
-    permute the few input columns instead (`perm`). Kernels: core/kernels/gptq4.py."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, device=None, dtype=None,
-                 zero_offset: int = 1, name: str = ""):
-        super().__init__(in_features, out_features, bias, device, dtype)
-        self.zero_offset = zero_offset  # added to each stored zero nibble: 1 for checkpoint_format gptq, 0 for gptq_v2
-        self.name = name
-        from .gptq_checkpoint import GPTQ_TENSORS
-
-        for tensor_name in GPTQ_TENSORS:
-            self.register_buffer(tensor_name, None)
-        self.register_buffer("perm", None)  # stored row r is input perm[r]; None when already in group order
-
-    def prepare(self, group_size: int = -1) -> None:
-        from .gptq_checkpoint import check_layer_tensors, default_g_idx, sort_rows_by_group
-
-        if self.g_idx is None:
-            self.g_idx = default_g_idx(self.in_features, group_size, self.qweight.device)
-        check_layer_tensors(self.name, self.in_features, self.out_features, self.qweight, self.qzeros, self.scales, self.g_idx)
-        self.qweight, self.g_idx, self.perm = sort_rows_by_group(self.qweight, self.g_idx)
-        self._dense, self._plan = None, None
-
-    def quantized_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales, "g_idx": self.g_idx}
-        if self.perm is not None:
-            tensors["perm"] = self.perm
-        return tensors
-
-    def packed_weight(self) -> torch.Tensor:
-        return self.qweight
-
-    def dequantized(self) -> torch.Tensor:
-        from .gptq_checkpoint import dequantize_gptq
-
-        return dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, self.zero_offset, self.perm)
-
-    def make_plan(self):
-        from .kernels import gptq4
-
-        return gptq4.plan_layer(self.qweight, self.qzeros, self.scales, self.g_idx, self.perm, self.zero_offset)
-
-    def kernel_matmul(self, x: torch.Tensor, plan) -> torch.Tensor:
-        from .kernels import gptq4
-
-        return gptq4.matmul(x, self.qweight, plan, self.bias)

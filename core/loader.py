@@ -5,18 +5,19 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, NamedTuple
 
 import torch
 
 from .config import ModelConfig
-from .model import CausalLM, rope_inverse_frequencies
-from .gptq_checkpoint import GPTQ_TENSORS, GPTQSettings, read_gptq_settings
-from .linear import EXL2_TENSORS, EXL2Linear, GPTQLinear
+from .formats.checkpoint import CheckpointFormat
+from .formats.registry import FORMATS, quantization_of
+from .linear import QuantizedLinear
+from .model import CausalLM
+from .rope import rope_inverse_frequencies
+from .sources import resolve_model_source
+from .tokenizer import Tokenizer
 from .weights import WeightsError, iter_tensors, tensor_names
-
-if TYPE_CHECKING:
-    from .tokenizer import Tokenizer
 
 # Tensors some checkpoints carry that the model derives itself.
 _DERIVED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -30,17 +31,17 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
 def load_model(folder, device="cpu", dtype: torch.dtype | None = None) -> CausalLM:
     config = ModelConfig.from_folder(folder)
     dtype = dtype or default_dtype(device)
-    gptq = read_gptq_settings(folder)
+    named_format, settings = quantization_of(folder)
     with torch.device("meta"):
         model = CausalLM(config, dtype=dtype)
     names = tensor_names(folder)
-    _use_quantized_layers(model, names, dtype)
-    _use_gptq_layers(model, names, dtype, gptq)
+    present = set(names)
+    quantized = _use_quantized_layers(model, names, present, dtype, named_format, settings)
     expected = {name for name, _ in model.named_parameters()}
     # Quantized layers' buffers are still empty (None) here, which named_buffers() skips.
-    expected |= {f"{path}.{name}" for path, module in model.named_modules() if isinstance(module, EXL2Linear)
-                 for name in EXL2_TENSORS}
-    expected |= _gptq_tensor_names(model, set(names), gptq)
+    for swapped in quantized:
+        expected |= swapped.format.stored_tensors(swapped.prefix, swapped.settings, present)
+    stored_dtype = {name for checkpoint_format in FORMATS for name in checkpoint_format.tensors}
     filled = set()
     for name, tensor in iter_tensors(folder):
         if name.endswith(_DERIVED_SUFFIXES):
@@ -48,7 +49,8 @@ def load_model(folder, device="cpu", dtype: torch.dtype | None = None) -> Causal
         if name not in expected:
             raise WeightsError(f"unexpected tensor {name!r} in {folder}; is config.json the model's own?")
         # Packed integer codes and their fp16 scales keep the dtype the format fixes.
-        tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() and not _is_quantized(name) else None)
+        keeps_dtype = name.rpartition(".")[2] in stored_dtype
+        tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() and not keeps_dtype else None)
         _set_tensor(model, name, tensor)
         filled.add(name)
     if "lm_head.weight" in expected and "lm_head.weight" not in filled and config.tie_word_embeddings:
@@ -57,58 +59,38 @@ def load_model(folder, device="cpu", dtype: torch.dtype | None = None) -> Causal
     missing = sorted(expected - filled)
     if missing:
         raise WeightsError(f"{folder} lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
-    for module in model.modules():
-        if isinstance(module, GPTQLinear):
-            module.prepare(gptq.group_size)
+    for swapped in quantized:
+        swapped.format.finish_layer(swapped.layer, swapped.settings)
     model.inv_freq = rope_inverse_frequencies(config).to(device)
     return model.eval()
 
 
-def _is_quantized(name: str) -> bool:
-    return name.rpartition(".")[2] in EXL2_TENSORS + GPTQ_TENSORS
+class _Swapped(NamedTuple):
+    """A dense layer the loader replaced with a checkpoint format's layer."""
+
+    format: CheckpointFormat
+    settings: Any
+    prefix: str
+    layer: QuantizedLinear
 
 
-def _use_quantized_layers(model: CausalLM, names: list[str], dtype: torch.dtype) -> None:
-    """Swap each dense layer whose checkpoint tensors are EXL2 for an EXL2Linear."""
-    prefixes = {name.rpartition(".")[0] for name in names if name.endswith(".q_weight")}
-    for prefix in sorted(prefixes):
-        parent_path, _, leaf = prefix.rpartition(".")
-        try:
-            dense = model.get_submodule(prefix)
-        except AttributeError:
-            raise WeightsError(f"quantized tensors for {prefix}, which this model does not have") from None
-        quantized = EXL2Linear(dense.in_features, dense.out_features, dense.bias is not None, "meta", dtype)
-        setattr(model.get_submodule(parent_path), leaf, quantized)
-
-
-def _use_gptq_layers(model: CausalLM, names: list[str], dtype: torch.dtype, gptq: GPTQSettings | None) -> None:
-    """Swap each dense layer whose checkpoint tensors are GPTQ (a `qweight`) for a GPTQLinear."""
-    prefixes = sorted({name.rpartition(".")[0] for name in names if name.endswith(".qweight")})
-    if prefixes and gptq is None:
-        raise WeightsError(f"{prefixes[0]}.qweight looks like a GPTQ layer, but neither config.json's "
-                           "quantization_config nor quantize_config.json says the model is GPTQ")
-    present = set(names)
-    for prefix in prefixes:
-        parent_path, _, leaf = prefix.rpartition(".")
-        try:
-            dense = model.get_submodule(prefix)
-        except AttributeError:
-            raise WeightsError(f"quantized tensors for {prefix}, which this model does not have") from None
-        # Some GPTQ writers store a bias for every layer, zeros where the model has none; it is used as stored.
-        bias = dense.bias is not None or f"{prefix}.bias" in present
-        quantized = GPTQLinear(dense.in_features, dense.out_features, bias, "meta", dtype, gptq.zero_offset, prefix)
-        setattr(model.get_submodule(parent_path), leaf, quantized)
-
-
-def _gptq_tensor_names(model: CausalLM, present: set[str], gptq: GPTQSettings | None) -> set[str]:
-    """Stored tensors every GPTQ layer needs; g_idx only with act-order (without it, it follows from group_size)."""
-    wanted = set()
-    for path, module in model.named_modules():
-        if isinstance(module, GPTQLinear):
-            for name in GPTQ_TENSORS:
-                if name != "g_idx" or gptq.desc_act or f"{path}.g_idx" in present:
-                    wanted.add(f"{path}.{name}")
-    return wanted
+def _use_quantized_layers(model: CausalLM, names: list[str], present: set[str], dtype: torch.dtype,
+                          named_format: CheckpointFormat | None, settings: Any) -> list[_Swapped]:
+    """Swap each dense layer whose checkpoint tensors are a quantized format's for that format's layer.
+    Formats go in registry order; only the format the config names gets its settings (None for the rest)."""
+    quantized = []
+    for checkpoint_format in FORMATS:
+        layer_settings = settings if checkpoint_format is named_format else None
+        for prefix in checkpoint_format.detect(layer_settings, names):
+            parent_path, _, leaf = prefix.rpartition(".")
+            try:
+                dense = model.get_submodule(prefix)
+            except AttributeError:
+                raise WeightsError(f"quantized tensors for {prefix}, which this model does not have") from None
+            layer = checkpoint_format.build_layer(dense, prefix, dtype, layer_settings, present)
+            setattr(model.get_submodule(parent_path), leaf, layer)
+            quantized.append(_Swapped(checkpoint_format, layer_settings, prefix, layer))
+    return quantized
 
 
 def _set_tensor(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -130,7 +112,7 @@ class LoadedModel:
     name: str
     folder: Path
     model: CausalLM
-    tokenizer: "Tokenizer"
+    tokenizer: Tokenizer
     stop_token_ids: frozenset[int]
     sampling_defaults: dict = field(default_factory=dict)
 
@@ -145,9 +127,6 @@ def default_device() -> str:
 
 def load(spec: str, device: str | None = None, dtype: torch.dtype | None = None, token: str | None = None) -> LoadedModel:
     """Load `demo`, a folder, a GGUF file or a Hub id."""
-    from .sources import resolve_model_source
-    from .tokenizer import Tokenizer
-
     folder = resolve_model_source(spec, token=token)
     device = device or default_device()
     model = load_model(folder, device=device, dtype=dtype)

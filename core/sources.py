@@ -24,12 +24,12 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from core.config import ModelConfig
-from core.gptq_checkpoint import read_gptq_settings
-
-
-class ModelSourceError(ValueError):
-    """The model could not be found, fetched or read; the message says what to do about it."""
+from .config import ModelConfig
+from .demo import demo_model_folder
+from .errors import ModelSourceError
+from .formats.gguf import reader as gguf_reader
+from .formats.registry import quantization_of
+from .paths import cache_dir
 
 
 # What a model folder needs from a Hub repo. Pickled weights (.bin, .pt, .pth) are never
@@ -55,12 +55,6 @@ _PICKLE_REFUSAL = (
 )
 
 
-def cache_dir() -> Path:
-    """quantlab's own cache: `$QUANTLAB_HOME`, else ~/.cache/quantlab."""
-    home = os.environ.get("QUANTLAB_HOME")
-    return Path(home).expanduser() if home else Path.home() / ".cache" / "quantlab"
-
-
 def is_hub_id(spec: str) -> bool:
     """True for a well-formed Hub model id: "name" or "owner/name"."""
     if spec.count("/") > 1 or spec.endswith(".gguf"):
@@ -78,8 +72,6 @@ def resolve_model_source(spec: str, token: str | None = None) -> Path:
     if not spec:
         raise ModelSourceError('no model given: name a model folder, a .gguf file, a Hub id like "owner/name", or "demo"')
     if spec == "demo":
-        from core.demo import demo_model_folder  # demo builds on this module, so it is imported late
-
         return demo_model_folder()
 
     path = Path(spec).expanduser()
@@ -136,12 +128,10 @@ def _require_safetensors(label: str, file_names: list[str]) -> None:
 
 
 def _imported_gguf(gguf_path: Path) -> Path:
-    from core.gguf_import import import_gguf, is_complete_import  # it raises ModelSourceError from here
-
     folder = cache_dir() / "models" / f"gguf-{gguf_path.stem}-{_gguf_fingerprint(gguf_path)}"
-    if is_complete_import(folder):
+    if gguf_reader.is_complete_import(folder):
         return folder
-    return import_gguf(gguf_path, folder)
+    return gguf_reader.import_gguf(gguf_path, folder)
 
 
 def _gguf_fingerprint(gguf_path: Path) -> str:
@@ -162,7 +152,7 @@ def _hub_snapshot(repo_id: str, token: str | None) -> Path:
         config_path = huggingface_hub.hf_hub_download(repo_id, "config.json", token=token)
     # Checked before the weights come down, so an unsupported model (or quantization) costs one small file.
     ModelConfig.from_folder(Path(config_path).parent)
-    read_gptq_settings(Path(config_path).parent)
+    quantization_of(Path(config_path).parent)
     with _readable_hub_errors(repo_id):
         folder = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_FILES, token=token))
 

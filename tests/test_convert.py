@@ -12,9 +12,9 @@ from core.config import UnsupportedModelError
 from core.convert import job as job_module
 from core.convert.job import ConversionError, ConversionJob, ConversionSettings
 from core.convert.progress import ConversionCancelled
-from core.convert.writer import OutputError
+from core.formats.exl2.writer import OutputError
 from core.loader import load_model
-from core.sources import ModelSourceError
+from core.errors import ModelSourceError
 from tests.tiny_models import sample_text, save_tiny_chat_model
 
 SETTINGS = dict(rows=8, length=128, measurement_rows=4, measurement_eval_rows=4)
@@ -200,7 +200,7 @@ def test_full_disk_is_reported_before_writing(tiny, finished, tmp_path, monkeypa
     class Usage:
         total, used, free = 10**9, 10**9 - 1000, 1000
 
-    monkeypatch.setattr("core.convert.writer.shutil.disk_usage", lambda path: Usage)
+    monkeypatch.setattr("core.formats.exl2.writer.shutil.disk_usage", lambda path: Usage)
     with pytest.raises(OutputError, match="not enough disk space"):
         convert(model, work, tmp_path / "out", calibration)
     assert not (tmp_path / "out").exists()

@@ -4,10 +4,9 @@
 import pytest
 import torch
 
-from core.exl2_format import (
+from core.formats.exl2.layout import (
     SUPPORTED_BITS,
     decode_scales,
-    dequantize_exl2,
     group_rows,
     pack_codes,
     pack_exl2,
@@ -19,6 +18,7 @@ from core.exl2_format import (
     unpack_q_scale,
     unpack_q_weight,
 )
+from core.formats.exl2.reference import dequantize_exl2
 
 
 def u32(words: torch.Tensor) -> list:

@@ -13,11 +13,11 @@ import torch
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
-import core.gguf_import as gguf_import
+import core.formats.gguf.reader as gguf_import
 from core.config import ModelConfig, UnsupportedModelError
 from core.demo import demo_gguf_path, demo_model_folder
-from core.gguf_import import import_gguf, is_complete_import, llama3_rope_scaling
-from core.sources import ModelSourceError
+from core.errors import ModelSourceError
+from core.formats.gguf.reader import import_gguf, is_complete_import, llama3_rope_scaling
 
 # ---------------------------------------------------------------- the demo model vs transformers
 

@@ -7,7 +7,8 @@ import warnings
 import pytest
 import torch
 
-from core.exl2_format import dequantize_exl2, stored_bits, unpack_q_scale, unpack_q_weight
+from core.formats.exl2.layout import stored_bits, unpack_q_scale, unpack_q_weight
+from core.formats.exl2.reference import dequantize_exl2
 from core.convert import gptq
 from core.convert.gptq import accumulate_hessian, quantize_matrix, quantize_rtn, relative_error
 from core.convert.qparams import (

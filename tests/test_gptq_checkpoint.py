@@ -1,6 +1,6 @@
 """GPTQ 4-bit checkpoints in the AutoGPTQ / GPTQModel layout: built here from known
 codes, scales and zeros with a packer written from the format's description
-(not core.gptq_checkpoint's), then loaded and checked against a float64
+(not core.formats.gptq's), then loaded and checked against a float64
 dequantization and against transformers on the dequantized weights.
 
 CUDA tests (marked) compare the kernels with the float32 product on the exact
@@ -20,8 +20,10 @@ import torch
 from safetensors.torch import save_file
 
 from core.config import UnsupportedModelError
-from core.gptq_checkpoint import dequantize_gptq, sort_rows_by_group, unpack_zeros
-from core.linear import GPTQLinear
+from core.formats.gptq.layout import sort_rows_by_group, unpack_zeros
+from core.formats.gptq import reference as gptq_reference
+from core.formats.gptq.linear import GPTQLinear
+from core.formats.gptq.reference import dequantize_gptq
 from core.loader import load_model
 from core.weights import WeightsError
 from tests.greedy_check import assert_same_greedy_choices
@@ -293,7 +295,7 @@ def test_chat_and_eval_clis_run_a_gptq_folder(tmp_path):
 def test_kernel_tables_cover_every_packed_row_once_in_its_group(shape, group_size, act_order):
     # The tables are made on the host, so any machine can check them; the kernel trusts them blindly.
     from bench.gptq4_speed import random_gptq_tensors
-    from core.kernels import gptq4
+    from core.formats.gptq import kernel as gptq4
 
     tensors = random_gptq_tensors(*shape, group_size, act_order, "cpu", seed=2)
     qweight, g_idx, perm = sort_rows_by_group(tensors["qweight"], tensors["g_idx"])
@@ -315,7 +317,7 @@ def test_kernel_tables_cover_every_packed_row_once_in_its_group(shape, group_siz
 
 def test_groups_off_packed_rows_are_flagged_for_the_dequant_path():
     from bench.gptq4_speed import random_gptq_tensors
-    from core.kernels import gptq4
+    from core.formats.gptq import kernel as gptq4
 
     tensors = random_gptq_tensors(576, 576, 128, False, "cpu", seed=3)
     g_idx = (torch.arange(576) // 12 % tensors["scales"].shape[0]).to(torch.int32)  # groups of 12 inputs
@@ -364,7 +366,7 @@ def built():
 @pytest.mark.parametrize("group_size", [32, 128, -1])
 @pytest.mark.parametrize("shape", CUDA_SHAPES)
 def test_gptq4_small_batch_matches_float32_reference(built, shape, group_size, act_order, zero_offset):
-    from core.kernels import gptq4
+    from core.formats.gptq import kernel as gptq4
 
     _, qweight, plan, exact = cuda_layer(*shape, group_size, act_order, zero_offset)
     assert plan.word_aligned and plan.permuted == (act_order and group_size != -1)
@@ -383,7 +385,7 @@ def test_gptq4_small_batch_matches_float32_reference(built, shape, group_size, a
 @pytest.mark.parametrize("async_copy,prefetch", [(False, False), (False, True), (True, False)])
 @pytest.mark.parametrize("shape,group_size", [((576, 1536), 128), ((1536, 576), 32), ((4096, 11008), 128)])
 def test_gptq4_each_way_of_loading_weights(built, monkeypatch, async_copy, prefetch, shape, group_size):
-    from core.kernels import gptq4
+    from core.formats.gptq import kernel as gptq4
 
     monkeypatch.setattr(gptq4, "ASYNC_COPY", async_copy)
     monkeypatch.setattr(gptq4, "PREFETCH", prefetch)
@@ -397,7 +399,7 @@ def test_gptq4_each_way_of_loading_weights(built, monkeypatch, async_copy, prefe
 @pytest.mark.cuda
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq4_llama_mlp_shapes(built, act_order):
-    from core.kernels import gptq4
+    from core.formats.gptq import kernel as gptq4
 
     for shape in ((4096, 11008), (11008, 4096)):
         _, qweight, plan, exact = cuda_layer(*shape, 128, act_order)
@@ -411,19 +413,19 @@ def test_gptq4_llama_mlp_shapes(built, act_order):
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("shape", CUDA_SHAPES[:2] + [(4096, 11008)])
 def test_gptq4_dequant_is_bit_exact(built, shape, act_order):
-    from core.kernels import gptq4
+    from core.formats.gptq import kernel as gptq4
 
     tensors, qweight, plan, _ = cuda_layer(*shape, 128, act_order)
     poison(shape[0] * shape[1])
     tile = gptq4.dequant(qweight, plan)
     assert not tile.isnan().any()
-    assert torch.equal(tile, gptq4.dequant_reference(qweight, tensors["qzeros"], tensors["scales"], plan.row_group, 1))
+    assert torch.equal(tile, gptq_reference.dequant(qweight, tensors["qzeros"], tensors["scales"], plan.row_group, 1))
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("rows", [17, 300])
 def test_gptq4_prefill_product_matches_reference(built, rows):
-    from core.kernels import gptq4
+    from core.formats.gptq import kernel as gptq4
 
     _, qweight, plan, exact = cuda_layer(1536, 576, 128, True)
     x = torch.randn(2, rows, 1536, device="cuda").half()
@@ -435,7 +437,7 @@ def test_gptq4_prefill_product_matches_reference(built, rows):
 
 @pytest.mark.cuda
 def test_groups_not_on_packed_rows_take_the_dequant_path(built):
-    from core.kernels import gptq4
+    from core.formats.gptq import kernel as gptq4
 
     # A g_idx no GPTQ writer produces (groups of 12 inputs) must still compute the right thing.
     tensors, *_ = cuda_layer(576, 576, 128, False)
@@ -451,7 +453,7 @@ def test_groups_not_on_packed_rows_take_the_dequant_path(built):
 
 @pytest.mark.cuda
 def test_small_batch_leaves_its_scratch_zeroed(built):
-    from core.kernels import gptq4
+    from core.formats.gptq import kernel as gptq4
 
     _, qweight, plan, _ = cuda_layer(576, 1536, 32, True)
     x = torch.randn(16, 576, device="cuda").half()

@@ -19,8 +19,9 @@ from core.kernels.build import COMPILED
 KERNELS = Path(__file__).resolve().parents[1] / "core" / "kernels"
 # T4, A100, A10G, L4, H100.
 ARCHITECTURES = ("75", "80", "86", "89", "90")
-# Every CUDA unit the extension builds.
+# Every CUDA unit the extension builds, and the torch glue of each kernel family.
 CUDA_SOURCES = tuple(name for name in COMPILED if name.endswith(".cu"))
+BINDINGS = tuple(name for name in COMPILED if name.endswith(".cpp"))
 
 
 def _nvcc() -> str:
@@ -66,10 +67,12 @@ def test_torch_bindings_pass_a_syntax_check(tmp_path):
     stub.mkdir(parents=True)
     (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
     includes = [tmp_path / "include", *include_paths(), *_cuda_includes(nvcc), sysconfig.get_paths()["include"]]
-    command = [compiler, "-std=c++20", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=quantlab_kernels",
-               *(f"-I{path}" for path in includes), str(KERNELS / "bindings.cpp")]
-    _, done = _run(command)
-    assert done.returncode == 0, done.stderr[-4000:]
+    commands = [[compiler, "-std=c++20", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=quantlab_kernels",
+                 *(f"-I{path}" for path in includes), str(KERNELS / source)] for source in BINDINGS]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(_run, commands))
+    failures = [f"{cmd[-1]}:\n{done.stderr[-4000:]}" for cmd, done in results if done.returncode]
+    assert not failures, "\n\n".join(failures)
 
 
 def test_no_exl2_walk_spills_the_words_it_loads_ahead():

@@ -12,8 +12,10 @@ import torch
 
 from bench.exl2_random import MIXES, layout_for, llama_config, random_exl2_tensors, random_model
 from core.cache import KVCache
-from core.exl2_format import dequantize_exl2
-from core.kernels import dispatch, exl2, reference
+from core.formats.exl2 import kernel as exl2
+from core.formats.exl2 import reference as exl2_reference
+from core.formats.exl2.reference import dequantize_exl2
+from core.kernels import dispatch, reference
 from core.kernels.build import kernels
 from core.kernels.handoff import OutputRoute, StagedInput
 from tests.greedy_check import assert_same_greedy_choices
@@ -308,7 +310,7 @@ def test_exl2_dequant_is_bit_exact(bits, shape):
     poison(shape[0] * shape[1])
     tile = exl2.dequant(tensors, plan)
     assert not tile.isnan().any()
-    assert torch.equal(tile, reference.exl2_dequant(tensors, shape[1]))
+    assert torch.equal(tile, exl2_reference.dequant(tensors, shape[1]))
     # In input order, as a prefill multiplies it: every row written, each where the format puts it.
     poison(shape[0] * shape[1])
     tile = exl2.dequant(tensors, plan, input_order=True)
@@ -480,7 +482,7 @@ def test_fused_rope_and_cache_append_match_reference(heads, kv_heads, dim):
 @pytest.mark.parametrize("position,tokens", [(0, 1), (0, 300), (57, 13)])
 def test_fused_rope_and_cache_write_of_a_prompt_match_the_model(heads, kv_heads, dim, position, tokens):
     # A prompt's tokens from `position` on, as Attention.forward computes them in torch.
-    from core.model import rotate_half
+    from core.rope import rotate_half
 
     max_seq = 400
     angles = torch.rand(tokens, dim // 2, device="cuda") * 100

@@ -11,9 +11,11 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
 import core.demo as demo
-import core.gguf_import as gguf_import
+import core.formats.gguf.reader as gguf_import
 from core.config import UnsupportedModelError
-from core.sources import ModelSourceError, cache_dir, is_hub_id, resolve_model_source
+from core.errors import ModelSourceError
+from core.paths import cache_dir
+from core.sources import is_hub_id, resolve_model_source
 from tests.test_gguf_import import tiny_llama_weights, write_tiny_gguf
 
 LLAMA_CONFIG = {

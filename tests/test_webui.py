@@ -12,7 +12,7 @@ import pytest
 
 from core.convert.job import ConversionSettings
 from core.convert.progress import ProgressEvent
-from core.sources import ModelSourceError
+from core.errors import ModelSourceError
 from tests.tiny_models import sample_text, save_tiny_chat_model
 from webui import hub, plots
 from webui.common import history_messages, message_text
@@ -240,7 +240,7 @@ def test_two_sessions_chatting_at_once_each_get_their_own_answer(tiny_model):
 def test_a_gptq_models_memory_counts_the_dense_copy_the_cpu_path_keeps(tmp_path):
     # The speed line's memory figure: on the CPU a GPTQ layer, like an EXL2 one,
     # keeps its dequantized weight beside the packed tensors once it has run.
-    from core.linear import GPTQLinear
+    from core.formats.gptq.linear import GPTQLinear
     from core.loader import LoadedModel, load_model
     from tests.test_gptq_checkpoint import build_hf_model, write_gptq_checkpoint
     from webui.jobs import kernel_path, model_bytes

@@ -33,8 +33,9 @@ from core.convert.job import ConversionError, ConversionJob, ConversionResult, C
 from core.convert.progress import ConversionCancelled, ProgressEvent
 from core.generator import GenerationStats, Generator
 from core.loader import LoadedModel, default_device, load
+from core.paths import cache_dir
 from core.sampling import SamplingSettings
-from core.sources import cache_dir, is_hub_id, resolve_model_source
+from core.sources import is_hub_id, resolve_model_source
 
 from .common import scrub
 

@@ -16,8 +16,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from core.paths import cache_dir
 from core.perplexity import perplexity
-from core.sources import cache_dir
 
 from .jobs import DEMO, LocalModel, ModelCache, local_models
 

@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 
 import torch
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -88,7 +90,7 @@ def read_text_file(path: str | Path) -> str:
 
 def _parquet_texts(path: Path) -> list[str]:
     try:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # an optional dependency, needed for .parquet files alone
     except ImportError:
         raise CalibrationError("reading .parquet calibration files needs pyarrow: pip install pyarrow") from None
     table = pq.read_table(path)
@@ -102,9 +104,6 @@ def _parquet_texts(path: Path) -> list[str]:
 
 def hub_dataset_file(repo_id: str, filename: str, token: str | None = None) -> Path:
     """Download one file of a Hub dataset repo (a .txt, .jsonl or .parquet)."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
     try:
         return Path(hf_hub_download(repo_id, filename, repo_type="dataset", token=token))
     except LocalEntryNotFoundError:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from core.exl2_format import pack_exl2
+from core.formats.exl2.layout import pack_exl2
 from core.kernels.build import kernels
 from core.convert.qparams import QuantSetting, group_layout
 
@@ -196,7 +196,7 @@ def quantize_matrix(
     act_order: bool = True,
 ) -> dict[str, torch.Tensor]:
     """GPTQ-quantize weight [out, in] with `setting`; returns q_weight, q_scale,
-    q_scale_max, q_groups and q_invperm (see core.exl2_format).
+    q_scale_max, q_groups and q_invperm (see core.formats.exl2.layout).
 
     `damp` is the fraction of the mean Hessian diagonal added to the diagonal
     (ExLlamaV2 uses 0.12; raised automatically when H is not positive definite).

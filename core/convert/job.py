@@ -32,9 +32,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..config import ModelConfig
-from ..exl2_format import stored_bits
+from ..formats.exl2.layout import stored_bits
+from ..formats.exl2.writer import folder_size, write_model_folder
 from ..loader import load_model
-from ..sources import cache_dir, resolve_model_source
+from ..paths import cache_dir
+from ..sources import resolve_model_source
 from ..tokenizer import Tokenizer
 from ..weights import weight_files
 from . import calibration
@@ -44,7 +46,6 @@ from .measure import CANDIDATES, measure_layer
 from .progress import ProgressCallback, ProgressEvent, check_cancel, no_progress
 from .qparams import HEAD_OPTIONS, QuantSetting, setting_bits
 from .quantize import quantize_head, quantize_layer
-from .writer import folder_size, write_model_folder
 
 FORMAT_VERSION = 1
 MIN_BPW, MAX_BPW = 2.0, 8.0

@@ -13,7 +13,7 @@ import copy
 
 import torch
 
-from ..exl2_format import dequantize_exl2
+from ..formats.exl2.reference import dequantize_exl2
 from ..model import CausalLM
 from .gptq import quantize_matrix_multi
 from .layers import MODULE_GROUPS, collect_hessians, linears, relative_output_error, rotary_for, run_block, substituted_weights

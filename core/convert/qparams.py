@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from core.exl2_format import SCALE_BITS, SUPPORTED_BITS, packed_rows, padded_columns
+from core.formats.exl2.layout import SCALE_BITS, SUPPORTED_BITS, packed_rows, padded_columns
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")

@@ -17,10 +17,15 @@ from pathlib import Path
 
 import torch
 
+from ..paths import cache_dir
+
 HERE = Path(__file__).resolve().parent
-SOURCES = ("bindings.cpp", "attention.cu", "attention.h", "exl2.cu", "exl2.h", "fused.cu", "fused.h", "launch.h", "rounding.h", "gptq.cu", "gptq.h", "gptq4.cu", "gptq4.h")
+SOURCES = ("bindings.cpp", "bindings.h", "bindings_attention.cpp", "bindings_exl2.cpp", "bindings_fused.cpp",
+           "bindings_gptq.cpp", "attention.cu", "attention.h", "exl2.cu", "exl2.h", "fused.cu", "fused.h", "launch.h",
+           "rounding.h", "gptq.cu", "gptq.h", "gptq4.cu", "gptq4.h")
 # Compiled units (headers are hashed for the cache key only).
-COMPILED = ("bindings.cpp", "attention.cu", "exl2.cu", "fused.cu", "gptq.cu", "gptq4.cu")
+COMPILED = ("bindings.cpp", "bindings_attention.cpp", "bindings_exl2.cpp", "bindings_fused.cpp", "bindings_gptq.cpp",
+            "attention.cu", "exl2.cu", "fused.cu", "gptq.cu", "gptq4.cu")
 # Turing (T4) is the oldest GPU a Space offers; the kernels use nothing newer than sm_75 has.
 MIN_CAPABILITY = (7, 5)
 # QUANTLAB_KERNELS=0 forces the torch reference path, for comparisons and for bisecting a wrong answer.
@@ -28,8 +33,7 @@ ENV_SWITCH = "QUANTLAB_KERNELS"
 
 
 def build_dir(arch: str) -> Path:
-    home = os.environ.get("QUANTLAB_HOME")
-    root = Path(home).expanduser() if home else Path.home() / ".cache" / "quantlab"
+    root = cache_dir()
     # Sources, torch and target in the name: any change builds afresh next to the old build.
     digest = hashlib.sha256()
     for name in SOURCES:
@@ -46,6 +50,7 @@ def _why_unavailable() -> str | None:
     capability = torch.cuda.get_device_capability()
     if capability < MIN_CAPABILITY:
         return f"the GPU is sm_{capability[0]}{capability[1]}; the kernels need sm_75 or newer"
+    # Imported only where a GPU could build: torch's extension builder takes seconds to import.
     from torch.utils.cpp_extension import CUDA_HOME, is_ninja_available
 
     if CUDA_HOME is None:
@@ -69,7 +74,7 @@ def kernels():
     name = "quantlab_kernels"
     if not any(folder.glob(f"{name}*.so")):
         print("building kernels (first run only)", file=sys.stderr, flush=True)
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import load  # late, as in _why_unavailable
 
     # torch derives -gencode flags from this variable; naming only the device's
     # architecture keeps the build to one target (about a minute instead of five).

@@ -1,13 +1,13 @@
 // EXL2 kernels: a small-batch product (1 to 16 input rows) that reads the
 // packed mixed-bit weights directly, and a dequantizer for large batches.
 //
-// Layout (see core/exl2_format.py): q_weight is int32 [packed_rows, n_pad];
+// Layout (see core/formats/exl2/layout.py): q_weight is int32 [packed_rows, n_pad];
 // each column is one little-endian bit stream per group, so a run of 32 rows of
 // a b-bit group is exactly b words of that column, and codes of 3, 5 and 6 bits
 // straddle words. Rows are in act-order.
 //
 // The small-batch kernel works on "units" of 32 rows of one group (b words per
-// column) and "quads" of four units of one width, which core/kernels/exl2.py
+// column) and "quads" of four units of one width, which core/formats/exl2/kernel.py
 // lists once per layer. A warp takes 32 columns of one quad: thread (g, t) loads
 // the b words of unit t for columns 4g..4g+3 (16-byte loads, 128 contiguous
 // bytes per unit and word across the warp), turns them into fp16 weights two at
@@ -45,7 +45,7 @@ constexpr int QUAD_SLOTS = 128;     // staged inputs per quad: 4 units of 32 row
 // HMUL2 applies the group scale with a single fp16 rounding, as the reference
 // dequantizer rounds. Pair j of a 32-code unit joins codes p and p + d; d is
 // the distance at which both codes fit one window's two halves at this width
-// (the host's pair rule in exl2.py must agree).
+// (the host's pair rule in core/formats/exl2/kernel.py must agree).
 
 __host__ __device__ constexpr int pair_distance(int bits) { return bits == 2 ? 8 : (bits == 6 || bits == 8) ? 2 : 4; }
 __host__ __device__ constexpr int pair_low(int bits, int j) {

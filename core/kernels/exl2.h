@@ -52,7 +52,7 @@ struct Exl2Product {
     int slices;
     int quads_per_slice;
     const void* bias;
-    const void* x_slots;  // fp16 [x_rows, quads * 128]: the input in the layer's slot order (exl2.py, xperm)
+    const void* x_slots;  // fp16 [x_rows, quads * 128]: the input in the layer's slot order (core/formats/exl2/kernel.py, xperm)
     Exl2Input input;
     Exl2Output output;
 };

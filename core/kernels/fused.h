@@ -4,7 +4,7 @@
 #include <cuda_runtime.h>
 
 // A kernel's output row as its consumers read it: the EXL2 small-batch product stages its
-// inputs in an order of its own (core/kernels/exl2.py, xperm), which the producer writes
+// inputs in an order of its own (core/formats/exl2/kernel.py, xperm), which the producer writes
 // directly. Table t: out[t] fp16 [rows, slots[t]], slot s of row r = row r's value at input
 // index[t][s], or 0 where that is NO_SLOT_INPUT. slots[t] is a multiple of 8.
 constexpr int SLOT_TABLES_MOST = 3;

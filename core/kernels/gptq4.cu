@@ -1,7 +1,7 @@
 // GPTQ 4-bit kernels: a split-K product for a few input rows that reads qweight
 // directly, and a dequantizer for large batches (cuBLAS multiplies its tile).
 //
-// Layout (core/gptq_checkpoint.py): qweight int32 [k/8, n], input 8i + j in
+// Layout (core/formats/gptq/layout.py): qweight int32 [k/8, n], input 8i + j in
 // nibble j of row i; qzeros int32 [groups, n/8], output 8c + j in nibble j of
 // column c; scales fp16 [groups, n]. Rows arrive sorted by group, so a group
 // is a run of packed rows; the act-order permutation is applied to the input

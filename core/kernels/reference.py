@@ -2,28 +2,15 @@
 
 They define what the kernels must compute: the tests compare the two, and a
 model takes these when the extension cannot be built (build.py says why).
-The GPTQ block walk's twin lives beside its caller in core/convert/gptq.py.
+The twins of a checkpoint format's products live in its folder under
+core/formats/; the GPTQ block walk's twin beside its caller in core/convert/gptq.py.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..exl2_format import dequantize_exl2
-
-
-def exl2_matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor], out_features: int,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., in_features] @ the layer's weight (+ bias): [..., out_features] in x's dtype."""
-    weight = dequantize_exl2(tensors, out_features).to(x.dtype)
-    out = x @ weight
-    return out + bias if bias is not None else out
-
-
-def exl2_dequant(tensors: dict[str, torch.Tensor], out_features: int) -> torch.Tensor:
-    """fp16 [in_features, out_features] with rows in act-order, as the dequant kernel writes it."""
-    weight = dequantize_exl2(tensors, out_features)
-    return weight[torch.argsort(tensors["q_invperm"].to(torch.int64))]
+from ..rope import rotate_half
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -87,8 +74,6 @@ def rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_table: tor
                position: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
     """One token per batch row, all at one position: rotate q in place; rotated k and v go
     into the caches [batch, kv_heads, max_seq, dim] at position (the fused kernel's twin is batch 1)."""
-    from ..model import rotate_half
-
     batch, dim = key_cache.shape[0], key_cache.shape[-1]
     cos, sin = cos_table.index_select(0, position), sin_table.index_select(0, position)
     queries, keys = q.view(batch, -1, dim), k.view(batch, -1, dim)

@@ -1,5 +1,5 @@
-"""EXL2 products on the GPU: the per-layer tables the kernels read, and the
-entry that picks a kernel by the number of input rows.
+"""EXL2 products on the GPU (core/kernels/exl2.cu): the per-layer tables the
+kernels read, and the entry that picks a kernel by the number of input rows.
 
 Up to dispatch.SMALL_BATCH rows the small-batch kernel reads the packed weights directly
 (decode is bound by the bytes of the weights, and packed bytes are few); above
@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..exl2_format import group_rows
-from . import reference
-from .build import kernels
-from .dispatch import SplitKScratch, fp16_bias, fp16_rows, multiprocessor_count, product
-from .handoff import OutputRoute, StagedInput
+from ...kernels.build import kernels
+from ...kernels.dispatch import SplitKScratch, fp16_bias, fp16_rows, multiprocessor_count, product
+from ...kernels.handoff import OutputRoute, StagedInput
+from ...kernels.reference import NO_SLOT_INPUT
+from .layout import group_rows
 
 WARPS = 8  # per block of the small-batch kernel (at most 8); each warp takes 32 columns of a few quads
 # Quads a warp takes in a launch (the kernel's limit is 4): a warp's fixed cost (its first words,
@@ -34,8 +34,8 @@ BLOCKS_PER_SM = 2
 STAGED_BYTES = 64 * 1024
 UNIT_ROWS = 32
 QUAD_SLOTS = 128
-NO_INPUT = reference.NO_SLOT_INPUT  # a slot with no input stages a zero
-# Layers one launch of the small-batch kernel takes (exl2.cu, MOST_MATRICES): q, k and v.
+NO_INPUT = NO_SLOT_INPUT  # a slot with no input stages a zero
+# Layers one launch of the small-batch kernel takes (core/kernels/exl2.cu, MOST_MATRICES): q, k and v.
 GROUP_MOST = 3
 
 @dataclass(frozen=True)
@@ -162,10 +162,10 @@ def gemm_group(x: torch.Tensor, layers: Sequence[tuple[dict[str, torch.Tensor], 
     straight from the packed weights, up to GROUP_MOST layers (tensors, plan, bias) in one launch.
 
     The kernel reads its input in each layer's slot order (x_slots[i] [M, quads_i * 128], as
-    reference.slot_gather writes it). The graph decoder's norms, SwiGLU and attention write it so;
+    core.kernels.reference.slot_gather writes it). The graph decoder's norms, SwiGLU and attention write it so;
     without x_slots it is gathered here from x (a few torch launches, for calls outside the graph).
     x's rows alone are read then. `staged` finishes a norm or SwiGLU on the inputs, and routes[i]
-    (where given) sends layer i's output elsewhere (handoff.py): its entry is then the residual it
+    (where given) sends layer i's output elsewhere (core/kernels/handoff.py): its entry is then the residual it
     was added into, or a tensor of no columns."""
     rows = x.shape[0]
     if not x_slots:
@@ -202,8 +202,8 @@ def gemm_small(x: torch.Tensor, tensors: dict[str, torch.Tensor], plan: Exl2Plan
 
 
 def dequant(tensors: dict[str, torch.Tensor], plan: Exl2Plan, input_order: bool = False) -> torch.Tensor:
-    """fp16 [K, N], rows in act-order (reference.exl2_dequant's twin), or in input order
-    (dequantize_exl2's twin), which a product can take without permuting its input."""
+    """fp16 [K, N], rows in act-order (reference.dequant's twin), or in input order
+    (reference.dequantize_exl2's twin), which a product can take without permuting its input."""
     row_of = plan.perm if input_order else plan.perm.new_empty(0)
     return kernels().exl2_dequant(tensors["q_weight"], plan.out_features, tensors["q_scale"],
                                   tensors["q_scale_max"], plan.groups, plan.in_features, row_of)
@@ -237,7 +237,3 @@ def matmul_slots(x_slots: Sequence[torch.Tensor] | None,
         return gemm_group(x, layers, (), staged, routes)
     return gemm_group(x_slots[0], layers, x_slots, staged, routes)
 
-
-def matmul_reference(x: torch.Tensor, tensors: dict[str, torch.Tensor], out_features: int,
-                     bias: torch.Tensor | None = None) -> torch.Tensor:
-    return reference.exl2_matmul(x, tensors, out_features, bias)

@@ -1,11 +1,11 @@
-"""GPTQ 4-bit products on the GPU: the per-layer tables the kernels read, the
-entry that picks a kernel by the number of input rows, and the torch twins.
+"""GPTQ 4-bit products on the GPU (core/kernels/gptq4.cu): the per-layer tables
+the kernels read, and the entry that picks a kernel by the number of input rows.
 
 The layer arrives with its rows sorted by group (GPTQLinear.prepare), so a
 group is a run of rows. Up to dispatch.SMALL_BATCH rows the split-K kernel reads qweight
 directly; above that (or when a group boundary falls inside a packed int32,
 which no AutoGPTQ or GPTQModel checkpoint has) the layer is dequantized to a
-transient fp16 tile and multiplied by cuBLAS, as core/kernels/exl2.py does.
+transient fp16 tile and multiplied by cuBLAS, as core/formats/exl2/kernel.py does.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..gptq_checkpoint import CODES_PER_WORD, dequantize_gptq
-from .build import kernels
-from .dispatch import SplitKScratch, multiprocessor_count, product
+from ...kernels.build import kernels
+from ...kernels.dispatch import SplitKScratch, multiprocessor_count, product
+from .layout import CODES_PER_WORD
 
 THREADS = 128  # threads per block of the small-batch kernel, four columns each
 # A slice's inputs sit in shared memory as fp16, 8 rows at a time: 1024 inputs are 16 KiB.
@@ -116,7 +116,7 @@ def gemm_small(x: torch.Tensor, qweight: torch.Tensor, plan: Gptq4Plan, bias: to
 
 
 def dequant(qweight: torch.Tensor, plan: Gptq4Plan) -> torch.Tensor:
-    """fp16 [K, N], rows in stored (group) order; dequant_reference's twin."""
+    """fp16 [K, N], rows in stored (group) order; reference.dequant's twin."""
     return kernels().gptq4_dequant(qweight, plan.qzeros, plan.scales, plan.row_group, plan.zero_offset)
 
 
@@ -126,17 +126,3 @@ def matmul(x: torch.Tensor, qweight: torch.Tensor, plan: Gptq4Plan, bias: torch.
     return product(x, bias, plan.out_features, small, lambda: dequant(qweight, plan),
                    plan.perm if plan.permuted else None)
 
-
-def dequant_reference(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
-                      zero_offset: int) -> torch.Tensor:
-    """fp16 [K, N] in stored row order, as the dequant kernel writes it: one rounding of the exact product."""
-    return dequantize_gptq(qweight, qzeros, scales, g_idx, zero_offset).to(torch.float16)
-
-
-def matmul_reference(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-                     g_idx: torch.Tensor, zero_offset: int, perm: torch.Tensor | None = None,
-                     bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ the layer's weight (+ bias), in float32 on the exact weight."""
-    weight = dequantize_gptq(qweight, qzeros, scales, g_idx, zero_offset, perm)
-    out = x.float() @ weight
-    return out + bias.float() if bias is not None else out

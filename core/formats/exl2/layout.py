@@ -1,7 +1,7 @@
-"""The EXL2 tensor format: packing, unpacking and the torch reference dequantizer.
+"""The EXL2 tensor layout: packing, unpacking and the checks on a layer's tables.
 
-Shared by the converter's writer (which packs) and the loader (which reads), so
-it knows nothing about GPTQ or models. Every layout fact below was read from
+Shared by the converter (which packs) and the loader (which reads), so it knows
+nothing about GPTQ or models; reference.py decodes a layer with it. Every layout fact below was read from
 ExLlamaV2 0.3.2 and is noted where it is used.
 
 One quantized linear layer with `in_features` inputs and `out_features` outputs
@@ -27,6 +27,8 @@ import functools
 
 import torch
 
+# Tensor names (after the layer's prefix) of an EXL2 layer, as ExLlamaV2 writes them.
+LAYER_TENSORS = ("q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm")
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 SCALE_BITS = 4
 # pack_tensor.cu pads q_weight and q_scale to whole 32-column tiles.
@@ -255,33 +257,6 @@ def pack_exl2(
         "q_groups": q_groups,
         "q_invperm": invperm.to(torch.int32),
     }
-
-
-def dequantize_exl2(tensors: dict[str, torch.Tensor], out_features: int | None = None) -> torch.Tensor:
-    """The layer's weight, fp16 [in_features, out_features], in the original input order.
-
-    Bit for bit what ExLlamaV2's reconstruct kernel writes: (code - 2^(bits-1))
-    times the decoded fp16 scale, one fp16 rounding (the fp32 product of two
-    small fp16 values is exact). `out_features` drops the padding columns;
-    without it the padded width comes back (padding columns are zero).
-    """
-    q_weight, q_groups, q_invperm = tensors["q_weight"], tensors["q_groups"], tensors["q_invperm"]
-    in_features = q_invperm.shape[0]
-    layout = group_rows(q_groups, q_weight.shape[0], in_features)
-    codes = unpack_q_weight(q_weight, q_groups, in_features)
-    scales = decode_scales(unpack_q_scale(tensors["q_scale"]), tensors["q_scale_max"]).to(torch.float32)
-    perm = torch.argsort(q_invperm.to(torch.int64))
-    weight = torch.empty(in_features, codes.shape[1], dtype=torch.float16, device=codes.device)
-    # One group at a time keeps the fp32 temporaries in cache; whole-matrix
-    # broadcasting is several times slower on a 4096x11008 layer.
-    row = 0
-    for g, (bits, rows) in enumerate(layout):
-        block = codes[row : row + rows].to(torch.float32).sub_(1 << (bits - 1)).mul_(scales[g])
-        weight.index_copy_(0, perm[row : row + rows], block.to(torch.float16))
-        row += rows
-    if out_features is not None:
-        weight = weight[:, :out_features]
-    return weight
 
 
 def stored_bits(tensors: dict[str, torch.Tensor]) -> int:

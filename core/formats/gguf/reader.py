@@ -24,8 +24,8 @@ import gguf
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from core.config import UnsupportedModelError
-from core.sources import ModelSourceError
+from ...config import UnsupportedModelError
+from ...errors import ModelSourceError
 
 # GGUF `general.architecture` -> the HF class whose weights and config we write.
 GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}

@@ -1,0 +1,1 @@
+"""llama.cpp's GGUF files, imported into an unquantized Hugging Face folder."""

@@ -1,0 +1,1 @@
+"""GPTQ 4-bit checkpoints as AutoGPTQ and GPTQModel write them."""
