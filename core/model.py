@@ -13,6 +13,7 @@ from torch import nn
 
 from .cache import KVCache
 from .config import ModelConfig
+from .decode_step import DecodeStep, LayerRoutes, ProductInput, StepRows
 from .kernels import dispatch
 from .linear import DenseLinear, project
 from .rope import rope_inverse_frequencies, rotate_half
@@ -23,6 +24,16 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(size, device=device, dtype=dtype), requires_grad=False)
+
+    def decode_input(self, ops, rows: StepRows, tables: list[torch.Tensor] | None) -> tuple[torch.Tensor, ProductInput]:
+        """A decode step's (x + the pending output, this norm of it as the next products read it).
+        With slot tables the sum is a new tensor (several blocks read x), else x updated in place."""
+        if rows.handed is not None:
+            return rows.x, ProductInput(slots=rows.handed.buffers, staged=rows.handed.staged)
+        if tables:
+            x, h, *slots = ops.rms_norm_slots(rows.x, self.weight, self.eps, rows.pending, tables)
+            return x, ProductInput(rows=h, slots=slots)
+        return rows.x, ProductInput(rows=ops.rms_norm(rows.x, self.weight, self.eps, rows.pending))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernels = dispatch.fused(x)
@@ -79,6 +90,23 @@ class Attention(nn.Module):
         )
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
+    def decode(self, step: DecodeStep, x: torch.Tensor, source: ProductInput, routes: LayerRoutes) -> StepRows:
+        """forward() of a decode step's token (batch 1 or a lockstep batch), o_proj's output left to the next norm."""
+        q, k, v = step.project(source, (self.q_proj, self.k_proj, self.v_proj))
+        keys, values = step.cache.keys[self.layer_index], step.cache.values[self.layer_index]
+        if step.attention_kernel:
+            out = step.ops.decode_attention(q.view(-1), k, v, step.cos_table, step.sin_table, step.position, keys,
+                                            values, step.length, self.sliding_window or 0, step.attention_scratch,
+                                            *(routes.o_slots or ())).view(step.batch, 1, -1)
+        else:
+            step.rope_cache(q, k, v, step.cos_table, step.sin_table, step.position, keys, values)
+            out = F.scaled_dot_product_attention(q.view(step.batch, 1, self.num_heads, self.head_dim).transpose(1, 2),
+                                                 keys[:, :, : step.length], values[:, :, : step.length],
+                                                 attn_mask=step.mask, enable_gqa=self.num_heads != self.num_kv_heads)
+            out = out.transpose(1, 2).reshape(step.batch, 1, -1)
+        o_input = ProductInput(rows=out, slots=[routes.o_slots[1]] if routes.o_slots else None)
+        return _block_output(step, x, o_input, self.o_proj, routes.mlp_norm)
+
 
 def attention_mask(
     queries: int, keys: int, position: int, sliding_window: int | None, device, key_mask: torch.Tensor | None = None
@@ -91,6 +119,16 @@ def attention_mask(
         return None
     query_pos = torch.arange(position, position + queries, device=device)[:, None]
     key_pos = torch.arange(keys, device=device)[None, :]
+    real_keys = None if key_mask is None else key_mask[:, None, None, :keys]
+    return allowed_keys(query_pos, key_pos, sliding_window, real_keys)
+
+
+def allowed_keys(query_pos: torch.Tensor, key_pos: torch.Tensor, sliding_window: int | None,
+                 key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The attention rule, True where a query may attend a key: the key is at or before the query,
+    within the sliding window, and a real token (key_mask, broadcast against the positions).
+    Positions are tensors that broadcast (a prompt's aranges; a decode step's device-held position
+    against a bucket of keys), so a captured graph can build the mask without the host."""
     allowed = key_pos <= query_pos
     if sliding_window:
         allowed &= key_pos > query_pos - sliding_window
@@ -98,7 +136,17 @@ def attention_mask(
         return allowed
     # A padding query would see no key at all and turn into NaN, which then leaks
     # through its value vector; letting it see itself keeps everything finite.
-    return (allowed & key_mask[:, None, None, :keys]) | (key_pos == query_pos)
+    return (allowed & key_mask) | (key_pos == query_pos)
+
+
+def _block_output(step: DecodeStep, x: torch.Tensor, source: ProductInput, layer, handoff) -> StepRows:
+    """A decode step's block ends in one product (o_proj, down): its output is left for the next
+    norm to add into x, or, where that norm is handed over, the product adds it itself and writes
+    the next products' input (core/kernels/handoff.py)."""
+    if handoff is not None:
+        step.project(source, (layer,), [handoff.route(x)])
+        return StepRows(x, handed=handoff)
+    return StepRows(x, pending=step.project(source, (layer,))[0])
 
 
 class MLP(nn.Module):
@@ -115,6 +163,20 @@ class MLP(nn.Module):
         hidden = kernels.silu_mul(gate.contiguous(), up.contiguous()) if kernels is not None else F.silu(gate) * up
         return self.down_proj(hidden)
 
+    def decode(self, step: DecodeStep, x: torch.Tensor, source: ProductInput, routes: LayerRoutes) -> StepRows:
+        """forward() in a decode step, down's output left to the next norm. SwiGLU runs as its own
+        kernel (writing down's slot order where down reads one), or inside the products: gate and up
+        write their outputs in down's order and down finishes SwiGLU while staging them."""
+        swiglu = routes.swiglu
+        gate, up = step.project(source, (self.gate_proj, self.up_proj), swiglu.routes if swiglu else ())
+        if swiglu:
+            down_input = ProductInput(slots=[swiglu.gate], staged=swiglu.staged)
+        elif routes.down_tables:
+            down_input = ProductInput(slots=[step.ops.silu_mul_slots(gate, up, routes.down_tables[0])])
+        else:
+            down_input = ProductInput(rows=step.ops.silu_mul(gate, up))
+        return _block_output(step, x, down_input, self.down_proj, routes.next_norm)
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int, device=None, dtype=None):
@@ -127,6 +189,13 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, cache, position, key_mask=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, position, key_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def decode_step(self, step: DecodeStep, rows: StepRows, routes: LayerRoutes) -> StepRows:
+        """forward() in a decode step: each norm also adds in the output of the block before it."""
+        x, source = self.input_layernorm.decode_input(step.ops, rows, routes.qkv_tables)
+        rows = self.self_attn.decode(step, x, source, routes)
+        x, source = self.post_attention_layernorm.decode_input(step.ops, rows, routes.gate_up_tables)
+        return self.mlp.decode(step, x, source, routes)
 
 
 class DecoderStack(nn.Module):
@@ -191,3 +260,12 @@ class CausalLM(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.lm_head(x).float()
+
+    def decode_step(self, step: DecodeStep, tokens: torch.Tensor) -> torch.Tensor:
+        """forward() of one token a row [batch, 1] at step.position, as a captured graph runs it
+        (core/graph_decode.py): float32 logits [batch, 1, vocab]; the cache gets the token's keys."""
+        rows = StepRows(self.model.embed_tokens(tokens))
+        for layer, routes in zip(self.model.layers, step.layers):
+            rows = layer.decode_step(step, rows, routes)
+        _, source = self.model.norm.decode_input(step.ops, rows, step.head_tables)
+        return step.project(source, (self.lm_head,))[0].float()

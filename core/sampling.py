@@ -1,4 +1,4 @@
-"""Turning one row of logits into the next token.
+"""Turning logits into the next token: one row for a chat, many rows at once for calibration.
 
 The filters run in the order transformers applies them (repetition penalty,
 temperature, top-k, top-p, min-p), so the same settings mean the same thing
@@ -51,10 +51,10 @@ def apply_repetition_penalty(logits: torch.Tensor, previous_ids: torch.Tensor, p
 
 
 def filter_logits(logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
-    """Temperature-scaled logits [vocab] with the excluded tokens at -inf."""
+    """Temperature-scaled logits [..., vocab] with each row's excluded tokens at -inf."""
     logits = logits / settings.temperature
     if settings.top_k and settings.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, settings.top_k).values[-1]
+        kth = torch.topk(logits, settings.top_k).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if settings.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=False)
@@ -62,12 +62,30 @@ def filter_logits(logits: torch.Tensor, settings: SamplingSettings) -> torch.Ten
         # Drop the low tail whose mass is at most 1 - top_p; the most likely token always stays.
         drop_sorted = cumulative <= 1 - settings.top_p
         # fill_ takes the value as a kernel argument; item assignment copies it from the host (a sync).
-        drop_sorted[-1:].fill_(False)
+        drop_sorted[..., -1:].fill_(False)
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     if settings.min_p > 0.0:
         probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < settings.min_p * probs.max(), float("-inf"))
+        logits = logits.masked_fill(probs < settings.min_p * probs.amax(-1, keepdim=True), float("-inf"))
     return logits
+
+
+def sample_tokens(
+    logits: torch.Tensor, settings: SamplingSettings, rng: torch.Generator | None,
+    previous_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Each row's next token, long [...] for float32 logits [..., vocab], on the logits' device and
+    without waiting for it. previous_ids [..., n]: the ids the repetition penalty looks at."""
+    if previous_ids is not None:
+        logits = apply_repetition_penalty(logits, previous_ids, settings.repetition_penalty)
+    if settings.temperature == 0.0:
+        return logits.argmax(-1)
+    probs = filter_logits(logits, settings).softmax(-1)
+    # torch.multinomial reads its input's validity back to the host; this is the draw it makes
+    # for one sample a row (argmax of p / q with q ~ Exp(1), one q per entry in the rows' order),
+    # so a seed gives the same tokens as multinomial did, for one row or a batch.
+    noise = torch.empty_like(probs).exponential_(1, generator=rng)
+    return (probs / noise).argmax(-1)
 
 
 def sample_token_tensor(
@@ -76,14 +94,7 @@ def sample_token_tensor(
     """The next token as a long tensor [1] on the logits' device, without waiting for the device.
 
     logits: float32 [vocab]; previous_ids: the ids the repetition penalty looks at."""
-    logits = apply_repetition_penalty(logits, previous_ids, settings.repetition_penalty)
-    if settings.temperature == 0.0:
-        return logits.argmax().view(1)
-    probs = filter_logits(logits, settings).softmax(-1)
-    # torch.multinomial reads its input's validity back to the host; this is the draw it makes
-    # for one sample (argmax of p / q with q ~ Exp(1)), so a seed gives the same tokens as before.
-    noise = torch.empty_like(probs).exponential_(1, generator=rng)
-    return (probs / noise).argmax().view(1)
+    return sample_tokens(logits, settings, rng, previous_ids).view(1)
 
 
 def sample_token(

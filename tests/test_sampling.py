@@ -2,7 +2,9 @@ import pytest
 import torch
 from transformers.generation import logits_process as hf
 
-from core.sampling import SamplingSettings, apply_repetition_penalty, filter_logits, sample_token, sample_token_tensor
+from core.sampling import (
+    SamplingSettings, apply_repetition_penalty, filter_logits, sample_token, sample_token_tensor, sample_tokens,
+)
 
 
 def hf_filtered(logits, previous, s: SamplingSettings):
@@ -106,3 +108,30 @@ def test_token_tensor_never_waits_for_the_gpu(settings):
 def test_bad_settings_are_rejected_with_the_field_named(bad, message):
     with pytest.raises(ValueError, match=message):
         SamplingSettings(**bad)
+
+
+def test_a_batch_draws_what_torch_multinomial_draws_for_each_row():
+    # Calibration text is cached by its seed: drawing the rows through the sampler must give the
+    # tokens the batched torch.multinomial call (top-k, then one sample a row) gave for that seed.
+    settings = SamplingSettings(temperature=0.8, top_k=50, top_p=1.0)
+    for seed in range(10):
+        logits = torch.randn(6, 500, generator=torch.Generator().manual_seed(200 + seed)) * 3
+        scores = logits / 0.8
+        scores = scores.masked_fill(scores < torch.topk(scores, 50, dim=-1).values[:, -1:], float("-inf"))
+        expected = torch.multinomial(scores.softmax(-1), 1, generator=torch.Generator().manual_seed(seed))[:, 0]
+        assert torch.equal(sample_tokens(logits, settings, torch.Generator().manual_seed(seed)), expected)
+
+
+@pytest.mark.parametrize("settings", [SamplingSettings.greedy(), *SETTINGS], ids=str)
+def test_each_row_of_a_batch_is_filtered_as_it_would_be_alone(settings):
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(5, 1000, generator=gen) * 3
+    previous = torch.randint(0, 1000, (5, 30), generator=gen)
+    batch = filter_logits(apply_repetition_penalty(logits, previous, settings.repetition_penalty), settings)
+    for row in range(5):
+        alone = filter_logits(apply_repetition_penalty(logits[row], previous[row], settings.repetition_penalty),
+                              settings)
+        assert torch.equal(batch[row], alone)
+    if settings.temperature == 0.0:
+        greedy = sample_tokens(logits, settings, None, previous)
+        assert greedy.tolist() == [sample_token(logits[row], settings, previous[row], None) for row in range(5)]

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from ..cache import KVCache
 from ..graph_decode import GraphDecoder, graphs_wanted
 from ..model import CausalLM
+from ..sampling import SamplingSettings, sample_tokens
 
 # Varied on purpose: prose, dialogue, code, numbers, lists, markup, other languages.
 # Never the evaluation text (the quality bench scores Shakespeare).
@@ -146,6 +147,7 @@ def generate_texts(
     device = model.device
     ids, key_mask = ids.to(device), key_mask.to(device)
     rng = torch.Generator(device=device).manual_seed(seed)
+    settings = SamplingSettings(temperature=temperature, top_k=top_k, top_p=1.0)
     cache = KVCache(model.config, total, batch_size=batch, device=device, dtype=model.dtype)
     logits = model(ids, cache, 0, last_only=True, key_mask=key_mask[:, :longest])[:, -1]
     graphs = None
@@ -157,10 +159,7 @@ def generate_texts(
     live = list(range(batch))  # the batch rows still answering
     written = 0
     for step in range(max_new_tokens):
-        scores = logits / temperature
-        kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-        tokens = torch.multinomial(scores.softmax(-1), 1, generator=rng)[:, 0]
+        tokens = sample_tokens(logits, settings, rng)
         values = tokens.tolist()
         live = [row for row in live if values[row] not in stop_ids]
         for row in live:
