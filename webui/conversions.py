@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO
 
+from core.convert.__main__ import EXIT_BAD_INPUT, EXIT_CANCELLED
 from core.convert.allocate import DEFAULT_OBJECTIVE
 from core.convert.job import ConversionError, ConversionResult, ConversionSettings
 from core.convert.progress import ConversionCancelled, ProgressEvent
@@ -302,7 +303,7 @@ def run_child(task: ConversionTask, command: list[str]) -> ConversionResult:
             ending = {"event": kind, **values}
     code = process.wait()
     readers[0].join(5)
-    if code != 0 and stderr_tail:
+    if code not in (0, EXIT_CANCELLED) and stderr_tail:
         log.warning("conversion %s ended with %s; its last output:\n%s", task.id, code,
                     scrub("\n".join(stderr_tail), token))
     if code == 0 and ending.get("event") == "result":
@@ -318,7 +319,8 @@ def run_child(task: ConversionTask, command: list[str]) -> ConversionResult:
     if ending.get("event") == "error":
         message = ending.get("message") or "the conversion failed"
         # Exit code 2: the input needs changing; anything else may well go through on a second try.
-        raise ConversionError(message if code == 2 else f"{message}; the server log has the details; {RESUME_HINT}")
+        raise ConversionError(message if code == EXIT_BAD_INPUT
+                              else f"{message}; the server log has the details; {RESUME_HINT}")
     raise ConversionError(f"the conversion process stopped unexpectedly (exit code {code}); "
                           f"the server log has the details; {RESUME_HINT}")
 
