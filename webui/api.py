@@ -1,13 +1,15 @@
-"""Named endpoints for scripts (gradio_client): /models, /chat and /quantize.
+"""Named endpoints for scripts (gradio_client): /models, /chat, /quantize and /cancel.
 
     from gradio_client import Client
     client = Client("http://127.0.0.1:7860/")
     client.predict(api_name="/models")
     client.predict("What is the capital of France?", "demo", api_name="/chat")
-    client.predict("demo", 4.0, api_name="/quantize")
+    job = client.submit("demo", 4.0, api_name="/quantize")   # statuses carry "task_id"
+    client.predict(task_id, api_name="/cancel")               # the same client only
 
-They run on the same queue, model cache and chat sessions as the page. A mistake
-comes back as an error whose message says what to change.
+They run on the same queue, model cache and chat sessions as the page, under the same
+bounds (ConversionSettings.validate) and queue limits. A mistake comes back as an
+error whose message says what to change.
 """
 
 from __future__ import annotations
@@ -20,16 +22,17 @@ import gradio as gr
 from core.convert.allocate import DEFAULT_OBJECTIVE
 from core.convert.job import ConversionSettings
 
-from .chat_tab import CHAT_CONCURRENCY, CHAT_CONCURRENCY_LIMIT, answer_stream, session_id
-from .common import history_messages, readable
-from .jobs import DEMO, DONE, ConversionTask, local_models
-from .quantize_tab import POLL_SECONDS, chosen_source, conversion_request
+from .chats import CHAT_CONCURRENCY, CHAT_CONCURRENCY_LIMIT
+from .common import history_messages, owner_of, readable, session_id
+from .conversions import DONE, POLL_SECONDS, ConversionTask, chosen_source, conversion_request
+from .library import DEMO
 from .services import Services
 
 
 def task_status(task: ConversionTask, position: int) -> dict:
     event = task.last_event
     status = {
+        "task_id": task.id,
         "state": task.state,
         "queue_position": position,
         "stage": event.stage if event else None,
@@ -54,7 +57,7 @@ def register(services: Services) -> None:
         """Every model the app can chat with: name (what /chat takes), folder, bits per weight
         (null when unquantized)."""
         return [{"name": m.name, "folder": m.spec, "bpw": m.bpw, "quantized": m.bpw is not None}
-                for m in local_models(services.conversions.models_folder)]
+                for m in services.local_models()]
 
     def chat(message: str, model: str = DEMO, system: str = "", history: list[dict] | None = None,
              temperature: float = 0.0, top_k: int = 50, top_p: float = 1.0, min_p: float = 0.0,
@@ -65,8 +68,8 @@ def register(services: Services) -> None:
         history: earlier turns as [{"role": "user"|"assistant", "content": text}]. Greedy by default."""
         messages = history_messages(list(history or []) + [{"role": "user", "content": message or ""}], system)
         try:
-            for answer, speed in answer_stream(services, session_id(request, "api"), model, messages, temperature,
-                                               top_k, top_p, min_p, repetition_penalty, max_new_tokens, seed):
+            for answer, speed in services.answer(session_id(request, "api"), model, messages, temperature, top_k,
+                                                 top_p, min_p, repetition_penalty, max_new_tokens, seed):
                 yield {"answer": answer, "done": speed is not None, "speed": speed or ""}
         except Exception as error:  # noqa: BLE001 - the client reads the message, the server keeps serving
             raise gr.Error(readable(error), print_exception=False) from None
@@ -74,15 +77,16 @@ def register(services: Services) -> None:
     def quantize(source: str = DEMO, bpw: float = 4.0, head_bits: int = ConversionSettings.head_bits,
                  rows: int = ConversionSettings.rows, length: int = ConversionSettings.length,
                  measurement_rows: int = ConversionSettings.measurement_rows, calibration: str = "",
-                 objective: str = DEFAULT_OBJECTIVE) -> Iterator[dict]:
+                 objective: str = DEFAULT_OBJECTIVE, request: gr.Request = None) -> Iterator[dict]:
         """Convert `source` (demo, a Hub id, a local folder or .gguf path) to EXL2 at `bpw`; streams
         the job's status and ends with its result ("model" is the name /chat takes). Asking again for
-        the same conversion resumes it. calibration: a file path or hf:<dataset>:<file>; empty for
-        text the model writes itself."""
+        the same conversion resumes it; /cancel with the status's task_id stops it. calibration: a file
+        path or hf:<dataset>:<file>; empty for text the model writes itself."""
         try:
-            request = conversion_request(chosen_source(source, None), bpw, head_bits, calibration.strip() or None,
-                                         rows, length, measurement_rows, objective)
-            task = services.conversions.submit(request)
+            conversion = conversion_request(chosen_source(source, None), bpw, head_bits,
+                                            (calibration or "").strip() or None, rows, length, measurement_rows,
+                                            objective)
+            task = services.conversions.submit(conversion, owner_of(request))
         except Exception as error:  # noqa: BLE001
             raise gr.Error(readable(error), print_exception=False) from None
         while not task.finished:
@@ -92,6 +96,19 @@ def register(services: Services) -> None:
             raise gr.Error(f"the conversion {task.state}: {task.message}", print_exception=False)
         yield task_status(task, 0)
 
+    def cancel(task_id: str, request: gr.Request = None) -> dict:
+        """Stop a conversion this client started (task_id from /quantize's status); it stops after the
+        current module, everything kept, and asking /quantize again resumes it."""
+        task = services.conversions.get((task_id or "").strip())
+        try:
+            if task is None:
+                raise ValueError(f"no conversion with id {task_id!r}")
+            services.conversions.cancel(task, owner_of(request))
+        except Exception as error:  # noqa: BLE001
+            raise gr.Error(readable(error), print_exception=False) from None
+        return task_status(task, services.conversions.position(task))
+
     gr.api(models, api_name="models")
     gr.api(chat, api_name="chat", concurrency_id=CHAT_CONCURRENCY, concurrency_limit=CHAT_CONCURRENCY_LIMIT)
     gr.api(quantize, api_name="quantize", concurrency_limit=None)
+    gr.api(cancel, api_name="cancel", concurrency_limit=None)
