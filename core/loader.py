@@ -13,7 +13,7 @@ from .config import ModelConfig
 from .model import CausalLM, rope_inverse_frequencies
 from .gptq_checkpoint import GPTQ_TENSORS, GPTQSettings, read_gptq_settings
 from .linear import EXL2_TENSORS, EXL2Linear, GPTQLinear
-from .weights import WeightsError, iter_tensors, tensor_names
+from .weights import WeightsError, iter_tensors, tensor_shapes
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
@@ -31,9 +31,11 @@ def load_model(folder, device="cpu", dtype: torch.dtype | None = None) -> Causal
     config = ModelConfig.from_folder(folder)
     dtype = dtype or default_dtype(device)
     gptq = read_gptq_settings(folder)
+    shapes = tensor_shapes(folder)
+    config.check_tensor_shapes(shapes)
     with torch.device("meta"):
         model = CausalLM(config, dtype=dtype)
-    names = tensor_names(folder)
+    names = list(shapes)
     _use_quantized_layers(model, names, dtype)
     _use_gptq_layers(model, names, dtype, gptq)
     expected = {name for name, _ in model.named_parameters()}
