@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
 import huggingface_hub
+from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import (
     GatedRepoError,
     HFValidationError,
@@ -22,7 +24,7 @@ from huggingface_hub.errors import (
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
 )
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
 from core.config import ModelConfig
 from core.gptq_checkpoint import read_gptq_settings
@@ -99,6 +101,17 @@ def resolve_model_source(spec: str, token: str | None = None) -> Path:
     return _hub_snapshot(spec, token or os.environ.get("HF_TOKEN") or None)
 
 
+def resolve_model_config(spec: str, token: str | None = None) -> ModelConfig:
+    """`spec`'s config, fetching nothing else: for a Hub id only config.json comes down.
+
+    Lets a conversion refuse an unreachable target before any weights are downloaded.
+    """
+    spec = spec.strip()
+    if is_hub_id(spec) and spec != "demo" and not Path(spec).expanduser().exists():
+        return ModelConfig.from_folder(_hub_config_folder(spec, token or os.environ.get("HF_TOKEN") or None))
+    return ModelConfig.from_folder(resolve_model_source(spec, token))
+
+
 # ---------------------------------------------------------------- local
 
 
@@ -157,12 +170,19 @@ def _gguf_fingerprint(gguf_path: Path) -> str:
 # ---------------------------------------------------------------- Hub
 
 
-def _hub_snapshot(repo_id: str, token: str | None) -> Path:
+def _hub_config_folder(repo_id: str, token: str | None) -> Path:
     with _readable_hub_errors(repo_id):
-        config_path = huggingface_hub.hf_hub_download(repo_id, "config.json", token=token)
+        return Path(huggingface_hub.hf_hub_download(repo_id, "config.json", token=token)).parent
+
+
+def _hub_snapshot(repo_id: str, token: str | None) -> Path:
+    config_folder = _hub_config_folder(repo_id, token)
     # Checked before the weights come down, so an unsupported model (or quantization) costs one small file.
-    ModelConfig.from_folder(Path(config_path).parent)
-    read_gptq_settings(Path(config_path).parent)
+    ModelConfig.from_folder(config_folder)
+    read_gptq_settings(config_folder)
+    if not huggingface_hub.is_offline_mode():
+        with _readable_hub_errors(repo_id):
+            _refuse_without_room(repo_id, token)
     with _readable_hub_errors(repo_id):
         folder = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_FILES, token=token))
 
@@ -173,6 +193,30 @@ def _hub_snapshot(repo_id: str, token: str | None) -> Path:
             file_names = huggingface_hub.list_repo_files(repo_id, token=token)
     _require_safetensors(f"The Hub repo {repo_id}", file_names)
     return folder
+
+
+# Room left beside a download: the Hub cache's own files, and other writers on the same disk.
+DOWNLOAD_HEADROOM_BYTES = 512 * 1024**2
+
+
+def _refuse_without_room(repo_id: str, token: str | None) -> None:
+    """Refuse a download that cannot fit, before it starts; the sizes come from the Hub's listing."""
+    info = huggingface_hub.HfApi().model_info(repo_id, files_metadata=True, token=token)
+    wanted = list(filter_repo_objects(info.siblings or [], allow_patterns=HUB_FILES, key=lambda f: f.rfilename))
+    needed = sum(
+        entry.size or 0 for entry in wanted
+        # Files already in the cache for this revision are not fetched again.
+        if not isinstance(huggingface_hub.try_to_load_from_cache(repo_id, entry.rfilename, revision=info.sha), str)
+    )
+    probe = Path(hub_constants.HF_HUB_CACHE)
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed + DOWNLOAD_HEADROOM_BYTES > free:
+        raise ModelSourceError(
+            f"not enough disk space to download {repo_id}: it needs {needed / 1e9:.1f} GB and {probe} "
+            f"has {free / 1e9:.1f} GB free; free some space or point HF_HUB_CACHE at a larger disk"
+        )
 
 
 @contextmanager

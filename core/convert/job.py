@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import threading
 import time
@@ -34,15 +33,16 @@ from safetensors.torch import save_file
 from ..config import ModelConfig
 from ..exl2_format import stored_bits
 from ..loader import load_model
-from ..sources import cache_dir, resolve_model_source
+from ..sources import cache_dir, resolve_model_config, resolve_model_source
 from ..tokenizer import Tokenizer
 from ..weights import weight_files
 from . import calibration
 from .allocate import DEFAULT_OBJECTIVE, allocate_bits
+from .floor import refuse_below_floor
 from .layers import MODULE_GROUPS
-from .measure import CANDIDATES, measure_layer
+from .measure import measure_layer
 from .progress import ProgressCallback, ProgressEvent, check_cancel, no_progress
-from .qparams import HEAD_OPTIONS, QuantSetting, setting_bits
+from .qparams import HEAD_OPTIONS, QuantSetting
 from .quantize import quantize_head, quantize_layer
 from .writer import folder_size, write_model_folder
 
@@ -263,23 +263,6 @@ class ConversionJob:
         states_path.unlink(missing_ok=True)
         return partial["measurement"]
 
-    def _check_reachable(self, model) -> None:
-        """Refuse a target below every module's cheapest candidate before spending time measuring."""
-        cheapest = 0
-        for layer in model.model.layers:
-            for group, names in MODULE_GROUPS.items():
-                modules = {name: getattr(getattr(layer, group), name) for name in names}
-                cheapest += min(
-                    sum(setting_bits(setting, modules[n].in_features, modules[n].out_features) for n, setting in c.items())
-                    for c in CANDIDATES[group]
-                )
-        lowest = math.ceil(cheapest / quantized_weight_count(model) * 1000) / 1000
-        if self.settings.bpw < lowest:
-            raise ConversionError(
-                f"target {self.settings.bpw} bpw is below {lowest:.3f} bpw, the lowest this model can reach "
-                "(scales and the act-order permutation cost bits on top of 2-bit codes, more so for narrow layers)"
-            )
-
     def _allocate(self, model, measurement: dict):
         total_weights = quantized_weight_count(model)
         allocation = allocate_bits(measurement, total_weights, self.settings.bpw, self.settings.objective)
@@ -340,6 +323,7 @@ class ConversionJob:
 
     def run(self) -> ConversionResult:
         start = time.perf_counter()
+        refuse_below_floor(resolve_model_config(self.source), self.settings.bpw)
         folder = resolve_model_source(self.source)
         config = ModelConfig.from_folder(folder)
         _refuse_quantized(self.source, folder, config)
@@ -353,7 +337,6 @@ class ConversionJob:
         tokenizer = Tokenizer.from_folder(folder)
         stop_ids = set(config.eos_token_ids) | ({tokenizer.eos_token_id} - {None})
         rows = self._calibration_rows(folder, tokenizer, stop_ids)
-        self._check_reachable(model)
         measurement = self._measure(model, rows)
         allocation, layer_settings = self._allocate(model, measurement)
         errors, states = self._quantize(model, rows, allocation, layer_settings)
