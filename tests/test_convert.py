@@ -287,3 +287,12 @@ def test_an_already_quantized_model_is_refused_before_any_work(tiny, tmp_path, m
     with pytest.raises(ConversionError, match=r"already quantized \(gptq\).*original fp16/bf16 model"):
         convert(quantized, tmp_path / "work", tmp_path / "out", calibration)
     assert not (tmp_path / "work").exists()
+
+
+def test_calibration_outside_the_allowed_roots_is_refused_by_the_job(tiny, tmp_path):
+    model, calibration, _ = tiny
+    job = ConversionJob(str(model), tmp_path / "work", None, settings("/etc/passwd"), device="cpu",
+                        calibration_roots=[calibration.parent / "uploads"])
+    with pytest.raises(ValueError, match="calibration file /etc/passwd is not available here: upload a text file"):
+        job.run()
+    assert not (tmp_path / "work" / "calibration.safetensors").exists()

@@ -150,7 +150,8 @@ class ConversionJob:
 
     def __init__(self, source: str, work_dir: str | Path, output_dir: str | Path | None, settings: ConversionSettings,
                  measurement_file: str | Path | None = None, device: str | None = None,
-                 on_event: ProgressCallback = no_progress, cancel: threading.Event | None = None):
+                 on_event: ProgressCallback = no_progress, cancel: threading.Event | None = None,
+                 calibration_roots: list[str | Path] | None = None):
         settings.validate()
         self.source = source
         self.work_dir = Path(work_dir)
@@ -160,6 +161,8 @@ class ConversionJob:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.on_event = on_event
         self.cancel = cancel
+        # Where a calibration file may be read from; None (local use) means anywhere.
+        self.calibration_roots = calibration_roots
 
     def emit(self, stage: str, fraction: float, message: str = "", **fields) -> None:
         self.on_event(ProgressEvent(stage, fraction, message, **fields))
@@ -205,11 +208,7 @@ class ConversionJob:
                     load_model(folder, device=self.device), tokenizer, s.rows, s.length, stop_ids, s.seed,
                     progress=lambda done, total: self.emit("calibration", done / total, f"generated {done}/{total} tokens"),
                 )
-            if s.calibration.startswith("hf:"):
-                _, repo_id, filename = s.calibration.split(":", 2)
-                text = calibration.read_text_file(calibration.hub_dataset_file(repo_id, filename))
-            else:
-                text = calibration.read_text_file(s.calibration)
+            text = calibration.calibration_text(s.calibration, self.calibration_roots)
             return calibration.rows_from_tokens(tokenizer.encode(text, add_special_tokens=False), s.rows, s.length)
 
         source = make
