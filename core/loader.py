@@ -12,7 +12,8 @@ import torch
 from .config import ModelConfig
 from .model import CausalLM, rope_inverse_frequencies
 from .gptq_checkpoint import GPTQ_TENSORS, GPTQSettings, read_gptq_settings
-from .linear import EXL2_TENSORS, EXL2Linear, GPTQLinear
+from .kernels import dispatch
+from .linear import EXL2_TENSORS, EXL2Linear, GPTQLinear, QuantizedLinear
 from .weights import WeightsError, iter_tensors, tensor_shapes
 
 if TYPE_CHECKING:
@@ -139,6 +140,31 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    def model_bytes(self) -> int:
+        """Memory the model holds once it has run: its tensors, plus the dense copy the torch
+        reference path keeps of every quantized layer."""
+        total = sum(t.numel() * t.element_size() for t in list(self.model.parameters()) + list(self.model.buffers())
+                    if t is not None)
+        if self.device.type == "cpu":
+            for module in self.model.modules():
+                if isinstance(module, QuantizedLinear):
+                    total += module.in_features * module.out_features * torch.finfo(module.compute_dtype).bits // 8
+        return total
+
+    def kernel_path(self) -> str:
+        """Which code runs the products: what a speed figure was measured on."""
+        if self.device.type != "cuda":
+            return "CPU reference"
+        if not any(isinstance(module, QuantizedLinear) for module in self.model.modules()):
+            return "fp16 (cuBLAS)"
+        # Quantized layers take the kernels when the extension built; otherwise their torch twin.
+        return "CUDA kernels" if dispatch.enabled(self.device) else "torch reference on CUDA"
+
+    def memory_in_use(self) -> str:
+        if self.device.type == "cuda":
+            return f"{torch.cuda.memory_allocated(self.device) / 1024**3:.2f} GiB GPU memory in use"
+        return f"{self.model_bytes() / 1024**2:.0f} MiB model memory (CPU)"
 
 
 def default_device() -> str:

@@ -16,11 +16,11 @@ from core.sources import ModelSourceError
 from tests.tiny_models import sample_text, save_tiny_chat_model
 from webui import hub, plots
 from webui.common import history_messages, message_text
-from webui.jobs import (
-    CANCELLED, DONE, FAILED, ChatSessions, ConversionQueue, ConversionRequest, ModelCache, check_disk_space,
-    local_models, stream_answer,
+from webui.chats import ChatSessions, ModelCache, stream_answer
+from webui.conversions import (
+    CANCELLED, DONE, FAILED, ConversionQueue, ConversionRequest, check_disk_space, chosen_source, conversion_request,
 )
-from webui.quantize_tab import chosen_source, conversion_request
+from webui.library import local_models
 
 
 def request_for(source: str, bpw: float = 4.0, token: str | None = None, **settings) -> ConversionRequest:
@@ -243,12 +243,11 @@ def test_a_gptq_models_memory_counts_the_dense_copy_the_cpu_path_keeps(tmp_path)
     from core.linear import GPTQLinear
     from core.loader import LoadedModel, load_model
     from tests.test_gptq_checkpoint import build_hf_model, write_gptq_checkpoint
-    from webui.jobs import kernel_path, model_bytes
 
     write_gptq_checkpoint(tmp_path, build_hf_model("llama-gqa"), group_size=32)
     model = load_model(tmp_path, device="cpu")
     loaded = LoadedModel("gptq", tmp_path, model, None, frozenset())
     stored = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()) if t is not None)
     dense = sum(m.in_features * m.out_features * 4 for m in model.modules() if isinstance(m, GPTQLinear))
-    assert dense > 0 and model_bytes(loaded) == stored + dense
-    assert kernel_path(loaded) == "CPU reference"
+    assert dense > 0 and loaded.model_bytes() == stored + dense
+    assert loaded.kernel_path() == "CPU reference"

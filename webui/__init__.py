@@ -14,7 +14,7 @@ from pathlib import Path
 import gradio as gr
 
 from . import api, chat_tab, compare_tab, quantize_tab
-from .jobs import DEMO
+from .library import DEMO, newest_quantized
 from .services import Services
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -61,22 +61,22 @@ def build_app(services: Services | None = None) -> gr.Blocks:
 
         # Lists are refreshed when a tab opens, so a model made a minute ago is there.
         def refresh(current: str):
-            names = chat_tab.model_names(services)
+            names = services.model_names()
             return gr.Dropdown(choices=names, value=current if current in names else names[0])
 
         def refresh_second(current: str):
             # Side B starts on the newest quantized model, so Compare's first press is the useful one.
-            names = chat_tab.model_names(services)
+            names = services.model_names()
             if current in names and current != DEMO:
                 return gr.Dropdown(choices=names, value=current)
-            return gr.Dropdown(choices=names, value=compare_tab.newest_quantized(services) or names[0])
+            return gr.Dropdown(choices=names, value=newest_quantized(services.models_folder) or names[0])
 
         chat_item.select(refresh, chat.model, chat.model, api_visibility="private", queue=False)
         compare_item.select(refresh, compare_a, compare_a, api_visibility="private", queue=False)
         compare_item.select(refresh_second, compare_b, compare_b, api_visibility="private", queue=False)
 
         def chat_with(model_name: str):
-            names = chat_tab.model_names(services)
+            names = services.model_names()
             return gr.Tabs(selected="chat"), gr.Dropdown(choices=names, value=model_name)
 
         quantize.chat_button.click(chat_with, quantize.result_model, [tabs, chat.model], api_visibility="private",

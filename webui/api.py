@@ -20,10 +20,10 @@ import gradio as gr
 from core.convert.allocate import DEFAULT_OBJECTIVE
 from core.convert.job import ConversionSettings
 
-from .chat_tab import CHAT_CONCURRENCY, CHAT_CONCURRENCY_LIMIT, answer_stream, session_id
-from .common import history_messages, readable
-from .jobs import DEMO, DONE, ConversionTask, local_models
-from .quantize_tab import POLL_SECONDS, chosen_source, conversion_request
+from .chats import CHAT_CONCURRENCY, CHAT_CONCURRENCY_LIMIT
+from .common import history_messages, readable, session_id
+from .conversions import DONE, POLL_SECONDS, ConversionTask, chosen_source, conversion_request
+from .library import DEMO
 from .services import Services
 
 
@@ -54,7 +54,7 @@ def register(services: Services) -> None:
         """Every model the app can chat with: name (what /chat takes), folder, bits per weight
         (null when unquantized)."""
         return [{"name": m.name, "folder": m.spec, "bpw": m.bpw, "quantized": m.bpw is not None}
-                for m in local_models(services.conversions.models_folder)]
+                for m in services.local_models()]
 
     def chat(message: str, model: str = DEMO, system: str = "", history: list[dict] | None = None,
              temperature: float = 0.0, top_k: int = 50, top_p: float = 1.0, min_p: float = 0.0,
@@ -65,8 +65,8 @@ def register(services: Services) -> None:
         history: earlier turns as [{"role": "user"|"assistant", "content": text}]. Greedy by default."""
         messages = history_messages(list(history or []) + [{"role": "user", "content": message or ""}], system)
         try:
-            for answer, speed in answer_stream(services, session_id(request, "api"), model, messages, temperature,
-                                               top_k, top_p, min_p, repetition_penalty, max_new_tokens, seed):
+            for answer, speed in services.answer(session_id(request, "api"), model, messages, temperature, top_k,
+                                                 top_p, min_p, repetition_penalty, max_new_tokens, seed):
                 yield {"answer": answer, "done": speed is not None, "speed": speed or ""}
         except Exception as error:  # noqa: BLE001 - the client reads the message, the server keeps serving
             raise gr.Error(readable(error), print_exception=False) from None

@@ -7,68 +7,15 @@ weights are shared through the app's model cache.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import gradio as gr
 
-from core.generator import GenerationStats
-
-from .common import history_messages, notice, readable
-from .jobs import DEMO, find_local_model, local_models, sampling_settings, speed_line, stream_answer
+from .chats import CHAT_CONCURRENCY, CHAT_CONCURRENCY_LIMIT
+from .common import history_messages, notice, readable, session_id
+from .library import DEMO
 from .services import Services
-
-CHAT_CONCURRENCY = "chat"  # one limit for the Chat tab, Compare and the /chat endpoint
-CHAT_CONCURRENCY_LIMIT = 8
-
-
-@dataclass
-class SamplingControls:
-    temperature: gr.Slider
-    top_k: gr.Slider
-    top_p: gr.Slider
-    min_p: gr.Slider
-    repetition_penalty: gr.Slider
-    max_new_tokens: gr.Slider
-    seed: gr.Number
-
-    def as_list(self) -> list:
-        return [self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty, self.max_new_tokens,
-                self.seed]
-
-
-def sampling_controls(prefix: str, temperature: float = 0.7) -> SamplingControls:
-    return SamplingControls(
-        gr.Slider(0.0, 2.0, value=temperature, step=0.05, label="Temperature (0 = greedy)",
-                  elem_id=f"{prefix}-temperature"),
-        gr.Slider(0, 200, value=50, step=1, label="Top-k (0 = off)", elem_id=f"{prefix}-top-k"),
-        gr.Slider(0.05, 1.0, value=0.9, step=0.01, label="Top-p (1 = off)", elem_id=f"{prefix}-top-p"),
-        gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Min-p (0 = off)", elem_id=f"{prefix}-min-p"),
-        gr.Slider(0.8, 2.0, value=1.0, step=0.01, label="Repetition penalty (1 = off)",
-                  elem_id=f"{prefix}-repetition-penalty"),
-        gr.Slider(1, 2048, value=256, step=1, label="Max new tokens", elem_id=f"{prefix}-max-new-tokens"),
-        gr.Number(-1, precision=0, label="Seed (-1 = random)", elem_id=f"{prefix}-seed"),
-    )
-
-
-def model_names(services: Services) -> list[str]:
-    return [model.name for model in local_models(services.conversions.models_folder)]
-
-
-def answer_stream(services: Services, session_id: str, model_name: str, messages: list[dict], temperature, top_k,
-                  top_p, min_p, repetition_penalty, max_new_tokens, seed) -> Iterator[tuple[str, str | None]]:
-    """(answer so far, None) while it streams, then (answer, speed line). Raises ValueError and
-    friends with the user's mistake in words; the callers turn them into notices."""
-    if not messages or messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
-        raise ValueError("type a message first")
-    settings = sampling_settings(temperature, top_k, top_p, min_p, repetition_penalty, seed)
-    model = find_local_model(model_name or DEMO, services.conversions.models_folder)
-    loaded = services.models.get(model.spec)
-    session = services.chats.get(session_id)
-    stats: GenerationStats | None = None
-    for text, stats in stream_answer(services.chats, session, loaded, messages, settings, int(max_new_tokens)):
-        yield text, speed_line(stats, loaded) if stats is not None else None
-
+from .widgets import sampling_controls
 
 def stream_into_history(services: Services, session_id: str, model_name: str, history: list[dict], system: str,
                         sampling: list):
@@ -76,15 +23,11 @@ def stream_into_history(services: Services, session_id: str, model_name: str, hi
     messages = history_messages(history, system)
     history = list(history) + [{"role": "assistant", "content": ""}]
     try:
-        for text, speed in answer_stream(services, session_id, model_name, messages, *sampling):
+        for text, speed in services.answer(session_id, model_name, messages, *sampling):
             history[-1] = {"role": "assistant", "content": text}
             yield history, (f'<div class="ql-speed">{speed}</div>' if speed else gr.skip())
     except Exception as error:  # noqa: BLE001 - the page shows why; the app keeps serving
         yield history[:-1], notice(readable(error))
-
-
-def session_id(request: gr.Request | None, part: str) -> str:
-    return f"{getattr(request, 'session_hash', None) or 'anonymous'}:{part}"
 
 
 @dataclass
@@ -95,7 +38,7 @@ class ChatTab:
 def build(services: Services) -> ChatTab:
     with gr.Row(equal_height=False):
         with gr.Column(scale=1, min_width=260):
-            model = gr.Dropdown(model_names(services), value=DEMO, label="Model", elem_id="ql-chat-model",
+            model = gr.Dropdown(services.model_names(), value=DEMO, label="Model", elem_id="ql-chat-model",
                                 info="demo or any model in the models folder")
             system = gr.Textbox(label="System prompt", lines=3, placeholder="You are a helpful assistant.",
                                 elem_id="ql-system")

@@ -73,3 +73,8 @@ def guarded(handler: Callable) -> Callable:
     wrapper.__name__ = handler.__name__
     wrapper.__doc__ = handler.__doc__
     return wrapper
+
+
+def session_id(request, part: str) -> str:
+    """Who is asking (a gr.Request's browser session) and through which part of the page."""
+    return f"{getattr(request, 'session_hash', None) or 'anonymous'}:{part}"

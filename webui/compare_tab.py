@@ -7,29 +7,21 @@ measured while the other one competes for the same device.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import gradio as gr
 
-from .chat_tab import CHAT_CONCURRENCY, CHAT_CONCURRENCY_LIMIT, answer_stream, model_names, sampling_controls, session_id
-from .common import notice, readable
-from .jobs import DEMO, local_models
+from .chats import CHAT_CONCURRENCY, CHAT_CONCURRENCY_LIMIT
+from .common import notice, readable, session_id
+from .library import DEMO, newest_quantized
 from .services import Services
-
-
-def newest_quantized(services: Services) -> str | None:
-    """The quantized model made last, or None."""
-    quantized = [model for model in local_models(services.conversions.models_folder) if model.bpw is not None]
-    if not quantized:
-        return None
-    return max(quantized, key=lambda model: Path(model.spec).stat().st_mtime).name
+from .widgets import sampling_controls
 
 
 def build(services: Services) -> tuple[gr.Dropdown, gr.Dropdown]:
-    names = model_names(services)
+    names = services.model_names()
     with gr.Row():
         model_a = gr.Dropdown(names, value=DEMO, label="Model A", elem_id="ql-compare-a")
-        model_b = gr.Dropdown(names, value=newest_quantized(services) or DEMO, label="Model B", elem_id="ql-compare-b")
+        model_b = gr.Dropdown(names, value=newest_quantized(services.models_folder) or DEMO, label="Model B",
+                              elem_id="ql-compare-b")
     prompt = gr.Textbox(label="Prompt", lines=2, value="What is the capital of France?", elem_id="ql-compare-prompt")
     with gr.Accordion("Sampling (greedy by default, so the two answers differ only by the model)", open=False):
         sampling = sampling_controls("ql-compare", temperature=0.0)
@@ -49,8 +41,7 @@ def build(services: Services) -> tuple[gr.Dropdown, gr.Dropdown]:
         shown = ["", "", "", ""]  # answer a, speed a, answer b, speed b
         for side, name in enumerate((name_a, name_b)):
             try:
-                for answer, speed in answer_stream(services, session_id(request, f"compare-{side}"), name, messages,
-                                                   *values):
+                for answer, speed in services.answer(session_id(request, f"compare-{side}"), name, messages, *values):
                     shown[2 * side] = answer
                     if speed:
                         shown[2 * side + 1] = f'<div class="ql-speed">{speed}</div>'

@@ -16,7 +16,7 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from .common import scrub
-from .jobs import SIDECAR, read_sidecar
+from .library import SIDECAR, read_sidecar
 
 MODEL_CARD = "README.md"
 
@@ -42,7 +42,7 @@ def search_models(text: str, limit: int = 12) -> list[str]:
 def model_card(meta: dict, repo_id: str, perplexity: dict | None = None) -> str:
     """README.md for a quantized model: Hub metadata up front, then what was done and how well it went.
 
-    meta is the sidecar the app writes beside each model it makes (see jobs.run_conversion);
+    meta is the sidecar the app writes beside each model it makes (see conversions.run_conversion);
     perplexity: {"quantized": float, "reference": float | None, "text": str, "ctx": int}.
     """
     settings = meta.get("settings", {})

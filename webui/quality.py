@@ -19,7 +19,8 @@ from pathlib import Path
 from core.perplexity import perplexity
 from core.sources import cache_dir
 
-from .jobs import DEMO, LocalModel, ModelCache, local_models
+from .chats import ModelCache
+from .library import DEMO, LocalModel, local_models
 
 DEFAULT_CTX = 512
 DEFAULT_WINDOWS = 16  # 8k tokens: a stable ranking in well under a minute per small model on a CPU

@@ -1,7 +1,7 @@
 """The Quantize tab: pick a model and a size, watch the conversion layer by layer, then
 download the result, push it to the Hub or chat with it.
 
-The conversion itself runs in the app's queue (webui/jobs.py), not in the request: a
+The conversion itself runs in the app's queue (webui/conversions.py), not in the request: a
 closed browser does not stop it, and the page only watches the task's events.
 """
 
@@ -20,11 +20,13 @@ from core.convert.qparams import HEAD_OPTIONS
 
 from . import hub, plots, quality
 from .common import notice, on_space, readable, scrub
-from .jobs import CANCELLED, DEMO, DONE, FAILED, QUEUED, ConversionRequest, ConversionTask, find_local_model, local_models
+from .conversions import (
+    CALIBRATION_FILE, CALIBRATION_HUB, CALIBRATION_SELF, CANCELLED, DONE, FAILED, POLL_SECONDS, QUEUED,
+    ConversionTask, calibration_source, chosen_source, conversion_request,
+)
+from .library import DEMO
 from .services import Services
 
-POLL_SECONDS = 1.0
-CALIBRATION_SELF, CALIBRATION_FILE, CALIBRATION_HUB = "written by the model", "a text file", "a Hub dataset file"
 STAGE_NAMES = {
     "load": "loading the model",
     "calibration": "preparing calibration text",
@@ -35,56 +37,6 @@ STAGE_NAMES = {
     "write": "writing the model folder",
     "done": "done",
 }
-GGUF_MAGIC = b"GGUF"
-
-
-# ---------------------------------------------------------------- inputs -> request
-
-
-def chosen_source(typed: str | None, upload: str | None) -> str:
-    """An uploaded GGUF wins over the typed source; an upload that is no GGUF is refused here,
-    before it reaches the queue."""
-    if upload:
-        path = Path(upload)
-        with open(path, "rb") as handle:
-            magic = handle.read(4)
-        if path.suffix.lower() != ".gguf" or magic != GGUF_MAGIC:
-            raise ValueError(f"{path.name} is not a GGUF file (a GGUF starts with the bytes 'GGUF'); "
-                             "upload a .gguf model file, or type a Hub id or a local folder instead")
-        return str(path)
-    source = (typed or "").strip()
-    if not source:
-        raise ValueError('choose a model: "demo", a Hub id like owner/name, a local folder or a .gguf path')
-    return source
-
-
-def calibration_source(kind: str, upload: str | None, dataset: str | None) -> str | None:
-    if kind == CALIBRATION_FILE:
-        if not upload:
-            raise ValueError("upload a calibration text file (.txt, .jsonl with a 'text' field, or .parquet)")
-        return str(upload)
-    if kind == CALIBRATION_HUB:
-        dataset = (dataset or "").strip()
-        repo, _, filename = dataset.partition(":")
-        if not repo or not filename:
-            raise ValueError("give the Hub dataset file as owner/dataset:path/in/repo.parquet")
-        return f"hf:{repo}:{filename}"
-    return None
-
-
-def conversion_request(source: str, bpw: float, head_bits, calibration: str | None, rows, length,
-                       measurement_rows, objective: str, token: str | None = None) -> ConversionRequest:
-    """From the form's values; raises ValueError with the user's mistake in words."""
-    bpw = round(float(bpw), 2)
-    if not MIN_BPW <= bpw <= MAX_BPW:
-        raise ValueError(f"target bits per weight must be between {MIN_BPW} and {MAX_BPW}, got {bpw}")
-    rows, measurement_rows = int(rows), int(measurement_rows)
-    settings = ConversionSettings(bpw=bpw, head_bits=int(head_bits), rows=rows, length=int(length),
-                                  measurement_rows=min(measurement_rows, rows),
-                                  measurement_eval_rows=min(ConversionSettings.measurement_eval_rows, measurement_rows),
-                                  calibration=calibration, objective=objective or DEFAULT_OBJECTIVE)
-    settings.validate()
-    return ConversionRequest(source, settings, token=(token or "").strip() or None)
 
 
 # ---------------------------------------------------------------- task -> page
@@ -299,7 +251,7 @@ def build(services: Services) -> QuantizeTab:
 
     def on_zip(model_name: str):
         try:
-            model = find_local_model(model_name)
+            model = services.find_model(model_name)
             return gr.File(value=str(hub.zip_model(Path(model.spec), quality.card_perplexity(model))), visible=True)
         except Exception as error:  # noqa: BLE001
             gr.Warning(readable(error))
@@ -311,7 +263,7 @@ def build(services: Services) -> QuantizeTab:
                 oauth_token: gr.OAuthToken | None = None):
         secret = (oauth_token.token if oauth_token else None) or (token or "").strip() or None
         try:
-            model = find_local_model(model_name)
+            model = services.find_model(model_name)
             url = hub.push_to_hub(Path(model.spec), repo_id, secret, private_repo, quality.card_perplexity(model))
         except Exception as error:  # noqa: BLE001
             return notice(scrub(readable(error), secret))
@@ -335,4 +287,4 @@ def build(services: Services) -> QuantizeTab:
 def source_choices(services: Services) -> list[str]:
     """demo and the unquantized local models; quantizing a quantized model makes no sense."""
     return [model.name if model.spec == DEMO else model.spec
-            for model in local_models(services.conversions.models_folder) if model.bpw is None]
+            for model in services.local_models() if model.bpw is None]

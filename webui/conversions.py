@@ -1,14 +1,9 @@
-"""What the tabs share across sessions: the conversion queue, the loaded-model cache and
-chat sessions.
+"""Conversions the app runs for its users: the request a form or the API makes, the task
+that watches one conversion, and the queue that runs them.
 
 - Conversions run one at a time per device (they fill its memory), in arrival order;
   each waiting job knows its place. A job's work dir is named after what it converts
   and how, so starting the same job again resumes it.
-- Loaded models are cached by spec and device, least recently used first out, bounded
-  by count and by bytes.
-- Each chat session owns its Generator (and so its KV cache); the conversation itself
-  lives in the browser and is re-encoded every turn, so a session that lost its
-  generator to the bound only pays a new prefill.
 """
 
 from __future__ import annotations
@@ -16,34 +11,29 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import re
 import shutil
 import threading
 import time
 import uuid
-from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import torch
-
-from core.convert.job import ConversionError, ConversionJob, ConversionResult, ConversionSettings
+from core.convert.allocate import DEFAULT_OBJECTIVE
+from core.convert.job import MAX_BPW, MIN_BPW, ConversionError, ConversionJob, ConversionResult, ConversionSettings
 from core.convert.progress import ConversionCancelled, ProgressEvent
-from core.generator import GenerationStats, Generator
-from core.loader import LoadedModel, default_device, load
-from core.sampling import SamplingSettings
-from core.sources import cache_dir, is_hub_id, resolve_model_source
+from core.loader import default_device
+from core.sources import cache_dir, resolve_model_source
 
 from .common import scrub
+from .library import base_name, hub_base_model, models_dir, read_sidecar, write_sidecar
 
 log = logging.getLogger("quantlab.webui")
 
-DEMO = "demo"
-DEMO_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-SIDECAR = "quantlab.json"  # what the app knows about a model it made: source, settings, result, quality
-CHAT_CONTEXT = 2048
+POLL_SECONDS = 1.0  # how often a page or an API stream looks at a task
+GGUF_MAGIC = b"GGUF"
+CALIBRATION_SELF, CALIBRATION_FILE, CALIBRATION_HUB = "written by the model", "a text file", "a Hub dataset file"
 
 # How much of a whole conversion each stage takes, roughly (measurement dominates), so one
 # progress bar and one ETA can span the stages.
@@ -52,96 +42,57 @@ STAGE_WEIGHTS = {"load": 0.01, "calibration": 0.04, "measure": 0.60, "optimize":
 STAGES = list(STAGE_WEIGHTS)
 
 
-def models_dir() -> Path:
-    return cache_dir() / "models"
-
-
 def work_root() -> Path:
     return cache_dir() / "work"
 
 
-# ---------------------------------------------------------------- the models folder
+# ---------------------------------------------------------------- form -> request
 
 
-@dataclass(frozen=True)
-class LocalModel:
-    name: str  # what the dropdowns and the API show
-    spec: str  # what core.loader.load takes
-    bpw: float | None  # None: unquantized
-    meta: dict = field(default_factory=dict, compare=False)
+def chosen_source(typed: str | None, upload: str | None) -> str:
+    """An uploaded GGUF wins over the typed source; an upload that is no GGUF is refused here,
+    before it reaches the queue."""
+    if upload:
+        path = Path(upload)
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+        if path.suffix.lower() != ".gguf" or magic != GGUF_MAGIC:
+            raise ValueError(f"{path.name} is not a GGUF file (a GGUF starts with the bytes 'GGUF'); "
+                             "upload a .gguf model file, or type a Hub id or a local folder instead")
+        return str(path)
+    source = (typed or "").strip()
+    if not source:
+        raise ValueError('choose a model: "demo", a Hub id like owner/name, a local folder or a .gguf path')
+    return source
 
 
-def read_sidecar(folder: Path) -> dict:
-    try:
-        return json.loads((Path(folder) / SIDECAR).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def write_sidecar(folder: Path, meta: dict) -> None:
-    temporary = Path(folder) / f".{SIDECAR}.tmp"
-    temporary.write_text(json.dumps(meta, indent=1), encoding="utf-8")
-    os.replace(temporary, Path(folder) / SIDECAR)
-
-
-def local_models(folder: Path | None = None) -> list[LocalModel]:
-    """`demo` first, then every complete model folder in the models folder, by name.
-
-    Hidden folders are the writer's and importer's unfinished work; they never show.
-    """
-    from core.demo import DEMO_FOLDER_NAME
-
-    folder = folder or models_dir()
-    found = [LocalModel(DEMO, DEMO, None, {"source": DEMO})]
-    if folder.is_dir():
-        for child in sorted(folder.iterdir()):
-            if child.name.startswith(".") or child.name == DEMO_FOLDER_NAME or not (child / "config.json").is_file():
-                continue
-            meta = read_sidecar(child)
-            bpw = meta.get("result", {}).get("bpw") or _config_bits(child)
-            found.append(LocalModel(child.name, str(child), bpw, meta))
-    return found
-
-
-def _config_bits(folder: Path) -> float | None:
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    quantization = config.get("quantization_config") or {}
-    return quantization.get("bits") if quantization.get("quant_method") == "exl2" else None
-
-
-def find_local_model(name: str, folder: Path | None = None) -> LocalModel:
-    """The listed model called `name` (or with that path); chat only loads what the list shows."""
-    name = (name or "").strip()
-    for model in local_models(folder):
-        if name in (model.name, model.spec):
-            return model
-    raise ValueError(f"no local model called {name!r}; pick one from the list (quantize a model to add it)")
-
-
-def base_name(source: str) -> str:
-    """A short folder-friendly name for what is being converted."""
-    if source == DEMO:
-        return DEMO_BASE_MODEL.split("/")[-1]
-    path = Path(source)
-    if source.lower().endswith(".gguf"):
-        name = path.stem
-    elif is_hub_id(source) and not path.exists():
-        name = source.split("/")[-1]
-    else:
-        name = path.name
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
-
-
-def hub_base_model(source: str) -> str | None:
-    """The Hub id a model card can name as base_model, when the source has one."""
-    if source == DEMO:
-        return DEMO_BASE_MODEL
-    if is_hub_id(source) and "/" in source and not Path(source).exists():
-        return source
+def calibration_source(kind: str, upload: str | None, dataset: str | None) -> str | None:
+    if kind == CALIBRATION_FILE:
+        if not upload:
+            raise ValueError("upload a calibration text file (.txt, .jsonl with a 'text' field, or .parquet)")
+        return str(upload)
+    if kind == CALIBRATION_HUB:
+        dataset = (dataset or "").strip()
+        repo, _, filename = dataset.partition(":")
+        if not repo or not filename:
+            raise ValueError("give the Hub dataset file as owner/dataset:path/in/repo.parquet")
+        return f"hf:{repo}:{filename}"
     return None
+
+
+def conversion_request(source: str, bpw: float, head_bits, calibration: str | None, rows, length,
+                       measurement_rows, objective: str, token: str | None = None) -> ConversionRequest:
+    """From the form's values; raises ValueError with the user's mistake in words."""
+    bpw = round(float(bpw), 2)
+    if not MIN_BPW <= bpw <= MAX_BPW:
+        raise ValueError(f"target bits per weight must be between {MIN_BPW} and {MAX_BPW}, got {bpw}")
+    rows, measurement_rows = int(rows), int(measurement_rows)
+    settings = ConversionSettings(bpw=bpw, head_bits=int(head_bits), rows=rows, length=int(length),
+                                  measurement_rows=min(measurement_rows, rows),
+                                  measurement_eval_rows=min(ConversionSettings.measurement_eval_rows, measurement_rows),
+                                  calibration=calibration, objective=objective or DEFAULT_OBJECTIVE)
+    settings.validate()
+    return ConversionRequest(source, settings, token=(token or "").strip() or None)
 
 
 # ---------------------------------------------------------------- disk
@@ -495,209 +446,3 @@ class ConversionQueue:
                     self._lock.notify_all()
 
 
-
-# ---------------------------------------------------------------- loaded models
-
-
-def model_bytes(loaded: LoadedModel) -> int:
-    """Memory the model holds once it has run: its tensors, plus the dense copy the torch
-    reference path keeps of every quantized layer."""
-    from core.linear import QuantizedLinear
-
-    total = 0
-    for tensor in list(loaded.model.parameters()) + [b for b in loaded.model.buffers() if b is not None]:
-        total += tensor.numel() * tensor.element_size()
-    if loaded.device.type == "cpu":
-        for module in loaded.model.modules():
-            if isinstance(module, QuantizedLinear):
-                total += module.in_features * module.out_features * torch.finfo(module.compute_dtype).bits // 8
-    return total
-
-
-def default_cache_bytes() -> int:
-    if gigabytes := os.environ.get("QUANTLAB_MODEL_CACHE_GB"):
-        return int(float(gigabytes) * 1024**3)
-    if torch.cuda.is_available():
-        return int(torch.cuda.get_device_properties(0).total_memory * 0.7)
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.4)
-    except (ValueError, OSError, AttributeError):
-        return 8 * 1024**3
-
-
-class ModelCache:
-    """Loaded models by (spec, device), least recently used evicted past `max_models` or `max_bytes`."""
-
-    def __init__(self, max_models: int = 3, max_bytes: int | None = None, loader=load):
-        self.max_models = max_models
-        self.max_bytes = max_bytes if max_bytes is not None else default_cache_bytes()
-        self.loader = loader
-        self._models: OrderedDict[tuple, tuple[LoadedModel, int]] = OrderedDict()
-        self._loading: dict[tuple, threading.Lock] = {}
-        self._lock = threading.Lock()
-        self.on_evict: list[Callable[[LoadedModel], None]] = []
-
-    def get(self, spec: str, device: str | None = None) -> LoadedModel:
-        key = (spec, device or default_device())
-        with self._lock:
-            if key in self._models:
-                self._models.move_to_end(key)
-                return self._models[key][0]
-            loading = self._loading.setdefault(key, threading.Lock())
-        # One load per model even when many sessions ask for it at once; others wait for it.
-        with loading:
-            with self._lock:
-                if key in self._models:
-                    self._models.move_to_end(key)
-                    return self._models[key][0]
-            loaded = self.loader(spec, device=key[1])
-            size = model_bytes(loaded) if isinstance(loaded, LoadedModel) else 0
-            with self._lock:
-                self._models[key] = (loaded, size)
-                evicted = self._evict(keep=key)
-                self._loading.pop(key, None)
-        for model in evicted:
-            for listener in self.on_evict:
-                listener(model)
-        return loaded
-
-    def _evict(self, keep: tuple) -> list[LoadedModel]:
-        evicted = []
-        while len(self._models) > 1 and (
-            len(self._models) > self.max_models or sum(size for _, size in self._models.values()) > self.max_bytes
-        ):
-            oldest = next(k for k in self._models if k != keep)
-            evicted.append(self._models.pop(oldest)[0])
-        return evicted
-
-    def loaded(self) -> list[str]:
-        with self._lock:
-            return [spec for spec, _ in self._models]
-
-
-# ---------------------------------------------------------------- chat sessions
-
-
-@dataclass(eq=False)
-class ChatSession:
-    id: str
-    lock: threading.Lock = field(default_factory=threading.Lock)  # one answer at a time per session
-    cancel: threading.Event = field(default_factory=threading.Event)
-    generator: Generator | None = None
-    model: LoadedModel | None = None
-
-
-class ChatSessions:
-    """Per-session generators; at most `max_generators` keep their KV cache at once."""
-
-    def __init__(self, max_generators: int = 8, max_seq_len: int = CHAT_CONTEXT):
-        self.max_generators = max_generators
-        self.max_seq_len = max_seq_len
-        self._sessions: OrderedDict[str, ChatSession] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, session_id: str) -> ChatSession:
-        with self._lock:
-            session = self._sessions.get(session_id)
-            if session is None:
-                session = self._sessions[session_id] = ChatSession(session_id)
-            self._sessions.move_to_end(session_id)
-            # Sessions long idle give their cache back; the conversation is in the browser.
-            holders = [s for s in self._sessions.values() if s.generator is not None and s is not session]
-            for idle in holders[: max(0, len(holders) + 1 - self.max_generators)]:
-                if idle.lock.acquire(blocking=False):
-                    idle.generator = idle.model = None
-                    idle.lock.release()
-            return session
-
-    def generator_for(self, session: ChatSession, loaded: LoadedModel) -> Generator:
-        """Call with session.lock held."""
-        if session.generator is None or session.model is not loaded:
-            session.generator = None  # free the old cache before allocating the new one
-            session.generator = Generator(loaded.model, loaded.tokenizer,
-                                          max_seq_len=min(self.max_seq_len, loaded.model.config.max_position_embeddings))
-            session.model = loaded
-        return session.generator
-
-    def forget_model(self, loaded: LoadedModel) -> None:
-        """An evicted model's memory only comes back once no generator holds it."""
-        with self._lock:
-            sessions = list(self._sessions.values())
-        for session in sessions:
-            if session.model is loaded and session.lock.acquire(blocking=False):
-                session.generator = session.model = None
-                session.lock.release()
-
-    def stop(self, session_id: str) -> None:
-        with self._lock:
-            session = self._sessions.get(session_id)
-        if session is not None:
-            session.cancel.set()
-
-
-def sampling_settings(temperature: float, top_k: int, top_p: float, min_p: float, repetition_penalty: float,
-                      seed: int | float | None) -> SamplingSettings:
-    """From the UI's sliders; raises ValueError with the user's mistake in words."""
-    seed = None if seed in (None, "", -1) else int(seed)
-    if seed is not None and seed < 0:
-        seed = None
-    return SamplingSettings(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), min_p=float(min_p),
-                            repetition_penalty=float(repetition_penalty), seed=seed)
-
-
-def fit_to_context(loaded: LoadedModel, messages: list[dict], max_seq_len: int, room: int) -> list[int]:
-    """The conversation's prompt ids, dropping the oldest turns while no room is left to answer."""
-    messages = list(messages)
-    first_turn = 1 if messages and messages[0]["role"] == "system" else 0
-    while True:
-        ids = loaded.tokenizer.encode_chat(messages, add_generation_prompt=True)
-        if len(ids) + room <= max_seq_len or len(messages) - first_turn <= 1:
-            return ids
-        del messages[first_turn : first_turn + 2]
-
-
-def stream_answer(sessions: ChatSessions, session: ChatSession, loaded: LoadedModel, messages: list[dict],
-                  settings: SamplingSettings, max_new_tokens: int) -> Iterator[tuple[str, GenerationStats | None]]:
-    """(answer so far, None) per chunk, then (whole answer, stats)."""
-    with session.lock:
-        session.cancel.clear()
-        generator = sessions.generator_for(session, loaded)
-        room = min(int(max_new_tokens), generator.max_seq_len // 2)
-        prompt_ids = fit_to_context(loaded, messages, generator.max_seq_len, room)
-        text = ""
-        for chunk in generator.stream(prompt_ids, settings, int(max_new_tokens), loaded.stop_token_ids, (),
-                                      session.cancel):
-            text += chunk.text
-            if chunk.done:
-                yield text, chunk.stats
-            elif chunk.text:
-                yield text, None
-
-
-def kernel_path(loaded: LoadedModel) -> str:
-    if loaded.device.type != "cuda":
-        return "CPU reference"
-    from core.kernels import dispatch
-    from core.linear import QuantizedLinear
-
-    if not any(isinstance(module, QuantizedLinear) for module in loaded.model.modules()):
-        return "fp16 (cuBLAS)"
-    # Quantized layers take the kernels when the extension built; otherwise their torch twin.
-    return "CUDA kernels" if dispatch.enabled(loaded.device) else "torch reference on CUDA"
-
-
-def memory_in_use(loaded: LoadedModel) -> str:
-    if loaded.device.type == "cuda":
-        return f"{torch.cuda.memory_allocated(loaded.device) / 1024**3:.2f} GiB GPU memory in use"
-    return f"{model_bytes(loaded) / 1024**2:.0f} MiB model memory (CPU)"
-
-
-def speed_line(stats: GenerationStats, loaded: LoadedModel) -> str:
-    stopped = " · stopped" if stats.stop_reason == "cancelled" else ""
-    return (
-        f"prompt {stats.prompt_tokens} tokens ({stats.cached_tokens} cached) · "
-        f"TTFT {stats.time_to_first_token_s * 1000:.0f} ms · "
-        f"prompt {stats.prompt_tok_s:.1f} tok/s · "
-        f"generation {stats.new_tokens} tokens at {stats.generation_tok_s:.1f} tok/s · "
-        f"{memory_in_use(loaded)} · {loaded.device} · {kernel_path(loaded)}{stopped}"
-    )
