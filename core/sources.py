@@ -11,6 +11,7 @@ import hashlib
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -74,8 +75,12 @@ def is_hub_id(spec: str) -> bool:
     return True
 
 
-def resolve_model_source(spec: str, token: str | None = None) -> Path:
-    """The HF-layout folder for `spec`: "demo", a model folder, a .gguf file, or a Hub id."""
+def resolve_model_source(spec: str, token: str | None = None, allowed_roots: Sequence[str | Path] | None = None) -> Path:
+    """The HF-layout folder for `spec`: "demo", a model folder, a .gguf file, or a Hub id.
+
+    With `allowed_roots` (a public server's upload folders) only the demo, Hub ids and
+    paths inside those roots are taken; see `refuse_outside_roots`.
+    """
     spec = spec.strip()
     if not spec:
         raise ModelSourceError('no model given: name a model folder, a .gguf file, a Hub id like "owner/name", or "demo"')
@@ -83,6 +88,9 @@ def resolve_model_source(spec: str, token: str | None = None) -> Path:
         from core.demo import demo_model_folder  # demo builds on this module, so it is imported late
 
         return demo_model_folder()
+    if allowed_roots is not None:
+        if refuse_outside_roots(spec, allowed_roots) == "hub":
+            return _hub_snapshot(spec, token or os.environ.get("HF_TOKEN") or None)
 
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -99,6 +107,27 @@ def resolve_model_source(spec: str, token: str | None = None) -> Path:
             'a Hub id looks like "owner/name": letters, digits, "-", "_" and "." only'
         )
     return _hub_snapshot(spec, token or os.environ.get("HF_TOKEN") or None)
+
+
+PUBLIC_SOURCE_REFUSAL = (
+    "this server takes only the demo, a Hugging Face model id (owner/name) or an uploaded file; "
+    "paths on the server are not available here"
+)
+
+
+def refuse_outside_roots(spec: str, allowed_roots: Sequence[str | Path]) -> str:
+    """"hub" or "path" for a spec a public server takes, else one sentence whether or not the path exists.
+
+    A well-formed Hub id is always a Hub id here, never a relative path on the server.
+    """
+    spec = spec.strip()
+    if spec == "demo" or (is_hub_id(spec) and not _looks_like_path(spec)):
+        return "hub"
+    # realpath resolves symlinks without asking whether the path exists.
+    real = Path(os.path.realpath(Path(spec).expanduser()))
+    if any(real.is_relative_to(os.path.realpath(root)) for root in allowed_roots):
+        return "path"
+    raise ModelSourceError(PUBLIC_SOURCE_REFUSAL)
 
 
 def resolve_model_config(spec: str, token: str | None = None) -> ModelConfig:

@@ -81,7 +81,8 @@ def calibration_source(kind: str, upload: str | None, dataset: str | None) -> st
 
 
 def conversion_request(source: str, bpw: float, head_bits, calibration: str | None, rows, length,
-                       measurement_rows, objective: str, token: str | None = None) -> ConversionRequest:
+                       measurement_rows, objective: str, token: str | None = None, library: Path | None = None,
+                       roots: tuple[Path, ...] | None = None) -> ConversionRequest:
     """From the form's values; raises ValueError with the user's mistake in words."""
     bpw = round(float(bpw), 2)
     if not MIN_BPW <= bpw <= MAX_BPW:
@@ -92,7 +93,7 @@ def conversion_request(source: str, bpw: float, head_bits, calibration: str | No
                                   measurement_eval_rows=min(ConversionSettings.measurement_eval_rows, measurement_rows),
                                   calibration=calibration, objective=objective or DEFAULT_OBJECTIVE)
     settings.validate()
-    return ConversionRequest(source, settings, token=(token or "").strip() or None)
+    return ConversionRequest(source, settings, token=(token or "").strip() or None, library=library, roots=roots)
 
 
 # ---------------------------------------------------------------- disk
@@ -128,9 +129,16 @@ class ConversionRequest:
     device: str = field(default_factory=default_device)
     # Only for fetching a gated source; kept in memory, never in a file, a log or a repr.
     token: str | None = field(default=None, repr=False, compare=False)
+    # The visitor's models folder on a public server (None: the app's), and where files it names
+    # may be read from (None: anywhere); see access.py.
+    library: Path | None = None
+    roots: tuple[Path, ...] | None = None
 
     def signature(self) -> str:
-        described = json.dumps({"source": self.source, "settings": asdict(self.settings)}, sort_keys=True)
+        described = {"source": self.source, "settings": asdict(self.settings)}
+        if self.library is not None:
+            described["library"] = str(self.library)  # two visitors never share one task or its output
+        described = json.dumps(described, sort_keys=True)
         return hashlib.sha256(described.encode()).hexdigest()[:10]
 
     def measurement_signature(self) -> str:
@@ -258,7 +266,7 @@ def run_conversion(task: ConversionTask, models_folder: Path) -> ConversionResul
     """The default runner: fetch the source, check the disk, reuse a measurement when one
     fits, convert, and record what was made beside the model."""
     request = task.request
-    folder = resolve_model_source(request.source, token=request.token)
+    folder = resolve_model_source(request.source, token=request.token, allowed_roots=request.roots)
     check_disk_space(folder, request.settings.bpw, models_folder)
     measurement = reusable_measurement(task.work_dir, request)
     if measurement is not None:
@@ -267,7 +275,8 @@ def run_conversion(task: ConversionTask, models_folder: Path) -> ConversionResul
             if event.stage == "measure":
                 task.events.append(event)
     job = ConversionJob(str(folder), task.work_dir, task.output_dir, request.settings, measurement_file=measurement,
-                        device=request.device, on_event=task.record, cancel=task.cancel)
+                        device=request.device, on_event=task.record, cancel=task.cancel,
+                        calibration_roots=request.roots)
     result = job.run()
     task.chosen = _chosen_from_work_dir(task.work_dir) or task.chosen
     write_sidecar(result.output_dir, {
@@ -342,12 +351,13 @@ class ConversionQueue:
         work_dir = self.work_folder / f"{base}-m{request.measurement_signature()}-{request.signature()}"
         s = request.settings
         name = f"{base}-exl2-{s.bpw:.2f}bpw-h{s.head_bits}"
-        output = self.models_folder / name
+        library = request.library or self.models_folder
+        output = library / name
         existing = read_sidecar(output) if output.exists() else None
         taken = {t.output_dir for t in self.tasks.values() if t.work_dir != work_dir and not t.finished}
         if (existing is not None and existing.get("settings") != asdict(s)) or output in taken:
             # Same size, other calibration or source: both stay, told apart by the signature.
-            output = self.models_folder / f"{name}-{request.signature()[:6]}"
+            output = library / f"{name}-{request.signature()[:6]}"
         return work_dir, output
 
     def submit(self, request: ConversionRequest) -> ConversionTask:

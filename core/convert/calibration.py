@@ -81,12 +81,18 @@ def calibration_text(source: str, allowed_roots: Sequence[str | Path] | None = N
         if not repo_id or not filename:
             raise CalibrationError(f"{source!r} is not a Hub dataset file; write hf:<dataset id>:<file>")
         return read_text_file(hub_dataset_file(repo_id, filename, token))
-    if allowed_roots is not None and not _inside_any(Path(source), allowed_roots):
-        raise CalibrationError(
-            f"calibration file {source} is not available here: upload a text file, "
-            "or name a Hub dataset file as hf:<dataset id>:<file>"
-        )
+    refuse_outside_roots(source, allowed_roots)
     return read_text_file(source)
+
+
+def refuse_outside_roots(source: str, allowed_roots: Sequence[str | Path] | None) -> None:
+    """One sentence for a local calibration file outside `allowed_roots` (None: anywhere is fine)."""
+    if allowed_roots is None or source.startswith(HUB_FILE_PREFIX) or _inside_any(Path(source), allowed_roots):
+        return
+    raise CalibrationError(
+        f"calibration file {source} is not available here: upload a text file, "
+        "or name a Hub dataset file as hf:<dataset id>:<file>"
+    )
 
 
 def _inside_any(path: Path, roots: Sequence[str | Path]) -> bool:
