@@ -155,6 +155,17 @@ def test_a_local_file_refused_as_upload_stays_where_its_owner_put_it(tmp_path):
     assert mine.exists()
 
 
+def test_a_space_or_the_public_flag_turns_the_limits_on(monkeypatch):
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    monkeypatch.delenv("QUANTLAB_MAX_UPLOAD_GB", raising=False)
+    local = Access.for_environment()
+    assert not local.public and local.roots is None and local.max_upload_bytes is None
+    flagged = Access.for_environment(public=True)
+    assert flagged.public and flagged.roots == flagged.upload_roots and flagged.max_upload_bytes == 6 * 1024**3
+    monkeypatch.setenv("SPACE_ID", "user/quantlab")
+    assert Access.for_environment().public
+
+
 def test_launch_passes_the_cap_to_gradio(public):
     assert public.launch_options() == {"max_file_size": 1000}
     assert Access().launch_options() == {}

@@ -29,15 +29,10 @@ from core.sources import refuse_outside_roots
 
 from .common import on_space
 
-PUBLIC_ENV = "QUANTLAB_PUBLIC"
 UPLOAD_LIMIT_ENV = "QUANTLAB_MAX_UPLOAD_GB"
 # A 7-8B model's Q4 GGUF is 4-5 GB; a Space's disk holds a few of those at most.
 PUBLIC_UPLOAD_LIMIT_GB = 6.0
 USERS_FOLDER = "users"
-
-
-def public_requested(flag: bool = False) -> bool:
-    return flag or on_space() or os.environ.get(PUBLIC_ENV, "") not in ("", "0")
 
 
 @dataclass(frozen=True)
@@ -48,7 +43,7 @@ class Access:
 
     @classmethod
     def for_environment(cls, public: bool = False) -> "Access":
-        public = public_requested(public)
+        public = public or on_space()
         limit_gb = os.environ.get(UPLOAD_LIMIT_ENV) or (PUBLIC_UPLOAD_LIMIT_GB if public else None)
         max_bytes = int(float(limit_gb) * 1024**3) if limit_gb else None
         return cls(public, max_bytes, (Path(get_upload_folder()),))
