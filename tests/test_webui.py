@@ -3,6 +3,7 @@ chat sessions that keep to themselves, the model card, the zip and the charts.""
 
 from __future__ import annotations
 
+import re
 import threading
 import zipfile
 from collections import namedtuple
@@ -110,10 +111,55 @@ def test_an_unexpected_failure_is_summarised_and_the_next_job_still_runs(queue_w
     assert queue.wait(after, 10) and after.state == DONE
 
 
-@pytest.mark.parametrize("bpw", [1.5, 8.5])
+@pytest.mark.parametrize("bpw", [1.5, 8.5, float("nan")])
 def test_bpw_outside_2_to_8_is_refused_in_words(bpw):
     with pytest.raises(ValueError, match="between 2.0 and 8.0"):
         conversion_request("demo", bpw, 6, None, 32, 512, 16, "maximin")
+
+
+@pytest.mark.parametrize("rows, length, measurement_rows, objective, message", [
+    (10**5, 512, 16, "maximin", "calibration rows must be between 1 and 1024, got 100000"),
+    (32, 10**6, 16, "maximin", "tokens per calibration row must be between 16 and 8192, got 1000000"),
+    (32, 8, 16, "maximin", "tokens per calibration row must be between 16 and 8192, got 8"),
+    (32, 512, 0, "maximin", "measurement rows must be between 1 and the number of calibration rows"),
+    (32, 512, 16, "most-bits", "objective must be one of maximin, sum-log, sum-sq, got 'most-bits'"),
+])
+def test_the_page_the_api_and_the_cli_share_the_bounds_of_a_conversion(rows, length, measurement_rows, objective,
+                                                                        message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        conversion_request("demo", 4.0, 6, None, rows, length, measurement_rows, objective)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ConversionSettings(rows=rows, length=length, measurement_rows=measurement_rows, objective=objective,
+                           measurement_eval_rows=max(1, min(4, measurement_rows))).validate()
+
+
+def test_each_session_may_queue_a_few_conversions_and_the_whole_app_a_few_more(queue_with):
+    runner = GatedRunner()
+    queue = queue_with(runner)
+    queue.per_session, queue.total = 2, 3
+    mine = [queue.submit(request_for("demo", bpw), owner="alice") for bpw in (3.0, 4.0)]
+    with pytest.raises(ValueError, match="you already have 2 conversions waiting or running"):
+        queue.submit(request_for("demo", 5.0), owner="alice")
+    assert queue.submit(request_for("demo", 3.0), owner="alice") is mine[0]  # the same job is watched, not counted
+    queue.submit(request_for("demo", 5.0), owner="bob")
+    with pytest.raises(ValueError, match="the conversion queue is full"):
+        queue.submit(request_for("demo", 6.0), owner="carol")
+    runner.release.set()
+    assert all(queue.wait(task, 10) for task in queue.tasks.values())
+    assert queue.submit(request_for("demo", 6.0), owner="carol").state != FAILED  # room again once they finished
+
+
+def test_only_the_session_that_started_a_conversion_can_cancel_it(queue_with):
+    runner = GatedRunner()
+    queue = queue_with(runner)
+    task = queue.submit(request_for("demo"), owner="alice")
+    assert runner.started.wait(10)
+    with pytest.raises(ValueError, match="started in another session; only that session can cancel it"):
+        queue.cancel(task, owner="mallory")
+    assert not task.cancel.is_set()
+    queue.cancel(task, owner="alice")
+    runner.release.set()
+    assert queue.wait(task, 10) and task.state == CANCELLED
 
 
 def test_an_upload_that_is_not_gguf_is_refused(tmp_path):

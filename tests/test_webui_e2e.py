@@ -317,3 +317,20 @@ def test_the_named_endpoints_script_the_app(app_url):
     assert status["state"] == "done" and status["model"].startswith(f"SmolLM2-135M-Instruct-exl2-4.00bpw-h{HEAD_BITS}")
     assert 3.5 < status["result"]["bpw"] <= 4.0
     assert status["model"] in [model["name"] for model in client.predict(api_name="/models")]
+
+    # The API keeps the page's bounds: a length the form refuses is refused here too.
+    with pytest.raises(Exception, match="tokens per calibration row must be between 16 and 8192"):
+        client.predict("demo", 4.0, HEAD_BITS, ROWS, 10**6, MEASUREMENT_ROWS, api_name="/quantize")
+
+    # /cancel stops a conversion this client started; another client may not.
+    job = client.submit("demo", 3.0, HEAD_BITS, ROWS, LENGTH, MEASUREMENT_ROWS, api_name="/quantize")
+    deadline = time.monotonic() + 300
+    while not job.outputs():
+        assert time.monotonic() < deadline and not job.done(), "no status from /quantize"
+        time.sleep(0.5)
+    task_id = job.outputs()[0]["task_id"]
+    with pytest.raises(Exception, match="started in another session"):
+        Client(app_url, verbose=False).predict(task_id, api_name="/cancel")
+    assert client.predict(task_id, api_name="/cancel")["task_id"] == task_id
+    with pytest.raises(Exception, match="cancelled"):
+        job.result(timeout=600)

@@ -1,13 +1,15 @@
-"""Named endpoints for scripts (gradio_client): /models, /chat and /quantize.
+"""Named endpoints for scripts (gradio_client): /models, /chat, /quantize and /cancel.
 
     from gradio_client import Client
     client = Client("http://127.0.0.1:7860/")
     client.predict(api_name="/models")
     client.predict("What is the capital of France?", "demo", api_name="/chat")
-    client.predict("demo", 4.0, api_name="/quantize")
+    job = client.submit("demo", 4.0, api_name="/quantize")   # statuses carry "task_id"
+    client.predict(task_id, api_name="/cancel")               # the same client only
 
-They run on the same queue, model cache and chat sessions as the page. A mistake
-comes back as an error whose message says what to change.
+They run on the same queue, model cache and chat sessions as the page, under the same
+bounds (ConversionSettings.validate) and queue limits. A mistake comes back as an
+error whose message says what to change.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from core.convert.allocate import DEFAULT_OBJECTIVE
 from core.convert.job import ConversionSettings
 
 from .chats import CHAT_CONCURRENCY, CHAT_CONCURRENCY_LIMIT
-from .common import history_messages, readable, session_id
+from .common import history_messages, owner_of, readable, session_id
 from .conversions import DONE, POLL_SECONDS, ConversionTask, chosen_source, conversion_request
 from .library import DEMO
 from .services import Services
@@ -30,6 +32,7 @@ from .services import Services
 def task_status(task: ConversionTask, position: int) -> dict:
     event = task.last_event
     status = {
+        "task_id": task.id,
         "state": task.state,
         "queue_position": position,
         "stage": event.stage if event else None,
@@ -79,16 +82,17 @@ def register(services: Services) -> None:
                  profile: gr.OAuthProfile | None = None) -> Iterator[dict]:
         """Convert `source` (demo, a Hub id, a local folder or .gguf path) to EXL2 at `bpw`; streams
         the job's status and ends with its result ("model" is the name /chat takes). Asking again for
-        the same conversion resumes it. calibration: a file path or hf:<dataset>:<file>; empty for
-        text the model writes itself. A public server takes only the demo, Hub ids and uploaded files."""
+        the same conversion resumes it; /cancel with the status's task_id stops it. calibration: a file
+        path or hf:<dataset>:<file>; empty for text the model writes itself. A public server takes only
+        the demo, Hub ids and uploaded files."""
         try:
-            source = chosen_source(source, None)
+            source, calibration = chosen_source(source, None), (calibration or "").strip() or None
             services.access.check_source(source)
-            services.access.check_calibration(calibration.strip())
-            conversion = conversion_request(source, bpw, head_bits, calibration.strip() or None, rows, length,
-                                            measurement_rows, objective, library=services.library(request, profile),
+            services.access.check_calibration(calibration)
+            conversion = conversion_request(source, bpw, head_bits, calibration, rows, length, measurement_rows,
+                                            objective, library=services.library(request, profile),
                                             roots=services.access.roots)
-            task = services.conversions.submit(conversion)
+            task = services.conversions.submit(conversion, owner_of(request))
         except Exception as error:  # noqa: BLE001
             raise gr.Error(readable(error), print_exception=False) from None
         while not task.finished:
@@ -98,6 +102,19 @@ def register(services: Services) -> None:
             raise gr.Error(f"the conversion {task.state}: {task.message}", print_exception=False)
         yield task_status(task, 0)
 
+    def cancel(task_id: str, request: gr.Request = None) -> dict:
+        """Stop a conversion this client started (task_id from /quantize's status); it stops after the
+        current module, everything kept, and asking /quantize again resumes it."""
+        task = services.conversions.get((task_id or "").strip())
+        try:
+            if task is None:
+                raise ValueError(f"no conversion with id {task_id!r}")
+            services.conversions.cancel(task, owner_of(request))
+        except Exception as error:  # noqa: BLE001
+            raise gr.Error(readable(error), print_exception=False) from None
+        return task_status(task, services.conversions.position(task))
+
     gr.api(models, api_name="models")
     gr.api(chat, api_name="chat", concurrency_id=CHAT_CONCURRENCY, concurrency_limit=CHAT_CONCURRENCY_LIMIT)
     gr.api(quantize, api_name="quantize", concurrency_limit=None)
+    gr.api(cancel, api_name="cancel", concurrency_limit=None)

@@ -77,4 +77,9 @@ def guarded(handler: Callable) -> Callable:
 
 def session_id(request, part: str) -> str:
     """Who is asking (a gr.Request's browser session) and through which part of the page."""
-    return f"{getattr(request, 'session_hash', None) or 'anonymous'}:{part}"
+    return f"{owner_of(request)}:{part}"
+
+
+def owner_of(request) -> str:
+    """The browser session (or gradio_client) a conversion belongs to."""
+    return getattr(request, "session_hash", None) or "anonymous"

@@ -4,25 +4,40 @@ that watches one conversion, and the queue that runs them.
 - Conversions run one at a time per device (they fill its memory), in arrival order;
   each waiting job knows its place. A job's work dir is named after what it converts
   and how, so starting the same job again resumes it.
+- Each conversion runs as a child process, `python -m core.convert ... --events jsonl`,
+  whose events the task reads line by line. An out-of-memory error or a CUDA fault
+  kills the child, not the server and its chats, and the device memory the converter
+  held comes back when it exits. Cancel is SIGINT (the child stops after the current
+  module, everything kept); Resume runs the same command again.
+- Each browser session (or API client) owns what it submitted: only it can cancel, and
+  it may have at most MAX_CONVERSIONS_PER_SESSION waiting or running, out of
+  MAX_CONVERSIONS at once for the whole app.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import IO
 
 from core.convert.allocate import DEFAULT_OBJECTIVE
-from core.convert.job import MAX_BPW, MIN_BPW, ConversionError, ConversionJob, ConversionResult, ConversionSettings
+from core.convert.job import ConversionError, ConversionResult, ConversionSettings
 from core.convert.progress import ConversionCancelled, ProgressEvent
+from core.convert.workdir import WorkDir, event_from_dict
 from core.loader import default_device
 from core.sources import cache_dir, resolve_model_source
 
@@ -31,7 +46,10 @@ from .library import base_name, hub_base_model, models_dir, read_sidecar, write_
 
 log = logging.getLogger("quantlab.webui")
 
+REPO_ROOT = Path(__file__).resolve().parent.parent  # where `python -m core.convert` finds core
 POLL_SECONDS = 1.0  # how often a page or an API stream looks at a task
+MAX_CONVERSIONS_PER_SESSION = 2  # waiting or running, per browser session / API client
+MAX_CONVERSIONS = 8  # waiting or running, for the whole app
 GGUF_MAGIC = b"GGUF"
 CALIBRATION_SELF, CALIBRATION_FILE, CALIBRATION_HUB = "written by the model", "a text file", "a Hub dataset file"
 
@@ -40,6 +58,7 @@ CALIBRATION_SELF, CALIBRATION_FILE, CALIBRATION_HUB = "written by the model", "a
 STAGE_WEIGHTS = {"load": 0.01, "calibration": 0.04, "measure": 0.60, "optimize": 0.01, "quantize": 0.30,
                  "head": 0.02, "write": 0.02, "done": 0.0}
 STAGES = list(STAGE_WEIGHTS)
+RESUME_HINT = "everything finished so far is kept: press Resume to continue from where it stopped"
 
 
 def work_root() -> Path:
@@ -84,15 +103,16 @@ def conversion_request(source: str, bpw: float, head_bits, calibration: str | No
                        measurement_rows, objective: str, token: str | None = None, library: Path | None = None,
                        roots: tuple[Path, ...] | None = None) -> ConversionRequest:
     """From the form's values; raises ValueError with the user's mistake in words."""
-    bpw = round(float(bpw), 2)
-    if not MIN_BPW <= bpw <= MAX_BPW:
-        raise ValueError(f"target bits per weight must be between {MIN_BPW} and {MAX_BPW}, got {bpw}")
-    rows, measurement_rows = int(rows), int(measurement_rows)
-    settings = ConversionSettings(bpw=bpw, head_bits=int(head_bits), rows=rows, length=int(length),
-                                  measurement_rows=min(measurement_rows, rows),
+    try:
+        bpw, head_bits, rows, length = round(float(bpw), 2), int(head_bits), int(rows), int(length)
+        measurement_rows = min(int(measurement_rows), rows)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError("bits per weight, head bits, rows, length and measurement rows must be numbers") from None
+    settings = ConversionSettings(bpw=bpw, head_bits=head_bits, rows=rows, length=length,
+                                  measurement_rows=measurement_rows,
                                   measurement_eval_rows=min(ConversionSettings.measurement_eval_rows, measurement_rows),
                                   calibration=calibration, objective=objective or DEFAULT_OBJECTIVE)
-    settings.validate()
+    settings.validate()  # the bounds the page, the API and the CLI share
     return ConversionRequest(source, settings, token=(token or "").strip() or None, library=library, roots=roots)
 
 
@@ -119,7 +139,7 @@ def check_disk_space(source_folder: Path, bpw: float, target: Path) -> None:
         )
 
 
-# ---------------------------------------------------------------- conversions
+# ---------------------------------------------------------------- requests and tasks
 
 
 @dataclass(frozen=True)
@@ -160,6 +180,7 @@ class ConversionTask:
     request: ConversionRequest
     work_dir: Path
     output_dir: Path
+    owner: str = ""  # the browser session or API client that submitted it
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     state: str = QUEUED
     events: list[ProgressEvent] = field(default_factory=list)
@@ -167,10 +188,12 @@ class ConversionTask:
     result: ConversionResult | None = None
     message: str = ""  # why it failed or stopped, for the user
     cancel: threading.Event = field(default_factory=threading.Event)
+    process: subprocess.Popen | None = field(default=None, repr=False)  # the converter, while it runs
     submitted_at: float = field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
     resumed_from: str = ""  # what an earlier run had already finished
+    _places: dict = field(default_factory=dict, repr=False)  # (stage, module/layer) -> index in events
 
     @property
     def finished(self) -> bool:
@@ -181,11 +204,20 @@ class ConversionTask:
         return self.events[-1] if self.events else None
 
     def record(self, event: ProgressEvent) -> None:
+        if event.allocation:
+            self.chosen = {module: int(index) for module, index in event.allocation.get("choice", {}).items()}
+        # A run killed between a module's event and its progress file measures that module
+        # again on Resume: the chart keeps one point set per module, the latest.
+        key = (event.stage, event.module if event.stage == "measure" else event.layer)
+        if event.stage in ("measure", "quantize") and key in self._places:
+            self.events[self._places[key]] = event
+            return
+        self._places[key] = len(self.events)
         self.events.append(event)
-        if event.stage in ("measure", "quantize"):
-            _append_event_log(event_log_path(self.work_dir), event)
-        if event.stage == "quantize" and not self.chosen:
-            self.chosen = _chosen_from_work_dir(self.work_dir)
+
+    def record_all(self, events: Iterable[ProgressEvent]) -> None:
+        for event in events:
+            self.record(event)
 
     def overall_fraction(self) -> float:
         event = self.last_event
@@ -210,75 +242,109 @@ class ConversionTask:
     _fraction_at_start: float = 0.0
 
 
-def event_log_path(work_dir: Path) -> Path:
-    # Beside the work dir, not in it: the converter owns what is inside.
-    return work_dir.with_name(work_dir.name + ".events.jsonl")
+# ---------------------------------------------------------------- the converter as a child process
 
 
-def _append_event_log(path: Path, event: ProgressEvent) -> None:
+def conversion_command(request: ConversionRequest, work_dir: Path, output_dir: Path,
+                       measurement: Path | None = None, source: str | None = None) -> list[str]:
+    """The CLI command that runs this conversion (of `source`, default the request's); running it again resumes it."""
+    s = request.settings
+    # --flag=value for what a user typed, so a value starting with "-" stays a value.
+    command = [sys.executable, "-m", "core.convert", f"--in-dir={source or request.source}", f"--out-dir={work_dir}",
+               f"--compile-full={output_dir}", f"--bits={s.bpw!r}", f"--head-bits={s.head_bits}",
+               f"--dataset-rows={s.rows}", f"--length={s.length}", f"--measurement-rows={s.measurement_rows}",
+               f"--measurement-eval-rows={s.measurement_eval_rows}", f"--seed={s.seed}", f"--objective={s.objective}",
+               f"--device={request.device}", "--events=jsonl"]
+    if s.calibration:
+        command.append(f"--cal-dataset={s.calibration}")
+    if measurement is not None:
+        command.append(f"--measurement={measurement}")
+    command += [f"--calibration-root={root}" for root in request.roots or ()]
+    return command
+
+
+def _keep_tail(stream: IO[str], tail: deque) -> None:
+    for line in stream:
+        tail.append(line.rstrip("\n"))
+
+
+def _forward_cancel(task: ConversionTask, process: subprocess.Popen) -> None:
+    """Cancel is SIGINT to the child, which stops after the current module with everything kept."""
+    while process.poll() is None:
+        if task.cancel.wait(0.2):
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGINT)
+            return
+
+
+def _signal_name(number: int) -> str:
     try:
-        with open(path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(asdict(event)) + "\n")
-    except OSError:
-        log.warning("could not write the event log %s", path)
+        return signal.Signals(number).name
+    except ValueError:
+        return "unknown"
 
 
-def read_event_log(path: Path) -> list[ProgressEvent]:
-    events = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return events
-    for line in lines:
+def run_child(task: ConversionTask, command: list[str]) -> ConversionResult:
+    """Run the converter, feed its events to the task, and turn how it ended into a result or an error."""
+    token = task.request.token
+    environment = dict(os.environ)
+    if token:
+        environment["HF_TOKEN"] = token  # the child's environment only: never argv, never a log
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=environment, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+    task.process = process
+    stderr_tail: deque[str] = deque(maxlen=40)
+    readers = [threading.Thread(target=_keep_tail, args=(process.stderr, stderr_tail), daemon=True),
+               threading.Thread(target=_forward_cancel, args=(task, process), daemon=True)]
+    for reader in readers:
+        reader.start()
+    ending: dict = {}
+    for line in process.stdout:
         try:
-            events.append(ProgressEvent(**json.loads(line)))
-        except (json.JSONDecodeError, TypeError):
-            continue  # a line cut short by a kill; the rest still count
-    return events
-
-
-def _chosen_from_work_dir(work_dir: Path) -> dict[str, int]:
-    # The converter records the allocation it quantizes with in quant_progress.json; its
-    # events do not carry it (yet), and the chart wants to mark the chosen candidates.
-    try:
-        progress = json.loads((work_dir / "quant_progress.json").read_text(encoding="utf-8"))
-        return {module: int(index) for module, index in progress.get("choice", {}).items()}
-    except (OSError, json.JSONDecodeError, AttributeError, ValueError):
-        return {}
-
-
-def _work_dir_progress(work_dir: Path) -> str:
-    """A sentence on what an earlier run of this job finished, or ""."""
-    if (work_dir / "measurement.json").is_file():
-        try:
-            layers = json.loads((work_dir / "quant_progress.json").read_text())["next_layer"]
-            return f"measurement done, {layers} layers quantized"
-        except (OSError, json.JSONDecodeError, KeyError):
-            return "measurement done"
-    try:
-        layers = json.loads((work_dir / "measurement.partial.json").read_text())["next_layer"]
-        return f"{layers} layers measured" if layers else ""
-    except (OSError, json.JSONDecodeError, KeyError):
-        return ""
+            values = json.loads(line)
+            kind = values.pop("event")
+        except (json.JSONDecodeError, AttributeError, KeyError):
+            continue  # not an event line (a library's stray output); the events are what count
+        if kind == "progress":
+            task.record(event_from_dict(values))
+        else:
+            ending = {"event": kind, **values}
+    code = process.wait()
+    readers[0].join(5)
+    if code != 0 and stderr_tail:
+        log.warning("conversion %s ended with %s; its last output:\n%s", task.id, code,
+                    scrub("\n".join(stderr_tail), token))
+    if code == 0 and ending.get("event") == "result":
+        return ConversionResult(Path(ending["output_dir"]), ending["bpw"], ending["head_bpw"], ending["size_bytes"],
+                                ending["seconds"], ending.get("layer_bits", []), ending.get("layer_errors", []))
+    if ending.get("event") == "cancelled" or (task.cancel.is_set() and code != 0):
+        raise ConversionCancelled("cancelled")
+    if code < 0:
+        number = -code
+        why = " (out of memory, or stopped from outside)" if number == signal.SIGKILL else ""
+        raise ConversionError(f"the conversion process was killed (signal {number}, {_signal_name(number)}){why}; "
+                              f"{RESUME_HINT}")
+    if ending.get("event") == "error":
+        message = ending.get("message") or "the conversion failed"
+        # Exit code 2: the input needs changing; anything else may well go through on a second try.
+        raise ConversionError(message if code == 2 else f"{message}; the server log has the details; {RESUME_HINT}")
+    raise ConversionError(f"the conversion process stopped unexpectedly (exit code {code}); "
+                          f"the server log has the details; {RESUME_HINT}")
 
 
 def run_conversion(task: ConversionTask, models_folder: Path) -> ConversionResult:
     """The default runner: fetch the source, check the disk, reuse a measurement when one
-    fits, convert, and record what was made beside the model."""
+    fits, convert in a child process, and record what was made beside the model."""
     request = task.request
     folder = resolve_model_source(request.source, token=request.token, allowed_roots=request.roots)
     check_disk_space(folder, request.settings.bpw, models_folder)
     measurement = reusable_measurement(task.work_dir, request)
     if measurement is not None:
         task.resumed_from = task.resumed_from or f"reusing the measurement of {measurement.parent.name}"
-        for event in read_event_log(event_log_path(measurement.parent)):
-            if event.stage == "measure":
-                task.events.append(event)
-    job = ConversionJob(str(folder), task.work_dir, task.output_dir, request.settings, measurement_file=measurement,
-                        device=request.device, on_event=task.record, cancel=task.cancel,
-                        calibration_roots=request.roots)
-    result = job.run()
-    task.chosen = _chosen_from_work_dir(task.work_dir) or task.chosen
+        task.record_all(e for e in WorkDir(measurement.parent).read_events() if e.stage == "measure")
+    # On a public server the child gets the folder checked here: it must not read a Hub id as a server path.
+    source = str(folder) if request.roots is not None else None
+    result = run_child(task, conversion_command(request, task.work_dir, task.output_dir, measurement, source))
     write_sidecar(result.output_dir, {
         "source": request.source,
         "base_name": base_name(request.source),
@@ -307,12 +373,12 @@ def _already_made(request: ConversionRequest, output: Path) -> ConversionResult 
 
 def reusable_measurement(work_dir: Path, request: ConversionRequest) -> Path | None:
     """A finished measurement of the same model and calibration from another target's work dir."""
-    if (work_dir / "measurement.json").is_file() or (work_dir / "measurement.partial.json").is_file():
+    if WorkDir(work_dir).measurement_started():
         return None  # this job's own, finished or under way, comes first
     prefix = f"{base_name(request.source)}-m{request.measurement_signature()}-"
     for candidate in sorted(work_dir.parent.glob(prefix + "*")):
-        if candidate != work_dir and (candidate / "measurement.json").is_file():
-            return candidate / "measurement.json"
+        if candidate != work_dir and WorkDir(candidate).has_measurement():
+            return WorkDir(candidate).measurement
     return None
 
 
@@ -327,10 +393,12 @@ class ConversionQueue:
     pressing Start on one model watch one conversion.
     """
 
-    def __init__(self, models_folder: Path | None = None, work_folder: Path | None = None, runner: Runner = run_conversion):
+    def __init__(self, models_folder: Path | None = None, work_folder: Path | None = None, runner: Runner = run_conversion,
+                 per_session: int = MAX_CONVERSIONS_PER_SESSION, total: int = MAX_CONVERSIONS):
         self._models_folder = models_folder
         self._work_folder = work_folder
         self.runner = runner
+        self.per_session, self.total = per_session, total
         self._lock = threading.Condition()
         self._waiting: dict[str, deque[ConversionTask]] = {}
         self._running: dict[str, ConversionTask] = {}
@@ -360,31 +428,43 @@ class ConversionQueue:
             output = library / f"{name}-{request.signature()[:6]}"
         return work_dir, output
 
-    def submit(self, request: ConversionRequest) -> ConversionTask:
+    def submit(self, request: ConversionRequest, owner: str = "") -> ConversionTask:
+        """Queue `request` for `owner` (a session); a refusal is a ConversionError that says why."""
         request.settings.validate()
         work_dir, output = self.paths_for(request)
+        work = WorkDir(work_dir)
         with self._lock:
             for task in self.tasks.values():
                 if task.work_dir == work_dir and not task.finished:
                     return task
-            task = ConversionTask(request, work_dir, output)
+            task = ConversionTask(request, work_dir, output, owner)
             if (made := _already_made(request, output)) is not None:
                 # Pressing Quantize again on a finished model shows it rather than redoing the tail of it.
                 task.result, task.state = made, DONE
                 task.started_at = task.finished_at = task.submitted_at
-                task.events.extend(read_event_log(event_log_path(work_dir)))
-                task.chosen = _chosen_from_work_dir(work_dir)
+                task.record_all(work.read_events())
                 self.tasks[task.id] = task
                 return task
-            task.resumed_from = _work_dir_progress(work_dir)
-            if work_dir.is_dir():
-                # A resumed job's chart starts with what the earlier runs measured.
-                task.events.extend(read_event_log(event_log_path(work_dir)))
+            self._check_limits(owner)
+            task.resumed_from = work.progress_summary()
+            # A resumed job's chart starts with what the earlier runs measured.
+            task.record_all(work.read_events())
             self.tasks[task.id] = task
             self._waiting.setdefault(request.device, deque()).append(task)
             self._ensure_worker(request.device)
             self._lock.notify_all()
         return task
+
+    def _check_limits(self, owner: str) -> None:
+        """Call with the lock held."""
+        unfinished = [task for task in self.tasks.values() if not task.finished]
+        mine = sum(task.owner == owner for task in unfinished)
+        if mine >= self.per_session:
+            raise ConversionError(f"you already have {mine} conversions waiting or running (at most "
+                                  f"{self.per_session} at once); wait for one to finish or cancel it")
+        if len(unfinished) >= self.total:
+            raise ConversionError(f"the conversion queue is full ({len(unfinished)} conversions waiting or running); "
+                                  "try again when one has finished")
 
     def get(self, task_id: str | None) -> ConversionTask | None:
         return self.tasks.get(task_id or "")
@@ -397,7 +477,12 @@ class ConversionQueue:
                 return 0
             return list(waiting).index(task) + (1 if task.request.device in self._running else 0)
 
-    def cancel(self, task: ConversionTask) -> None:
+    def cancel(self, task: ConversionTask, owner: str | None = None) -> None:
+        """Stop `task`; with `owner`, only when that session submitted it."""
+        if owner is not None and task.owner != owner:
+            raise ConversionError("this conversion was started in another session; only that session can cancel it")
+        if task.finished:
+            return
         with self._lock:
             waiting = self._waiting.get(task.request.device, deque())
             if task in waiting:
@@ -438,7 +523,7 @@ class ConversionQueue:
                 task.state, task.message = DONE, ""
             except ConversionCancelled:
                 task.state = CANCELLED
-                task.message = "cancelled; everything finished so far is kept: press Resume to continue from there"
+                task.message = f"cancelled; {RESUME_HINT}"
             except (ValueError, OSError) as error:
                 # Our own errors (sources, settings, calibration, disk) are written for users.
                 task.state, task.message = FAILED, scrub(str(error), task.request.token)
@@ -450,6 +535,7 @@ class ConversionQueue:
             finally:
                 # The token was needed only to fetch the source.
                 task.request = replace(task.request, token=None)
+                task.process = None
                 with self._lock:
                     task.finished_at = time.time()
                     self._running.pop(device, None)

@@ -15,11 +15,11 @@ from pathlib import Path
 import gradio as gr
 
 from core.convert.allocate import DEFAULT_OBJECTIVE, OBJECTIVES
-from core.convert.job import MAX_BPW, MIN_BPW, ConversionSettings
+from core.convert.job import MAX_BPW, MAX_LENGTH, MAX_ROWS, MIN_BPW, MIN_LENGTH, ConversionSettings
 from core.convert.qparams import HEAD_OPTIONS
 
 from . import hub, plots, quality
-from .common import notice, on_space, readable, scrub
+from .common import notice, on_space, owner_of, readable, scrub
 from .conversions import (
     CALIBRATION_FILE, CALIBRATION_HUB, CALIBRATION_SELF, CANCELLED, DONE, FAILED, POLL_SECONDS, QUEUED,
     ConversionTask, calibration_source, chosen_source, conversion_request,
@@ -128,12 +128,13 @@ def build(services: Services) -> QuantizeTab:
                                            file_types=[".txt", ".jsonl", ".parquet"], type="filepath", height=120)
                 calibration_dataset = gr.Textbox(label="Hub dataset file", placeholder="owner/dataset:data/train.parquet")
                 with gr.Row():
-                    rows = gr.Number(ConversionSettings.rows, precision=0, minimum=1, maximum=1024,
+                    rows = gr.Number(ConversionSettings.rows, precision=0, minimum=1, maximum=MAX_ROWS,
                                      label="Calibration rows", elem_id="ql-rows")
-                    length = gr.Number(ConversionSettings.length, precision=0, minimum=16, maximum=8192,
+                    length = gr.Number(ConversionSettings.length, precision=0, minimum=MIN_LENGTH, maximum=MAX_LENGTH,
                                        label="Tokens per row", elem_id="ql-length")
                     measurement_rows = gr.Number(ConversionSettings.measurement_rows, precision=0, minimum=1,
-                                                 maximum=1024, label="Measurement rows", elem_id="ql-measurement-rows")
+                                                 maximum=MAX_ROWS, label="Measurement rows",
+                                                 elem_id="ql-measurement-rows")
                 objective = gr.Dropdown(list(OBJECTIVES), value=DEFAULT_OBJECTIVE, label="Bit allocation objective",
                                         info="maximin (ExLlamaV2's) measured best on the demo model")
                 source_token = gr.Textbox(label="Hugging Face token for a gated or private source (kept in memory only)",
@@ -207,7 +208,7 @@ def build(services: Services) -> QuantizeTab:
                 gr.Button(interactive=True), gr.Button(interactive=False), gr.skip())
 
     def on_start(typed, uploaded, bpw_value, head, kind, cal_file, dataset, rows_value, length_value,
-                 measurement_value, objective_value, token, page: gr.Request,
+                 measurement_value, objective_value, token, request: gr.Request,
                  profile: gr.OAuthProfile | None = None, oauth_token: gr.OAuthToken | None = None):
         # On a Space the signed-in user's token opens gated and private sources; locally, the field.
         token = (oauth_token.token if oauth_token else None) or token
@@ -218,28 +219,36 @@ def build(services: Services) -> QuantizeTab:
                 access.accept_upload(cal_file)
             source = chosen_source(typed, uploaded)
             access.check_source(source)
-            request = conversion_request(source, bpw_value, head,
-                                         calibration_source(kind, cal_file, dataset), rows_value, length_value,
-                                         measurement_value, objective_value, token,
-                                         library=services.library(page, profile), roots=access.roots)
-            task = services.conversions.submit(request)
+            conversion = conversion_request(source, bpw_value, head,
+                                            calibration_source(kind, cal_file, dataset), rows_value, length_value,
+                                            measurement_value, objective_value, token,
+                                            library=services.library(request, profile), roots=access.roots)
+            task = services.conversions.submit(conversion, owner_of(request))
         except Exception as error:  # noqa: BLE001 - every refusal becomes a sentence on the page
             yield refused(readable(error))
             return
         yield from watch(task)
 
-    def on_resume(current: str):
+    def on_resume(current: str, request: gr.Request):
         task = services.conversions.get(current)
         if task is None:
             yield refused("nothing to resume: start a conversion first")
             return
         # The same request maps to the same work dir, so the new task picks up where this one stopped.
-        yield from watch(services.conversions.submit(task.request))
+        try:
+            resumed = services.conversions.submit(task.request, owner_of(request))
+        except Exception as error:  # noqa: BLE001
+            yield refused(readable(error))
+            return
+        yield from watch(resumed)
 
-    def on_cancel(current: str):
+    def on_cancel(current: str, request: gr.Request):
         task = services.conversions.get(current)
         if task is not None:
-            services.conversions.cancel(task)
+            try:
+                services.conversions.cancel(task, owner_of(request))
+            except Exception as error:  # noqa: BLE001
+                gr.Warning(readable(error))
         return gr.Button(interactive=False)
 
     start.click(on_start, [source, upload, bpw, head_bits, calibration_kind, calibration_file, calibration_dataset,

@@ -2,18 +2,42 @@
 
 Flags mirror ExLlamaV2's convert.py. Run the same command again after Ctrl-C
 or a crash: it resumes from the work dir.
+
+--events jsonl writes one JSON object per line to stdout instead of the progress
+bar, for a program to read (the web app runs conversions this way):
+
+    {"event": "progress", "stage": "measure", "fraction": 0.25, "message": "...",
+     "layer": 0, "layers": 4, "module": "model.layers.0.mlp",
+     "candidates": [{"bpw": 2.1, "error": 0.08}, ...], "chosen": null, "error": null, "allocation": null}
+    {"event": "progress", "stage": "optimize", ..., "allocation": {"choice": {"model.layers.0.mlp": 5, ...},
+     "bpw": 3.98, "target_bpw": 4.0, "objective": "maximin", "module_bpw": {"model.layers.0.mlp": 4.1, ...}}}
+    {"event": "result", "output_dir": "...", "bpw": 3.98, "head_bpw": 6.1, "size_bytes": 91000000,
+     "seconds": 312.5, "layer_bits": [...], "layer_errors": [...]}
+    {"event": "cancelled", "message": "..."}      (exit code 130)
+    {"event": "error", "message": "..."}          (exit code 2: the input; 1: anything else)
+
+Stages in order: load, calibration, measure, optimize, quantize, head, write, done.
+A measure event carries one module's candidates (bits per weight and relative output
+error each); a quantize event one layer's error.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import threading
 import time
+import traceback
+from dataclasses import asdict
 
-from .job import ConversionError, ConversionJob, ConversionSettings
+import torch
+
+from .job import ConversionJob, ConversionResult, ConversionSettings
 from .progress import ConversionCancelled, ProgressEvent
+
+EXIT_CANCELLED, EXIT_BAD_INPUT, EXIT_FAILED = 130, 2, 1
 
 
 def parse_args(argv):
@@ -33,8 +57,13 @@ def parse_args(argv):
     parser.add_argument("-r", "--dataset-rows", type=int, default=ConversionSettings.rows)
     parser.add_argument("-l", "--length", type=int, default=ConversionSettings.length, help="tokens per calibration row")
     parser.add_argument("-mr", "--measurement-rows", type=int, default=ConversionSettings.measurement_rows)
+    parser.add_argument("-er", "--measurement-eval-rows", type=int, default=ConversionSettings.measurement_eval_rows,
+                        help="of the measurement rows, those each candidate's error is judged on")
+    parser.add_argument("--seed", type=int, default=ConversionSettings.seed, help="seed of self-generated calibration")
     parser.add_argument("--objective", default=ConversionSettings.objective, help="bit allocation objective")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--events", choices=("text", "jsonl"), default="text",
+                        help="text: a progress bar on stderr (default); jsonl: one JSON object per line on stdout")
     return parser.parse_args(argv)
 
 
@@ -57,8 +86,39 @@ class ProgressPrinter:
         print(line, end="", file=sys.stderr, flush=True)
 
 
+class JsonLines:
+    """--events jsonl: the real stdout carries only event lines; any stray print goes to stderr."""
+
+    def __init__(self):
+        self.stream = sys.stdout
+        sys.stdout = sys.stderr
+
+    def write(self, kind: str, **fields) -> None:
+        # One whole line per write, flushed: the reader is a pipe, and a kill must cut between lines.
+        self.stream.write(json.dumps({"event": kind, **fields}) + "\n")
+        self.stream.flush()
+
+    def __call__(self, event: ProgressEvent) -> None:
+        self.write("progress", **asdict(event))
+
+
+def result_fields(result: ConversionResult) -> dict:
+    return {"output_dir": str(result.output_dir), "bpw": result.bpw, "head_bpw": result.head_bpw,
+            "size_bytes": result.size_bytes, "seconds": result.seconds, "layer_bits": result.layer_bits,
+            "layer_errors": result.layer_errors}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    jsonl = JsonLines() if args.events == "jsonl" else None
+    try:
+        return convert(args, jsonl)
+    finally:
+        if jsonl:
+            sys.stdout = jsonl.stream
+
+
+def convert(args: argparse.Namespace, jsonl: JsonLines | None) -> int:
     cancel = threading.Event()
 
     def on_interrupt(*_):
@@ -68,21 +128,43 @@ def main(argv=None) -> int:
         cancel.set()
 
     signal.signal(signal.SIGINT, on_interrupt)
+
+    def failed(message: str, code: int) -> int:
+        if jsonl:
+            jsonl.write("error", message=message)
+        else:
+            print(f"\nerror: {message}", file=sys.stderr)
+        return code
+
     try:
+        measurement_rows = min(args.measurement_rows, args.dataset_rows)
         settings = ConversionSettings(
             bpw=args.bits, head_bits=args.head_bits, rows=args.dataset_rows, length=args.length,
-            measurement_rows=min(args.measurement_rows, args.dataset_rows), calibration=args.cal_dataset,
-            objective=args.objective,
+            measurement_rows=measurement_rows, measurement_eval_rows=min(args.measurement_eval_rows, measurement_rows),
+            calibration=args.cal_dataset, seed=args.seed, objective=args.objective,
         )
         job = ConversionJob(args.in_dir, args.out_dir, args.compile_full, settings, args.measurement, args.device,
-                            ProgressPrinter(), cancel, calibration_roots=args.calibration_root)
+                            jsonl or ProgressPrinter(), cancel, calibration_roots=args.calibration_root)
         result = job.run()
     except ConversionCancelled as stop:
-        print(f"\n{stop}", file=sys.stderr)
-        return 130
+        if jsonl:
+            jsonl.write("cancelled", message=str(stop))
+        else:
+            print(f"\n{stop}", file=sys.stderr)
+        return EXIT_CANCELLED
+    except (MemoryError, torch.OutOfMemoryError):
+        traceback.print_exc()
+        return failed("out of memory: use fewer calibration rows or shorter rows, or free the device", EXIT_FAILED)
     except (ValueError, OSError) as error:
-        print(f"\nerror: {error}", file=sys.stderr)
-        return 2
+        return failed(str(error) or type(error).__name__, EXIT_BAD_INPUT)
+    except Exception as error:  # noqa: BLE001 - a reader of --events jsonl still gets a last line
+        if not jsonl:
+            raise
+        traceback.print_exc()
+        return failed(f"the conversion failed unexpectedly ({type(error).__name__}: {error})", EXIT_FAILED)
+    if jsonl:
+        jsonl.write("result", **result_fields(result))
+        return 0
     print(file=sys.stderr)
     print(f"output: {result.output_dir}")
     print(f"bits per weight: {result.bpw:.4f} (target {args.bits}), head {result.head_bpw:.2f}")

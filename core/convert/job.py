@@ -1,19 +1,10 @@
 """A conversion job: its work dir, the passes in order, and resuming.
 
-The work dir holds everything needed to continue after Ctrl-C or kill -9:
-
-    job.json                    what is being converted, with which settings
-    calibration.safetensors     the calibration rows
-    measurement.partial.json    measured layers so far, plus
-    measure_states.safetensors  the states entering the next layer to measure
-    measurement.json            the finished measurement (reusable with -m)
-    quant/layer_NNNNN.safetensors  each quantized layer, plus
-    quant_states.safetensors    the states entering the next layer to quantize
-    quant_progress.json         the next layer to quantize
-
-Every file is written under a temporary name and renamed, and progress files
-are written last, so a killed run resumes from the last finished layer and
-produces the same bytes as an uninterrupted one.
+The work dir (its files: core/convert/workdir.py) holds everything needed to
+continue after Ctrl-C or kill -9. Every file is written under a temporary name
+and renamed, and progress files are written last, so a killed run resumes from
+the last finished layer and produces the same bytes as an uninterrupted one.
+A run holds the work dir's lock: a second conversion into it is refused.
 """
 
 from __future__ import annotations
@@ -37,17 +28,22 @@ from ..sources import cache_dir, resolve_model_config, resolve_model_source
 from ..tokenizer import Tokenizer
 from ..weights import weight_files
 from . import calibration
-from .allocate import DEFAULT_OBJECTIVE, allocate_bits
+from .allocate import DEFAULT_OBJECTIVE, OBJECTIVES, allocate_bits
 from .floor import refuse_below_floor
 from .layers import MODULE_GROUPS
 from .measure import measure_layer
 from .progress import ProgressCallback, ProgressEvent, check_cancel, no_progress
 from .qparams import HEAD_OPTIONS, QuantSetting
 from .quantize import quantize_head, quantize_layer
+from .workdir import WorkDir
 from .writer import folder_size, write_model_folder
 
 FORMAT_VERSION = 1
 MIN_BPW, MAX_BPW = 2.0, 8.0
+# What one conversion may ask for, wherever it comes from (the page, the API, the CLI):
+# rows x length tokens go through every layer, so these bound its memory and time.
+MAX_ROWS = 1024
+MIN_LENGTH, MAX_LENGTH = 16, 8192
 
 
 class ConversionError(ValueError):
@@ -67,14 +63,22 @@ class ConversionSettings:
     objective: str = DEFAULT_OBJECTIVE
 
     def validate(self) -> None:
-        if not MIN_BPW <= self.bpw <= MAX_BPW:
+        if not MIN_BPW <= self.bpw <= MAX_BPW:  # also refuses NaN
             raise ConversionError(f"target bits per weight must be between {MIN_BPW} and {MAX_BPW}, got {self.bpw}")
         if self.head_bits not in HEAD_OPTIONS:
             raise ConversionError(f"head bits must be one of {sorted(HEAD_OPTIONS)}, got {self.head_bits}")
-        if self.rows < 1 or self.length < 16:
-            raise ConversionError("calibration needs at least 1 row of at least 16 tokens")
+        if not 1 <= self.rows <= MAX_ROWS:
+            raise ConversionError(f"calibration rows must be between 1 and {MAX_ROWS}, got {self.rows}")
+        if not MIN_LENGTH <= self.length <= MAX_LENGTH:
+            raise ConversionError(f"tokens per calibration row must be between {MIN_LENGTH} and {MAX_LENGTH}, "
+                                  f"got {self.length}")
         if not 1 <= self.measurement_rows <= self.rows:
             raise ConversionError("measurement rows must be between 1 and the number of calibration rows")
+        if not 1 <= self.measurement_eval_rows <= self.measurement_rows:
+            raise ConversionError("measurement evaluation rows must be between 1 and the number of measurement rows")
+        if self.objective not in OBJECTIVES:
+            raise ConversionError(f"the bit allocation objective must be one of {', '.join(OBJECTIVES)}, "
+                                  f"got {self.objective!r}")
 
 
 @dataclass
@@ -154,8 +158,9 @@ class ConversionJob:
                  calibration_roots: list[str | Path] | None = None):
         settings.validate()
         self.source = source
-        self.work_dir = Path(work_dir)
-        self.output_dir = Path(output_dir) if output_dir else self.work_dir / "output"
+        self.work = WorkDir(work_dir)
+        self.work_dir = self.work.path
+        self.output_dir = Path(output_dir) if output_dir else self.work.default_output
         self.settings = settings
         self.measurement_file = Path(measurement_file) if measurement_file else None
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -165,19 +170,23 @@ class ConversionJob:
         self.calibration_roots = calibration_roots
 
     def emit(self, stage: str, fraction: float, message: str = "", **fields) -> None:
-        self.on_event(ProgressEvent(stage, fraction, message, **fields))
+        self._event(ProgressEvent(stage, fraction, message, **fields))
+
+    def _event(self, event: ProgressEvent) -> None:
+        # Logged in the work dir too, so a chart drawn after a restart (or of a CLI run) has the earlier layers.
+        self.work.append_event(event)
+        self.on_event(event)
 
     # -- setup ----------------------------------------------------------------------------------
 
     def _open_work_dir(self, folder: Path) -> None:
-        self.work_dir.mkdir(parents=True, exist_ok=True)
         job = {
             "format_version": FORMAT_VERSION,
             "model": model_fingerprint(folder),
             "source": self.source,
             "settings": asdict(self.settings),
         }
-        existing = _read_json(self.work_dir / "job.json")
+        existing = _read_json(self.work.job_file)
         if existing is not None:
             if existing.get("model") != job["model"]:
                 raise ConversionError(
@@ -187,14 +196,14 @@ class ConversionJob:
             if existing.get("settings") != job["settings"] or existing.get("format_version") != FORMAT_VERSION:
                 changed = sorted(k for k in job["settings"] if existing.get("settings", {}).get(k) != job["settings"][k])
                 hint = ""
-                if (self.work_dir / "measurement.json").is_file():
-                    hint = f"; to reuse its measurement, pass -m {self.work_dir / 'measurement.json'} with a new work dir"
+                if self.work.has_measurement():
+                    hint = f"; to reuse its measurement, pass -m {self.work.measurement} with a new work dir"
                 raise ConversionError(
                     f"work dir {self.work_dir} was started with other settings ({', '.join(changed) or 'format'})"
                     f"; use a new work dir{hint}"
                 )
         else:
-            _atomic_json(self.work_dir / "job.json", job)
+            _atomic_json(self.work.job_file, job)
 
     def _calibration_rows(self, folder: Path, tokenizer: Tokenizer, stop_ids: set[int]) -> torch.Tensor:
         s = self.settings
@@ -218,7 +227,7 @@ class ConversionJob:
             key = json.dumps({**signature, "model": model_fingerprint(folder)}, sort_keys=True)
             shared = cache_dir() / "calibration" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors"
             source = lambda: calibration.load_or_make_rows(shared, signature, make)  # noqa: E731
-        rows = calibration.load_or_make_rows(self.work_dir / "calibration.safetensors", signature, source)
+        rows = calibration.load_or_make_rows(self.work.calibration, signature, source)
         self.emit("calibration", 1.0, f"{rows.shape[0]} rows of {rows.shape[1]} tokens")
         return rows
 
@@ -236,11 +245,11 @@ class ConversionJob:
             if set(measurement["measurement"]) != expected:
                 raise ConversionError(f"{self.measurement_file} was measured on a model of another shape")
             return measurement["measurement"]
-        final = self.work_dir / "measurement.json"
+        final = self.work.measurement
         if (done := _read_json(final)) is not None:
             return done["measurement"]
-        partial_path = self.work_dir / "measurement.partial.json"
-        states_path = self.work_dir / "measure_states.safetensors"
+        partial_path = self.work.measurement_partial
+        states_path = self.work.measure_states
         partial = _read_json(partial_path) or {"measurement": {}, "next_layer": 0}
         states = _read_tensors(states_path) if partial["next_layer"] else None
         if states is None:
@@ -252,7 +261,7 @@ class ConversionJob:
         for index in range(partial["next_layer"], layers):
             check_cancel(self.cancel)
             results, states = measure_layer(model, index, states, self.device, self.settings.measurement_eval_rows,
-                                             self.on_event, self.cancel)
+                                             self._event, self.cancel)
             partial["measurement"].update(results)
             partial["next_layer"] = index + 1
             _atomic_tensors(states_path, {"states": states})
@@ -265,7 +274,18 @@ class ConversionJob:
     def _allocate(self, model, measurement: dict):
         total_weights = quantized_weight_count(model)
         allocation = allocate_bits(measurement, total_weights, self.settings.bpw, self.settings.objective)
-        self.emit("optimize", 1.0, f"allocated {allocation.bpw:.3f} bpw for a target of {self.settings.bpw}")
+        module_bpw = {}
+        for index, layer in enumerate(model.model.layers):
+            for group in MODULE_GROUPS:
+                key = f"model.layers.{index}.{group}"
+                weights = sum(linear.weight.numel() for linear in getattr(layer, group).children())
+                module_bpw[key] = measurement[key][allocation.choice[key]]["total_bits"] / weights
+        # The allocation travels as an event so a chart (the web app's, or one fed by --events jsonl)
+        # can mark the chosen candidates without reading the work dir.
+        self.emit("optimize", 1.0, f"allocated {allocation.bpw:.3f} bpw for a target of {self.settings.bpw}",
+                  allocation={"choice": dict(allocation.choice), "bpw": allocation.bpw,
+                              "target_bpw": self.settings.bpw, "objective": allocation.objective,
+                              "module_bpw": module_bpw})
         settings = []
         for index in range(model.config.num_layers):
             chosen = {}
@@ -277,10 +297,9 @@ class ConversionJob:
         return allocation, settings
 
     def _quantize(self, model, rows: torch.Tensor, allocation, layer_settings) -> tuple[list[float], torch.Tensor]:
-        progress_path = self.work_dir / "quant_progress.json"
-        states_path = self.work_dir / "quant_states.safetensors"
-        layer_dir = self.work_dir / "quant"
-        layer_dir.mkdir(exist_ok=True)
+        progress_path = self.work.quant_progress
+        states_path = self.work.quant_states
+        self.work.quant_folder.mkdir(exist_ok=True)
         progress = _read_json(progress_path)
         # A progress file from another allocation (after -m with another target) does not count.
         if not progress or progress.get("choice") != allocation.choice:
@@ -295,7 +314,7 @@ class ConversionJob:
         for index in range(progress["next_layer"], layers):
             check_cancel(self.cancel)
             tensors, states, error = quantize_layer(model, index, states, layer_settings[index], self.device)
-            _atomic_tensors(layer_dir / f"layer_{index:05d}.safetensors", tensors)
+            _atomic_tensors(self.work.quant_layer(index), tensors)
             _atomic_tensors(states_path, {"states": states})
             progress["next_layer"] = index + 1
             progress["errors"].append(error)
@@ -310,7 +329,7 @@ class ConversionJob:
 
         yield "model.embed_tokens.weight", fp16(model.model.embed_tokens.weight)
         for index in range(model.config.num_layers):
-            layer = _read_tensors(self.work_dir / "quant" / f"layer_{index:05d}.safetensors")
+            layer = _read_tensors(self.work.quant_layer(index))
             if layer is None:
                 raise ConversionError(f"quantized layer {index} is missing from {self.work_dir}; run again to redo it")
             for name in sorted(layer):
@@ -326,6 +345,10 @@ class ConversionJob:
         folder = resolve_model_source(self.source)
         config = ModelConfig.from_folder(folder)
         _refuse_quantized(self.source, folder, config)
+        with self.work.lock():
+            return self._run_locked(folder, config, start)
+
+    def _run_locked(self, folder: Path, config: ModelConfig, start: float) -> ConversionResult:
         self._open_work_dir(folder)
         check_cancel(self.cancel)
         self.emit("load", 0.0, f"loading {self.source}")

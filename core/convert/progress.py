@@ -1,6 +1,7 @@
 """Progress events the converter emits and the cancel flag it checks.
 
-The CLI prints them, the web app plots them; neither reaches into a pass.
+The CLI prints them (or writes them as JSON lines, --events jsonl), the web app plots
+them; neither reaches into a pass.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ class ProgressEvent:
     candidates: list[dict] = field(default_factory=list)
     chosen: int | None = None
     error: float | None = None  # quantize: the layer's relative output error
+    # optimize: the chosen allocation, {"choice": {module: candidate index}, "bpw", "target_bpw",
+    # "objective", "module_bpw": {module: bpw of its chosen candidate}}
+    allocation: dict | None = None
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
