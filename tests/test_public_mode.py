@@ -19,7 +19,7 @@ from tests.tiny_models import save_tiny_chat_model
 from webui import hub
 from webui.access import Access
 from webui.chats import fit_to_context
-from webui.conversions import ConversionRequest, chosen_source
+from webui.conversions import ConversionRequest, chosen_source, conversion_command
 from webui.services import Services
 
 CALIBRATION_REFUSAL = "is not available here: upload a text file, or name a Hub dataset file as hf:<dataset id>:<file>"
@@ -255,3 +255,13 @@ def test_a_2500_turn_history_fits_in_well_under_a_few_seconds(chat_model):
     assert time.perf_counter() - start < 3.0
     assert len(ids) + 256 <= 2048
     assert ids == reference_fit(chat_model, messages[:1] + messages[-301:], 2048, 256)
+
+
+def test_the_child_conversion_gets_the_public_roots_and_the_checked_folder(public, uploads, tmp_path):
+    request = ConversionRequest("owner/model", ConversionSettings(bpw=4.0, calibration="hf:someone/texts:a.txt"),
+                                "cpu", roots=public.roots)
+    command = conversion_command(request, tmp_path / "work", tmp_path / "out", source="/hub/cache/snapshot")
+    assert "--in-dir=/hub/cache/snapshot" in command and f"--calibration-root={uploads}" in command
+    local = conversion_command(ConversionRequest("owner/model", ConversionSettings(bpw=4.0), "cpu"),
+                               tmp_path / "work", tmp_path / "out")
+    assert "--in-dir=owner/model" in local and not any(arg.startswith("--calibration-root") for arg in local)
