@@ -11,6 +11,7 @@ between steps.
 
 from __future__ import annotations
 
+import numbers
 import threading
 import time
 import warnings
@@ -143,6 +144,8 @@ class Generator:
         stats = stats if stats is not None else GenerationStats()
         if not prompt_ids:
             raise ValueError("the prompt is empty")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a whole number >= 1, not {max_new_tokens!r}")
         if len(prompt_ids) >= self.max_seq_len:
             raise ContextOverflowError(
                 f"the prompt has {len(prompt_ids)} tokens but the context holds {self.max_seq_len}; "

@@ -18,7 +18,7 @@ from .model import CausalLM
 from .rope import rope_inverse_frequencies
 from .sources import resolve_model_source
 from .tokenizer import Tokenizer
-from .weights import WeightsError, iter_tensors, tensor_names
+from .weights import WeightsError, iter_tensors, tensor_shapes
 
 # Tensors some checkpoints carry that the model derives itself.
 _DERIVED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -33,9 +33,11 @@ def load_model(folder, device="cpu", dtype: torch.dtype | None = None) -> Causal
     config = ModelConfig.from_folder(folder)
     dtype = dtype or default_dtype(device)
     named_format, settings = quantization_of(folder)
+    shapes = tensor_shapes(folder)
+    config.check_tensor_shapes(shapes)
     with torch.device("meta"):
         model = CausalLM(config, dtype=dtype)
-    names = tensor_names(folder)
+    names = list(shapes)
     present = set(names)
     quantized = _use_quantized_layers(model, names, present, dtype, named_format, settings)
     expected = {name for name, _ in model.named_parameters()}

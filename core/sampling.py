@@ -7,6 +7,8 @@ here as in the tools people compare us with.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -26,11 +28,13 @@ class SamplingSettings:
         return cls(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0)
 
     def __post_init__(self):
-        problems = []
+        problems = [f"{name} must be a finite number, not {value!r}" for name, value in self._numbers() if not _finite(value)]
+        if problems:
+            raise ValueError("; ".join(problems))
         if self.temperature < 0:
             problems.append("temperature must be >= 0")
-        if self.top_k < 0:
-            problems.append("top_k must be >= 0")
+        if self.top_k < 0 or self.top_k != int(self.top_k):
+            problems.append("top_k must be a whole number >= 0")
         if not 0 < self.top_p <= 1:
             problems.append("top_p must be in (0, 1]")
         if not 0 <= self.min_p <= 1:
@@ -39,6 +43,17 @@ class SamplingSettings:
             problems.append("repetition_penalty must be > 0")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def _numbers(self):
+        return (("temperature", self.temperature), ("top_k", self.top_k), ("top_p", self.top_p),
+                ("min_p", self.min_p), ("repetition_penalty", self.repetition_penalty))
+
+
+def _finite(value) -> bool:
+    # NaN passes every comparison check above unnoticed, and a NaN temperature samples garbage.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    return math.isfinite(value)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, previous_ids: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -10,10 +10,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import huggingface_hub
+from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import (
     GatedRepoError,
     HFValidationError,
@@ -22,7 +25,7 @@ from huggingface_hub.errors import (
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
 )
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
 from .config import ModelConfig
 from .demo import demo_model_folder
@@ -66,13 +69,20 @@ def is_hub_id(spec: str) -> bool:
     return True
 
 
-def resolve_model_source(spec: str, token: str | None = None) -> Path:
-    """The HF-layout folder for `spec`: "demo", a model folder, a .gguf file, or a Hub id."""
+def resolve_model_source(spec: str, token: str | None = None, allowed_roots: Sequence[str | Path] | None = None) -> Path:
+    """The HF-layout folder for `spec`: "demo", a model folder, a .gguf file, or a Hub id.
+
+    With `allowed_roots` (a public server's upload folders) only the demo, Hub ids and
+    paths inside those roots are taken; see `refuse_outside_roots`.
+    """
     spec = spec.strip()
     if not spec:
         raise ModelSourceError('no model given: name a model folder, a .gguf file, a Hub id like "owner/name", or "demo"')
     if spec == "demo":
         return demo_model_folder()
+    if allowed_roots is not None:
+        if refuse_outside_roots(spec, allowed_roots) == "hub":
+            return _hub_snapshot(spec, token or os.environ.get("HF_TOKEN") or None)
 
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -89,6 +99,38 @@ def resolve_model_source(spec: str, token: str | None = None) -> Path:
             'a Hub id looks like "owner/name": letters, digits, "-", "_" and "." only'
         )
     return _hub_snapshot(spec, token or os.environ.get("HF_TOKEN") or None)
+
+
+PUBLIC_SOURCE_REFUSAL = (
+    "this server takes only the demo, a Hugging Face model id (owner/name) or an uploaded file; "
+    "paths on the server are not available here"
+)
+
+
+def refuse_outside_roots(spec: str, allowed_roots: Sequence[str | Path]) -> str:
+    """"hub" or "path" for a spec a public server takes, else one sentence whether or not the path exists.
+
+    A well-formed Hub id is always a Hub id here, never a relative path on the server.
+    """
+    spec = spec.strip()
+    if spec == "demo" or (is_hub_id(spec) and not _looks_like_path(spec)):
+        return "hub"
+    # realpath resolves symlinks without asking whether the path exists.
+    real = Path(os.path.realpath(Path(spec).expanduser()))
+    if any(real.is_relative_to(os.path.realpath(root)) for root in allowed_roots):
+        return "path"
+    raise ModelSourceError(PUBLIC_SOURCE_REFUSAL)
+
+
+def resolve_model_config(spec: str, token: str | None = None) -> ModelConfig:
+    """`spec`'s config, fetching nothing else: for a Hub id only config.json comes down.
+
+    Lets a conversion refuse an unreachable target before any weights are downloaded.
+    """
+    spec = spec.strip()
+    if is_hub_id(spec) and spec != "demo" and not Path(spec).expanduser().exists():
+        return ModelConfig.from_folder(_hub_config_folder(spec, token or os.environ.get("HF_TOKEN") or None))
+    return ModelConfig.from_folder(resolve_model_source(spec, token))
 
 
 # ---------------------------------------------------------------- local
@@ -147,12 +189,19 @@ def _gguf_fingerprint(gguf_path: Path) -> str:
 # ---------------------------------------------------------------- Hub
 
 
-def _hub_snapshot(repo_id: str, token: str | None) -> Path:
+def _hub_config_folder(repo_id: str, token: str | None) -> Path:
     with _readable_hub_errors(repo_id):
-        config_path = huggingface_hub.hf_hub_download(repo_id, "config.json", token=token)
+        return Path(huggingface_hub.hf_hub_download(repo_id, "config.json", token=token)).parent
+
+
+def _hub_snapshot(repo_id: str, token: str | None) -> Path:
+    config_folder = _hub_config_folder(repo_id, token)
     # Checked before the weights come down, so an unsupported model (or quantization) costs one small file.
-    ModelConfig.from_folder(Path(config_path).parent)
-    quantization_of(Path(config_path).parent)
+    ModelConfig.from_folder(config_folder)
+    quantization_of(config_folder)
+    if not huggingface_hub.is_offline_mode():
+        with _readable_hub_errors(repo_id):
+            _refuse_without_room(repo_id, token)
     with _readable_hub_errors(repo_id):
         folder = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_FILES, token=token))
 
@@ -163,6 +212,30 @@ def _hub_snapshot(repo_id: str, token: str | None) -> Path:
             file_names = huggingface_hub.list_repo_files(repo_id, token=token)
     _require_safetensors(f"The Hub repo {repo_id}", file_names)
     return folder
+
+
+# Room left beside a download: the Hub cache's own files, and other writers on the same disk.
+DOWNLOAD_HEADROOM_BYTES = 512 * 1024**2
+
+
+def _refuse_without_room(repo_id: str, token: str | None) -> None:
+    """Refuse a download that cannot fit, before it starts; the sizes come from the Hub's listing."""
+    info = huggingface_hub.HfApi().model_info(repo_id, files_metadata=True, token=token)
+    wanted = list(filter_repo_objects(info.siblings or [], allow_patterns=HUB_FILES, key=lambda f: f.rfilename))
+    needed = sum(
+        entry.size or 0 for entry in wanted
+        # Files already in the cache for this revision are not fetched again.
+        if not isinstance(huggingface_hub.try_to_load_from_cache(repo_id, entry.rfilename, revision=info.sha), str)
+    )
+    probe = Path(hub_constants.HF_HUB_CACHE)
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed + DOWNLOAD_HEADROOM_BYTES > free:
+        raise ModelSourceError(
+            f"not enough disk space to download {repo_id}: it needs {needed / 1e9:.1f} GB and {probe} "
+            f"has {free / 1e9:.1f} GB free; free some space or point HF_HUB_CACHE at a larger disk"
+        )
 
 
 @contextmanager

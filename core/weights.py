@@ -57,13 +57,14 @@ def iter_tensors(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
             raise WeightsError(f"{path} could not be read (corrupt or truncated?): {error}") from None
 
 
-def tensor_names(folder: str | Path) -> list[str]:
-    """All tensor names, read from the headers only."""
-    names = []
+def tensor_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape, read from the headers only (no tensor data)."""
+    shapes = {}
     for path in weight_files(folder):
         try:
             with safe_open(str(path), framework="pt") as handle:
-                names += list(handle.keys())
+                for name in handle.keys():
+                    shapes[name] = tuple(handle.get_slice(name).get_shape())
         except (SafetensorError, OSError) as error:
             raise WeightsError(f"{path} could not be read (corrupt or truncated?): {error}") from None
-    return names
+    return shapes

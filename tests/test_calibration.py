@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from core.convert import calibration
-from core.convert.calibration import CalibrationError, generate_texts, read_text_file, rows_from_tokens
+from core.convert.calibration import CalibrationError, calibration_text, generate_texts, read_text_file, rows_from_tokens
 from core.loader import load
 from tests.tiny_models import sample_text, save_tiny_chat_model
 
@@ -92,3 +92,38 @@ def test_rows_spread_over_the_whole_text():
     rows = rows_from_tokens(list(range(1000)), 4, 100)
     assert rows[:, 0].tolist() == [0, 300, 600, 900]
     assert torch.equal(rows[1], torch.arange(300, 400))
+
+
+@pytest.mark.parametrize("outside", ["/etc/passwd", "/proc/self/environ", "/no/such/file.txt", "UPLOADS/../secret.txt",
+                                     "UPLOADS/link.txt"])
+def test_files_outside_the_allowed_roots_get_one_sentence_whether_they_exist_or_not(tmp_path, outside):
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    (tmp_path / "secret.txt").write_text("secret")
+    (uploads / "link.txt").symlink_to(tmp_path / "secret.txt")
+    source = outside.replace("UPLOADS", str(uploads))
+    with pytest.raises(CalibrationError) as refusal:
+        calibration_text(source, allowed_roots=[uploads])
+    assert str(refusal.value) == (f"calibration file {source} is not available here: upload a text file, "
+                                  "or name a Hub dataset file as hf:<dataset id>:<file>")
+
+
+def test_uploads_inside_the_allowed_roots_are_read(tmp_path):
+    (tmp_path / "upload.txt").write_text("calibration words")
+    assert calibration_text(str(tmp_path / "upload.txt"), allowed_roots=[tmp_path]) == "calibration words"
+    # Local use (no roots) reads any file, and says which problem a path has.
+    with pytest.raises(CalibrationError, match="does not exist"):
+        calibration_text(str(tmp_path / "missing.txt"))
+
+
+def test_hub_dataset_files_pass_the_roots_and_bad_names_are_refused(tmp_path, monkeypatch):
+    (tmp_path / "data.txt").write_text("from the hub")
+    monkeypatch.setattr(calibration, "hub_dataset_file", lambda repo_id, filename, token=None: tmp_path / filename)
+    assert calibration_text("hf:someone/texts:data.txt", allowed_roots=[tmp_path / "uploads"]) == "from the hub"
+    with pytest.raises(CalibrationError, match="'hf:someone/texts' is not a Hub dataset file; write hf:<dataset id>:<file>"):
+        calibration_text("hf:someone/texts", allowed_roots=[])
+
+
+def test_dotdot_in_a_hub_dataset_file_name_is_refused():
+    with pytest.raises(CalibrationError, match="cannot contain a '..' path segment"):
+        calibration.hub_dataset_file("someone/texts", "../../../../etc/passwd")

@@ -1,6 +1,7 @@
 """The converter end to end on a tiny random model: files, resume, and every bad input a user can give."""
 
 import json
+import math
 import os
 import shutil
 import threading
@@ -9,7 +10,12 @@ import pytest
 import torch
 
 from core.config import UnsupportedModelError
+from core import sources
 from core.convert import job as job_module
+from core.convert.floor import TargetBelowFloorError, lowest_bpw
+from core.convert.layers import MODULE_GROUPS
+from core.convert.measure import CANDIDATES
+from core.convert.qparams import setting_bits
 from core.convert.job import ConversionError, ConversionJob, ConversionSettings
 from core.convert.progress import ConversionCancelled
 from core.formats.exl2.writer import OutputError
@@ -136,13 +142,41 @@ def test_measurement_is_reused_for_another_size(tiny, finished, tmp_path):
     assert logits_error(larger.output_dir, reference) < logits_error(result.output_dir, reference)
 
 
-def test_target_below_what_the_format_can_reach_is_refused_before_measuring(tiny, tmp_path):
+def test_target_below_what_the_format_can_reach_is_refused_before_any_work(tiny, tmp_path):
     model, calibration, _ = tiny
     events = []
     # Tiny 64-wide matrices pay so much for scales and the permutation that 2.2 bpw is out of reach.
-    with pytest.raises(ConversionError, match=r"below 2\.[3-9]\d* bpw, the lowest this model can reach"):
+    with pytest.raises(TargetBelowFloorError, match=r"target 2\.2 bpw is below 2\.[3-9]\d* bpw, the lowest this model can reach"):
         convert(model, tmp_path / "work", tmp_path / "out", calibration, bpw=2.2, on_event=events.append)
-    assert not any(e.stage == "measure" for e in events)
+    assert events == [] and not (tmp_path / "work").exists()
+
+
+def test_floor_of_a_hub_model_is_checked_with_config_json_alone(tiny, tmp_path, monkeypatch):
+    model, calibration, _ = tiny
+    fetched = []
+
+    def hf_hub_download(repo_id, filename, **_):
+        fetched.append(filename)
+        return str(model / filename)
+
+    monkeypatch.setattr(sources.huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(sources.huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("weights fetched"))
+    with pytest.raises(TargetBelowFloorError, match="the lowest this model can reach"):
+        convert("someone/tiny-llama", tmp_path / "work", tmp_path / "out", calibration, bpw=2.2)
+    assert fetched == ["config.json"] and not (tmp_path / "work").exists()
+
+
+def test_floor_from_the_config_matches_the_built_model(tiny):
+    model, _, _ = tiny
+    loaded = load_model(model)
+    cheapest = weights = 0
+    for layer in loaded.model.layers:
+        for group, names in MODULE_GROUPS.items():
+            modules = {name: getattr(getattr(layer, group), name) for name in names}
+            cheapest += min(sum(setting_bits(s, modules[n].in_features, modules[n].out_features) for n, s in c.items())
+                            for c in CANDIDATES[group])
+            weights += sum(m.weight.numel() for m in modules.values())
+    assert lowest_bpw(loaded.config) == math.ceil(cheapest / weights * 1000) / 1000
 
 
 @pytest.mark.parametrize("bpw", [1.5, 8.5])
@@ -253,3 +287,12 @@ def test_an_already_quantized_model_is_refused_before_any_work(tiny, tmp_path, m
     with pytest.raises(ConversionError, match=r"already quantized \(gptq\).*original fp16/bf16 model"):
         convert(quantized, tmp_path / "work", tmp_path / "out", calibration)
     assert not (tmp_path / "work").exists()
+
+
+def test_calibration_outside_the_allowed_roots_is_refused_by_the_job(tiny, tmp_path):
+    model, calibration, _ = tiny
+    job = ConversionJob(str(model), tmp_path / "work", None, settings("/etc/passwd"), device="cpu",
+                        calibration_roots=[calibration.parent / "uploads"])
+    with pytest.raises(ValueError, match="calibration file /etc/passwd is not available here: upload a text file"):
+        job.run()
+    assert not (tmp_path / "work" / "calibration.safetensors").exists()

@@ -194,3 +194,13 @@ def test_pipelined_loop_on_cuda_matches_the_reference(tmp_path, monkeypatch, gra
     assert_cache_holds(generator, prompt + greedy[:stop_at])
     next_prompt = prompt + greedy[: stop_at + 1] + prompt_of(5, seed=1)
     assert run(generator, next_prompt)[0] == run(Generator(model, None, max_seq_len=320), next_prompt)[0]
+
+
+@pytest.mark.parametrize("count", [0, -5, 2.5])
+def test_max_new_tokens_below_one_is_refused_with_a_sentence(model, count):
+    generator = Generator(model, None, max_seq_len=64)
+    with pytest.raises(ValueError, match=f"max_new_tokens must be a whole number >= 1, not {count}"):
+        run(generator, prompt_of(5), max_new_tokens=count)
+    # The refused call leaves the generator usable.
+    tokens, _ = run(generator, prompt_of(5), max_new_tokens=3)
+    assert len(tokens) == 3

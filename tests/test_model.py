@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from core.cache import ContextOverflowError, KVCache
-from core.config import ModelConfig, UnsupportedModelError
+from core.config import ModelConfig, ModelConfigError, UnsupportedModelError
 from core.loader import load_model
 from core.weights import WeightsError
 from tests.tiny_models import VARIANTS, save_hf_model
@@ -114,7 +114,7 @@ def test_missing_tensor_and_wrong_config_are_reported(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["num_hidden_layers"] = 3
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(WeightsError, match="lacks .* tensors"):
+    with pytest.raises(ModelConfigError, match="'num_hidden_layers' is 3, but the weights hold 2 layers"):
         load_model(tmp_path)
     cfg["num_hidden_layers"], cfg["intermediate_size"] = 2, 128
     (tmp_path / "config.json").write_text(json.dumps(cfg))

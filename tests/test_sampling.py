@@ -103,7 +103,14 @@ def test_token_tensor_never_waits_for_the_gpu(settings):
 @pytest.mark.parametrize(
     "bad, message",
     [(dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(min_p=2), "min_p"),
-     (dict(top_k=-3), "top_k"), (dict(repetition_penalty=0), "repetition_penalty")],
+     (dict(top_k=-3), "top_k"), (dict(repetition_penalty=0), "repetition_penalty"),
+     (dict(temperature=float("nan")), "temperature must be a finite number, not nan"),
+     (dict(temperature=float("inf")), "temperature must be a finite number, not inf"),
+     (dict(top_p=float("nan")), "top_p must be a finite number, not nan"),
+     (dict(min_p=float("-inf")), "min_p must be a finite number, not -inf"),
+     (dict(repetition_penalty=float("nan")), "repetition_penalty must be a finite number, not nan"),
+     (dict(top_k=2.5), "top_k must be a whole number >= 0"),
+     (dict(temperature="hot"), "temperature must be a finite number, not 'hot'")],
 )
 def test_bad_settings_are_rejected_with_the_field_named(bad, message):
     with pytest.raises(ValueError, match=message):

@@ -12,6 +12,7 @@ from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNot
 
 import core.demo as demo
 import core.formats.gguf.reader as gguf_import
+import core.sources as sources
 from core.config import UnsupportedModelError
 from core.errors import ModelSourceError
 from core.paths import cache_dir
@@ -227,3 +228,55 @@ def test_token_comes_from_the_argument_or_hf_token(hub_cache, monkeypatch):
     resolve_model_source("owner/private")
     resolve_model_source("owner/private", token="hf_given")
     assert tokens == ["hf_from_env", "hf_given"]
+
+
+def online_hub(monkeypatch, hub_cache, files):
+    """The Hub as the disk check sees it: a listing with sizes, and no download allowed."""
+    cache_repo(hub_cache, "owner/big", {"config.json": json.dumps(LLAMA_CONFIG)})
+    siblings = [SimpleNamespace(rfilename=name, size=size) for name, size in files.items()]
+    listing = SimpleNamespace(sha=COMMIT, siblings=siblings)
+    requests = []
+
+    class FakeApi:
+        def model_info(self, repo_id, files_metadata=False, token=None):
+            requests.append((repo_id, files_metadata))
+            return listing
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo_id, filename, **_: str(hub_cache / f"models--owner--big/snapshots/{COMMIT}/{filename}"))
+    return requests
+
+
+def test_hub_download_that_cannot_fit_is_refused_before_it_starts(hub_cache, monkeypatch):
+    requests = online_hub(monkeypatch, hub_cache, {
+        "config.json": 700, "model-00001-of-00002.safetensors": 6 * 10**12, "model-00002-of-00002.safetensors": 10**12,
+        "pytorch_model.bin": 10**15,  # never fetched, so never counted
+    })
+    monkeypatch.setattr(sources.shutil, "disk_usage", lambda path: SimpleNamespace(free=50 * 10**9))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("download started"))
+    with pytest.raises(ModelSourceError, match=r"^not enough disk space to download owner/big: it needs 7000\.0 GB "
+                                               r"and .* has 50\.0 GB free; free some space or point HF_HUB_CACHE"):
+        resolve_model_source("owner/big")
+    assert requests == [("owner/big", True)]
+
+
+def test_hub_download_that_fits_goes_ahead(hub_cache, monkeypatch):
+    online_hub(monkeypatch, hub_cache, {"config.json": 700, "model.safetensors": 10**9})
+    monkeypatch.setattr(sources.shutil, "disk_usage", lambda path: SimpleNamespace(free=2 * 10**9))
+    snapshot = hub_cache / f"models--owner--big/snapshots/{COMMIT}"
+    downloads = []
+
+    def snapshot_download(repo_id, **_):
+        downloads.append(repo_id)
+        (snapshot / "model.safetensors").write_text("")
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert resolve_model_source("owner/big") == snapshot and downloads == ["owner/big"]
+    # 1 GB to fetch, 2 GB free: fits with the headroom; 1.4 GB free would not.
+    monkeypatch.setattr(sources.shutil, "disk_usage", lambda path: SimpleNamespace(free=14 * 10**8))
+    (snapshot / "model.safetensors").unlink()
+    with pytest.raises(ModelSourceError, match="it needs 1.0 GB"):
+        resolve_model_source("owner/big")

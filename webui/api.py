@@ -53,23 +53,24 @@ def task_status(task: ConversionTask, position: int) -> dict:
 def register(services: Services) -> None:
     """Declare the endpoints; call inside the app's Blocks."""
 
-    def models() -> list[dict]:
+    def models(request: gr.Request = None, profile: gr.OAuthProfile | None = None) -> list[dict]:
         """Every model the app can chat with: name (what /chat takes), folder, bits per weight
-        (null when unquantized)."""
+        (null when unquantized). On a public server: the demo and the caller's own models."""
         return [{"name": m.name, "folder": m.spec, "bpw": m.bpw, "quantized": m.bpw is not None}
-                for m in services.local_models()]
+                for m in services.local_models(services.library(request, profile))]
 
     def chat(message: str, model: str = DEMO, system: str = "", history: list[dict] | None = None,
              temperature: float = 0.0, top_k: int = 50, top_p: float = 1.0, min_p: float = 0.0,
              repetition_penalty: float = 1.0, max_new_tokens: int = 256, seed: int = -1,
-             request: gr.Request = None) -> Iterator[dict]:
+             request: gr.Request = None, profile: gr.OAuthProfile | None = None) -> Iterator[dict]:
         """Stream an answer: {"answer": text so far, "done": false}, then the whole answer with
         "done": true and "speed" (prompt tokens, time to first token, tok/s, memory, device).
         history: earlier turns as [{"role": "user"|"assistant", "content": text}]. Greedy by default."""
         messages = history_messages(list(history or []) + [{"role": "user", "content": message or ""}], system)
         try:
             for answer, speed in services.answer(session_id(request, "api"), model, messages, temperature, top_k,
-                                                 top_p, min_p, repetition_penalty, max_new_tokens, seed):
+                                                 top_p, min_p, repetition_penalty, max_new_tokens, seed,
+                                                 library=services.library(request, profile)):
                 yield {"answer": answer, "done": speed is not None, "speed": speed or ""}
         except Exception as error:  # noqa: BLE001 - the client reads the message, the server keeps serving
             raise gr.Error(readable(error), print_exception=False) from None
@@ -77,15 +78,20 @@ def register(services: Services) -> None:
     def quantize(source: str = DEMO, bpw: float = 4.0, head_bits: int = ConversionSettings.head_bits,
                  rows: int = ConversionSettings.rows, length: int = ConversionSettings.length,
                  measurement_rows: int = ConversionSettings.measurement_rows, calibration: str = "",
-                 objective: str = DEFAULT_OBJECTIVE, request: gr.Request = None) -> Iterator[dict]:
+                 objective: str = DEFAULT_OBJECTIVE, request: gr.Request = None,
+                 profile: gr.OAuthProfile | None = None) -> Iterator[dict]:
         """Convert `source` (demo, a Hub id, a local folder or .gguf path) to EXL2 at `bpw`; streams
         the job's status and ends with its result ("model" is the name /chat takes). Asking again for
         the same conversion resumes it; /cancel with the status's task_id stops it. calibration: a file
-        path or hf:<dataset>:<file>; empty for text the model writes itself."""
+        path or hf:<dataset>:<file>; empty for text the model writes itself. A public server takes only
+        the demo, Hub ids and uploaded files."""
         try:
-            conversion = conversion_request(chosen_source(source, None), bpw, head_bits,
-                                            (calibration or "").strip() or None, rows, length, measurement_rows,
-                                            objective)
+            source, calibration = chosen_source(source, None), (calibration or "").strip() or None
+            services.access.check_source(source)
+            services.access.check_calibration(calibration)
+            conversion = conversion_request(source, bpw, head_bits, calibration, rows, length, measurement_rows,
+                                            objective, library=services.library(request, profile),
+                                            roots=services.access.roots)
             task = services.conversions.submit(conversion, owner_of(request))
         except Exception as error:  # noqa: BLE001
             raise gr.Error(readable(error), print_exception=False) from None

@@ -18,12 +18,12 @@ from .services import Services
 from .widgets import sampling_controls
 
 def stream_into_history(services: Services, session_id: str, model_name: str, history: list[dict], system: str,
-                        sampling: list):
+                        sampling: list, library=None):
     """Chatbot history with the assistant's answer growing at its end, and the speed line."""
     messages = history_messages(history, system)
     history = list(history) + [{"role": "assistant", "content": ""}]
     try:
-        for text, speed in services.answer(session_id, model_name, messages, *sampling):
+        for text, speed in services.answer(session_id, model_name, messages, *sampling, library=library):
             history[-1] = {"role": "assistant", "content": text}
             yield history, (f'<div class="ql-speed">{speed}</div>' if speed else gr.skip())
     except Exception as error:  # noqa: BLE001 - the page shows why; the app keeps serving
@@ -63,11 +63,12 @@ def build(services: Services) -> ChatTab:
         return "", list(history or []) + [{"role": "user", "content": text}], ""
 
     def respond(model_name, history, system_prompt, temperature, top_k, top_p, min_p, repetition_penalty,
-                max_new_tokens, seed, request: gr.Request):
+                max_new_tokens, seed, request: gr.Request, profile: gr.OAuthProfile | None = None):
         if not history or history[-1]["role"] != "user":
             return
         yield from stream_into_history(services, session_id(request, "chat"), model_name, history, system_prompt,
-                                       [temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens, seed])
+                                       [temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens, seed],
+                                       services.library(request, profile))
 
     def drop_last_answer(history: list[dict]):
         history = list(history or [])

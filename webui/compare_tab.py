@@ -18,9 +18,10 @@ from .widgets import sampling_controls
 
 def build(services: Services) -> tuple[gr.Dropdown, gr.Dropdown]:
     names = services.model_names()
+    shared = services.access.shared_library(services.models_folder)
     with gr.Row():
         model_a = gr.Dropdown(names, value=DEMO, label="Model A", elem_id="ql-compare-a")
-        model_b = gr.Dropdown(names, value=newest_quantized(services.models_folder) or DEMO, label="Model B",
+        model_b = gr.Dropdown(names, value=(shared and newest_quantized(shared)) or DEMO, label="Model B",
                               elem_id="ql-compare-b")
     prompt = gr.Textbox(label="Prompt", lines=2, value="What is the capital of France?", elem_id="ql-compare-prompt")
     with gr.Accordion("Sampling (greedy by default, so the two answers differ only by the model)", open=False):
@@ -35,13 +36,14 @@ def build(services: Services) -> tuple[gr.Dropdown, gr.Dropdown]:
             speed_b = gr.HTML(elem_id="ql-compare-speed-b")
 
     def compare(name_a, name_b, text, temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens, seed,
-                request: gr.Request):
+                request: gr.Request, profile: gr.OAuthProfile | None = None):
         values = [temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens, seed]
         messages = [{"role": "user", "content": text or ""}]
         shown = ["", "", "", ""]  # answer a, speed a, answer b, speed b
         for side, name in enumerate((name_a, name_b)):
             try:
-                for answer, speed in services.answer(session_id(request, f"compare-{side}"), name, messages, *values):
+                for answer, speed in services.answer(session_id(request, f"compare-{side}"), name, messages, *values,
+                                                     library=services.library(request, profile)):
                     shown[2 * side] = answer
                     if speed:
                         shown[2 * side + 1] = f'<div class="ql-speed">{speed}</div>'

@@ -102,7 +102,8 @@ def calibration_source(kind: str, upload: str | None, dataset: str | None) -> st
 
 
 def conversion_request(source: str, bpw: float, head_bits, calibration: str | None, rows, length,
-                       measurement_rows, objective: str, token: str | None = None) -> ConversionRequest:
+                       measurement_rows, objective: str, token: str | None = None, library: Path | None = None,
+                       roots: tuple[Path, ...] | None = None) -> ConversionRequest:
     """From the form's values; raises ValueError with the user's mistake in words."""
     try:
         bpw, head_bits, rows, length = round(float(bpw), 2), int(head_bits), int(rows), int(length)
@@ -114,7 +115,7 @@ def conversion_request(source: str, bpw: float, head_bits, calibration: str | No
                                   measurement_eval_rows=min(ConversionSettings.measurement_eval_rows, measurement_rows),
                                   calibration=calibration, objective=objective or DEFAULT_OBJECTIVE)
     settings.validate()  # the bounds the page, the API and the CLI share
-    return ConversionRequest(source, settings, token=(token or "").strip() or None)
+    return ConversionRequest(source, settings, token=(token or "").strip() or None, library=library, roots=roots)
 
 
 # ---------------------------------------------------------------- disk
@@ -150,9 +151,16 @@ class ConversionRequest:
     device: str = field(default_factory=default_device)
     # Only for fetching a gated source; kept in memory, never in a file, a log or a repr.
     token: str | None = field(default=None, repr=False, compare=False)
+    # The visitor's models folder on a public server (None: the app's), and where files it names
+    # may be read from (None: anywhere); see access.py.
+    library: Path | None = None
+    roots: tuple[Path, ...] | None = None
 
     def signature(self) -> str:
-        described = json.dumps({"source": self.source, "settings": asdict(self.settings)}, sort_keys=True)
+        described = {"source": self.source, "settings": asdict(self.settings)}
+        if self.library is not None:
+            described["library"] = str(self.library)  # two visitors never share one task or its output
+        described = json.dumps(described, sort_keys=True)
         return hashlib.sha256(described.encode()).hexdigest()[:10]
 
     def measurement_signature(self) -> str:
@@ -240,11 +248,11 @@ class ConversionTask:
 
 
 def conversion_command(request: ConversionRequest, work_dir: Path, output_dir: Path,
-                       measurement: Path | None = None) -> list[str]:
-    """The CLI command that runs this conversion; running it again resumes it."""
+                       measurement: Path | None = None, source: str | None = None) -> list[str]:
+    """The CLI command that runs this conversion (of `source`, default the request's); running it again resumes it."""
     s = request.settings
     # --flag=value for what a user typed, so a value starting with "-" stays a value.
-    command = [sys.executable, "-m", "core.convert", f"--in-dir={request.source}", f"--out-dir={work_dir}",
+    command = [sys.executable, "-m", "core.convert", f"--in-dir={source or request.source}", f"--out-dir={work_dir}",
                f"--compile-full={output_dir}", f"--bits={s.bpw!r}", f"--head-bits={s.head_bits}",
                f"--dataset-rows={s.rows}", f"--length={s.length}", f"--measurement-rows={s.measurement_rows}",
                f"--measurement-eval-rows={s.measurement_eval_rows}", f"--seed={s.seed}", f"--objective={s.objective}",
@@ -253,6 +261,7 @@ def conversion_command(request: ConversionRequest, work_dir: Path, output_dir: P
         command.append(f"--cal-dataset={s.calibration}")
     if measurement is not None:
         command.append(f"--measurement={measurement}")
+    command += [f"--calibration-root={root}" for root in request.roots or ()]
     return command
 
 
@@ -330,13 +339,15 @@ def run_conversion(task: ConversionTask, models_folder: Path) -> ConversionResul
     """The default runner: fetch the source, check the disk, reuse a measurement when one
     fits, convert in a child process, and record what was made beside the model."""
     request = task.request
-    folder = resolve_model_source(request.source, token=request.token)
+    folder = resolve_model_source(request.source, token=request.token, allowed_roots=request.roots)
     check_disk_space(folder, request.settings.bpw, models_folder)
     measurement = reusable_measurement(task.work_dir, request)
     if measurement is not None:
         task.resumed_from = task.resumed_from or f"reusing the measurement of {measurement.parent.name}"
         task.record_all(e for e in WorkDir(measurement.parent).read_events() if e.stage == "measure")
-    result = run_child(task, conversion_command(request, task.work_dir, task.output_dir, measurement))
+    # On a public server the child gets the folder checked here: it must not read a Hub id as a server path.
+    source = str(folder) if request.roots is not None else None
+    result = run_child(task, conversion_command(request, task.work_dir, task.output_dir, measurement, source))
     write_sidecar(result.output_dir, {
         "source": request.source,
         "base_name": base_name(request.source),
@@ -411,12 +422,13 @@ class ConversionQueue:
         work_dir = self.work_folder / f"{base}-m{request.measurement_signature()}-{request.signature()}"
         s = request.settings
         name = f"{base}-exl2-{s.bpw:.2f}bpw-h{s.head_bits}"
-        output = self.models_folder / name
+        library = request.library or self.models_folder
+        output = library / name
         existing = read_sidecar(output) if output.exists() else None
         taken = {t.output_dir for t in self.tasks.values() if t.work_dir != work_dir and not t.finished}
         if (existing is not None and existing.get("settings") != asdict(s)) or output in taken:
             # Same size, other calibration or source: both stay, told apart by the signature.
-            output = self.models_folder / f"{name}-{request.signature()[:6]}"
+            output = library / f"{name}-{request.signature()[:6]}"
         return work_dir, output
 
     def submit(self, request: ConversionRequest, owner: str = "") -> ConversionTask:

@@ -6,8 +6,10 @@ from any error text before it reaches the page.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
+import uuid
 import zipfile
 from pathlib import Path
 
@@ -141,19 +143,62 @@ def push_to_hub(folder: Path, repo_id: str, token: str | None, private: bool = T
     return str(url)
 
 
-def zip_model(folder: Path, perplexity: dict | None = None) -> Path:
-    """The model folder as one zip (with its model card), in the temp dir the web server may serve."""
+def zip_model(folder: Path, perplexity: dict | None = None, downloads: Path | None = None) -> Path:
+    """The model folder as one zip (with its model card), in the temp dir the web server may serve.
+
+    Made once per model: while the folder and its card are unchanged, the zip made last time is
+    handed out again, and its bytes are the same each time, so gradio's cached copy is reused too.
+    Only the KEPT_ZIPS zips used last stay on disk.
+    """
     folder = Path(folder)
-    target_dir = Path(tempfile.gettempdir()) / "quantlab-downloads"
-    target_dir.mkdir(parents=True, exist_ok=True)
-    target = target_dir / f"{folder.name}.zip"
-    temporary = target.with_name(target.name + ".part")
-    with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_STORED) as archive:
-        # Packed weights barely compress; storing them keeps a multi-GB zip quick to make.
-        for path in sorted(folder.rglob("*")):
-            if path.is_file() and not path.name.startswith(".") and path.name not in (SIDECAR, MODEL_CARD):
-                archive.write(path, f"{folder.name}/{path.relative_to(folder)}")
-        archive.writestr(f"{folder.name}/{MODEL_CARD}", model_card(read_sidecar(folder), folder.name, perplexity))
-    os.replace(temporary, target)
+    downloads = downloads or Path(tempfile.gettempdir()) / DOWNLOADS_FOLDER
+    card = model_card(read_sidecar(folder), folder.name, perplexity)
+    # Keyed by the folder's path: two visitors' libraries may each hold a model of the same name.
+    target = downloads / hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16] / f"{folder.name}.zip"
+    if not _zip_is_current(target, folder, card):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")
+        try:
+            with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_STORED) as archive:
+                # Packed weights barely compress; storing them keeps a multi-GB zip quick to make.
+                for path in _zipped_files(folder):
+                    archive.write(path, f"{folder.name}/{path.relative_to(folder)}")
+                # A fixed date keeps the bytes the same for the same card.
+                archive.writestr(zipfile.ZipInfo(f"{folder.name}/{MODEL_CARD}", date_time=_CARD_DATE), card)
+            os.replace(temporary, target)
+        finally:
+            temporary.unlink(missing_ok=True)
+    os.utime(target)  # used now: the last to be cleaned up
+    _remove_old_zips(downloads, keep=KEPT_ZIPS)
     return target
 
+
+DOWNLOADS_FOLDER = "quantlab-downloads"
+KEPT_ZIPS = 4
+_CARD_DATE = (2024, 1, 1, 0, 0, 0)
+
+
+def _zipped_files(folder: Path) -> list[Path]:
+    return [path for path in sorted(folder.rglob("*"))
+            if path.is_file() and not path.name.startswith(".") and path.name not in (SIDECAR, MODEL_CARD)]
+
+
+def _zip_is_current(target: Path, folder: Path, card: str) -> bool:
+    try:
+        made = target.stat().st_mtime
+        if any(path.stat().st_mtime > made for path in _zipped_files(folder)):
+            return False
+        with zipfile.ZipFile(target) as archive:
+            return archive.read(f"{folder.name}/{MODEL_CARD}").decode("utf-8") == card
+    except (OSError, KeyError, zipfile.BadZipFile):
+        return False
+
+
+def _remove_old_zips(downloads: Path, keep: int) -> None:
+    zips = sorted(downloads.glob("*/*.zip"), key=lambda path: path.stat().st_mtime, reverse=True)
+    for old in zips[keep:]:
+        old.unlink(missing_ok=True)
+        try:
+            old.parent.rmdir()
+        except OSError:
+            pass  # not empty: another zip is being made there

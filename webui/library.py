@@ -43,13 +43,16 @@ def write_sidecar(folder: Path, meta: dict) -> None:
     os.replace(temporary, Path(folder) / SIDECAR)
 
 
+DEMO_MODEL = LocalModel(DEMO, DEMO, None, {"source": DEMO})
+
+
 def local_models(folder: Path | None = None) -> list[LocalModel]:
     """`demo` first, then every complete model folder in the models folder, by name.
 
     Hidden folders are the writer's and importer's unfinished work; they never show.
     """
     folder = folder or models_dir()
-    found = [LocalModel(DEMO, DEMO, None, {"source": DEMO})]
+    found = [DEMO_MODEL]
     if folder.is_dir():
         for child in sorted(folder.iterdir()):
             if child.name.startswith(".") or child.name == DEMO_FOLDER_NAME or not (child / "config.json").is_file():

@@ -114,9 +114,10 @@ def known_points(source: str, sizes: list[LocalModel], text: str, ctx: int = DEF
     return points
 
 
-def family_points(model_name: str) -> list[dict]:
-    """What is already known about the sizes of `model_name`'s family on the default text."""
-    models = local_models()
+def family_points(model_name: str, models: list[LocalModel] | None = None) -> list[dict]:
+    """What is already known about the sizes of `model_name`'s family on the default text;
+    `models`: the visitor's library (default: the local one)."""
+    models = models if models is not None else local_models()
     model = next((m for m in models if model_name in (m.name, m.spec)), None)
     if model is None:
         return []
@@ -128,10 +129,10 @@ def family_points(model_name: str) -> list[dict]:
     return known_points(source, sizes, text)
 
 
-def figure_for(model_name: str):
+def figure_for(model_name: str, models: list[LocalModel] | None = None):
     from .plots import perplexity_figure
 
-    return perplexity_figure(family_points(model_name))
+    return perplexity_figure(family_points(model_name, models))
 
 
 def card_perplexity(model: LocalModel) -> dict | None:
@@ -148,10 +149,10 @@ def card_perplexity(model: LocalModel) -> dict | None:
     return {"quantized": value, "reference": reference, "text": name, "ctx": DEFAULT_CTX}
 
 
-def measure_family(cache: ModelCache, model_name: str):
+def measure_family(cache: ModelCache, model_name: str, models: list[LocalModel] | None = None):
     """Score the unquantized model and each of its sizes not yet scored; yields a line of progress
-    per model (each takes up to a minute on a CPU for a small model)."""
-    models = local_models()
+    per model (each takes up to a minute on a CPU for a small model). `models`: the visitor's library."""
+    models = models if models is not None else local_models()
     model = next((m for m in models if model_name in (m.name, m.spec)), None)
     if model is None:
         raise ValueError(f"no local model called {model_name!r}")

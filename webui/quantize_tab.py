@@ -106,7 +106,8 @@ def build(services: Services) -> QuantizeTab:
             source = gr.Dropdown(
                 choices=source_choices(services), value=DEMO, allow_custom_value=True, filterable=True,
                 label="Model", elem_id="ql-source",
-                info="demo, a Hub id (type to search), a local model folder or a .gguf path",
+                info="demo, a Hub id (type to search) or an uploaded .gguf file" if services.access.public else
+                "demo, a Hub id (type to search), a local model folder or a .gguf path",
             )
             gr.Markdown(
                 "Hub search is off: HF_HUB_OFFLINE is set. Type a full id of a model already in the cache, "
@@ -192,7 +193,8 @@ def build(services: Services) -> QuantizeTab:
                 task.output_dir.name if done else gr.skip(),
                 plots.bits_per_layer_figure(task.result.layer_bits, task.request.settings.bpw, task.result.bpw)
                 if done else gr.skip(),
-                quality.figure_for(task.output_dir.name) if done else gr.skip(),
+                quality.figure_for(task.output_dir.name, services.local_models(task.request.library))
+                if done else gr.skip(),
                 gr.Button(interactive=finished),
                 gr.Button(interactive=not finished),
                 gr.Button(visible=task.state in (CANCELLED, FAILED)),
@@ -207,13 +209,20 @@ def build(services: Services) -> QuantizeTab:
 
     def on_start(typed, uploaded, bpw_value, head, kind, cal_file, dataset, rows_value, length_value,
                  measurement_value, objective_value, token, request: gr.Request,
-                 oauth_token: gr.OAuthToken | None = None):
+                 profile: gr.OAuthProfile | None = None, oauth_token: gr.OAuthToken | None = None):
         # On a Space the signed-in user's token opens gated and private sources; locally, the field.
         token = (oauth_token.token if oauth_token else None) or token
+        access = services.access
         try:
-            conversion = conversion_request(chosen_source(typed, uploaded), bpw_value, head,
-                                         calibration_source(kind, cal_file, dataset), rows_value, length_value,
-                                         measurement_value, objective_value, token)
+            access.accept_upload(uploaded, check=lambda path: chosen_source(None, path))
+            if kind == CALIBRATION_FILE:
+                access.accept_upload(cal_file)
+            source = chosen_source(typed, uploaded)
+            access.check_source(source)
+            conversion = conversion_request(source, bpw_value, head,
+                                            calibration_source(kind, cal_file, dataset), rows_value, length_value,
+                                            measurement_value, objective_value, token,
+                                            library=services.library(request, profile), roots=access.roots)
             task = services.conversions.submit(conversion, owner_of(request))
         except Exception as error:  # noqa: BLE001 - every refusal becomes a sentence on the page
             yield refused(readable(error))
@@ -259,9 +268,9 @@ def build(services: Services) -> QuantizeTab:
         source.key_up(on_search, None, source, api_visibility="private", show_progress="hidden",
                       trigger_mode="always_last")
 
-    def on_zip(model_name: str):
+    def on_zip(model_name: str, request: gr.Request, profile: gr.OAuthProfile | None = None):
         try:
-            model = services.find_model(model_name)
+            model = services.find_model(model_name, services.library(request, profile))
             return gr.File(value=str(hub.zip_model(Path(model.spec), quality.card_perplexity(model))), visible=True)
         except Exception as error:  # noqa: BLE001
             gr.Warning(readable(error))
@@ -269,11 +278,11 @@ def build(services: Services) -> QuantizeTab:
 
     zip_button.click(on_zip, result_model, zip_file, api_visibility="private")
 
-    def on_push(model_name: str, repo_id: str, private_repo: bool, token: str,
-                oauth_token: gr.OAuthToken | None = None):
+    def on_push(model_name: str, repo_id: str, private_repo: bool, token: str, request: gr.Request,
+                profile: gr.OAuthProfile | None = None, oauth_token: gr.OAuthToken | None = None):
         secret = (oauth_token.token if oauth_token else None) or (token or "").strip() or None
         try:
-            model = services.find_model(model_name)
+            model = services.find_model(model_name, services.library(request, profile))
             url = hub.push_to_hub(Path(model.spec), repo_id, secret, private_repo, quality.card_perplexity(model))
         except Exception as error:  # noqa: BLE001
             return notice(scrub(readable(error), secret))
@@ -281,14 +290,15 @@ def build(services: Services) -> QuantizeTab:
 
     push.click(on_push, [result_model, repo, private, push_token], push_status, api_visibility="private")
 
-    def on_measure(model_name: str):
+    def on_measure(model_name: str, request: gr.Request, profile: gr.OAuthProfile | None = None):
+        library = services.local_models(services.library(request, profile))
         try:
-            for message in quality.measure_family(services.models, model_name):
+            for message in quality.measure_family(services.models, model_name, library):
                 yield notice(message, "info"), gr.skip()
         except Exception as error:  # noqa: BLE001
             yield notice(readable(error)), gr.skip()
             return
-        yield "", quality.figure_for(model_name)
+        yield "", quality.figure_for(model_name, library)
 
     measure.click(on_measure, result_model, [measure_status, quality_chart], api_visibility="private")
     return QuantizeTab(result_model, chat_button)

@@ -51,6 +51,8 @@ def parse_args(argv):
     parser.add_argument("-c", "--cal-dataset", default=None,
                         help="calibration text: a .txt/.jsonl/.parquet file, or hf:<dataset id>:<file> "
                              "(default: text the model writes itself)")
+    parser.add_argument("--calibration-root", action="append", default=None, metavar="DIR",
+                        help="read a calibration file only from inside DIR (repeatable; a public server's uploads)")
     parser.add_argument("-m", "--measurement", default=None, help="reuse this measurement.json")
     parser.add_argument("-r", "--dataset-rows", type=int, default=ConversionSettings.rows)
     parser.add_argument("-l", "--length", type=int, default=ConversionSettings.length, help="tokens per calibration row")
@@ -142,7 +144,7 @@ def convert(args: argparse.Namespace, jsonl: JsonLines | None) -> int:
             calibration=args.cal_dataset, seed=args.seed, objective=args.objective,
         )
         job = ConversionJob(args.in_dir, args.out_dir, args.compile_full, settings, args.measurement, args.device,
-                            jsonl or ProgressPrinter(), cancel)
+                            jsonl or ProgressPrinter(), cancel, calibration_roots=args.calibration_root)
         result = job.run()
     except ConversionCancelled as stop:
         if jsonl:

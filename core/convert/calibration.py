@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -67,6 +68,42 @@ class CalibrationError(ValueError):
     """The calibration source cannot give the rows asked for."""
 
 
+HUB_FILE_PREFIX = "hf:"
+
+
+def calibration_text(source: str, allowed_roots: Sequence[str | Path] | None = None, token: str | None = None) -> str:
+    """The text of a calibration source: a local file, or "hf:<dataset id>:<file>" from the Hub.
+
+    With `allowed_roots` (a public server's upload folders), a local file must lie
+    inside one of them, symlinks resolved. Anything else is refused with one
+    sentence that never says whether the path exists, so the server's files
+    cannot be probed through this field.
+    """
+    if source.startswith(HUB_FILE_PREFIX):
+        repo_id, _, filename = source[len(HUB_FILE_PREFIX):].partition(":")
+        if not repo_id or not filename:
+            raise CalibrationError(f"{source!r} is not a Hub dataset file; write hf:<dataset id>:<file>")
+        return read_text_file(hub_dataset_file(repo_id, filename, token))
+    refuse_outside_roots(source, allowed_roots)
+    return read_text_file(source)
+
+
+def refuse_outside_roots(source: str, allowed_roots: Sequence[str | Path] | None) -> None:
+    """One sentence for a local calibration file outside `allowed_roots` (None: anywhere is fine)."""
+    if allowed_roots is None or source.startswith(HUB_FILE_PREFIX) or _inside_any(Path(source), allowed_roots):
+        return
+    raise CalibrationError(
+        f"calibration file {source} is not available here: upload a text file, "
+        "or name a Hub dataset file as hf:<dataset id>:<file>"
+    )
+
+
+def _inside_any(path: Path, roots: Sequence[str | Path]) -> bool:
+    # realpath, not resolve(strict=True): the answer must not depend on whether the path exists.
+    real = Path(os.path.realpath(path))
+    return any(real.is_relative_to(os.path.realpath(root)) for root in roots)
+
+
 def read_text_file(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
@@ -107,6 +144,8 @@ def hub_dataset_file(repo_id: str, filename: str, token: str | None = None) -> P
     """Download one file of a Hub dataset repo (a .txt, .jsonl or .parquet)."""
     try:
         return Path(hf_hub_download(repo_id, filename, repo_type="dataset", token=token))
+    except ValueError as error:  # a malformed id, or ".." in the file name
+        raise CalibrationError(f"cannot fetch {filename} from dataset {repo_id}: {error}") from None
     except LocalEntryNotFoundError:
         raise CalibrationError(f"dataset {repo_id} file {filename} is not cached and the Hub cannot be reached") from None
     except HfHubHTTPError as error:

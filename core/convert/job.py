@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import threading
 import time
@@ -27,15 +26,16 @@ from ..formats.exl2.layout import stored_bits
 from ..formats.exl2.writer import folder_size, write_model_folder
 from ..loader import load_model
 from ..paths import cache_dir
-from ..sources import resolve_model_source
+from ..sources import resolve_model_config, resolve_model_source
 from ..tokenizer import Tokenizer
 from ..weights import weight_files
 from . import calibration
 from .allocate import DEFAULT_OBJECTIVE, OBJECTIVES, allocate_bits
+from .floor import refuse_below_floor
 from .layers import MODULE_GROUPS
-from .measure import CANDIDATES, measure_layer
+from .measure import measure_layer
 from .progress import ProgressCallback, ProgressEvent, check_cancel, no_progress
-from .qparams import HEAD_OPTIONS, QuantSetting, setting_bits
+from .qparams import HEAD_OPTIONS, QuantSetting
 from .quantize import quantize_head, quantize_layer
 from .workdir import WorkDir
 
@@ -156,7 +156,8 @@ class ConversionJob:
 
     def __init__(self, source: str, work_dir: str | Path, output_dir: str | Path | None, settings: ConversionSettings,
                  measurement_file: str | Path | None = None, device: str | None = None,
-                 on_event: ProgressCallback = no_progress, cancel: threading.Event | None = None):
+                 on_event: ProgressCallback = no_progress, cancel: threading.Event | None = None,
+                 calibration_roots: list[str | Path] | None = None):
         settings.validate()
         self.source = source
         self.work = WorkDir(work_dir)
@@ -167,6 +168,8 @@ class ConversionJob:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.on_event = on_event
         self.cancel = cancel
+        # Where a calibration file may be read from; None (local use) means anywhere.
+        self.calibration_roots = calibration_roots
 
     def emit(self, stage: str, fraction: float, message: str = "", **fields) -> None:
         self._event(ProgressEvent(stage, fraction, message, **fields))
@@ -216,11 +219,7 @@ class ConversionJob:
                     load_model(folder, device=self.device), tokenizer, s.rows, s.length, stop_ids, s.seed,
                     progress=lambda done, total: self.emit("calibration", done / total, f"generated {done}/{total} tokens"),
                 )
-            if s.calibration.startswith("hf:"):
-                _, repo_id, filename = s.calibration.split(":", 2)
-                text = calibration.read_text_file(calibration.hub_dataset_file(repo_id, filename))
-            else:
-                text = calibration.read_text_file(s.calibration)
+            text = calibration.calibration_text(s.calibration, self.calibration_roots)
             return calibration.rows_from_tokens(tokenizer.encode(text, add_special_tokens=False), s.rows, s.length)
 
         source = make
@@ -274,23 +273,6 @@ class ConversionJob:
         partial_path.unlink(missing_ok=True)
         states_path.unlink(missing_ok=True)
         return partial["measurement"]
-
-    def _check_reachable(self, model) -> None:
-        """Refuse a target below every module's cheapest candidate before spending time measuring."""
-        cheapest = 0
-        for layer in model.model.layers:
-            for group, names in MODULE_GROUPS.items():
-                modules = {name: getattr(getattr(layer, group), name) for name in names}
-                cheapest += min(
-                    sum(setting_bits(setting, modules[n].in_features, modules[n].out_features) for n, setting in c.items())
-                    for c in CANDIDATES[group]
-                )
-        lowest = math.ceil(cheapest / quantized_weight_count(model) * 1000) / 1000
-        if self.settings.bpw < lowest:
-            raise ConversionError(
-                f"target {self.settings.bpw} bpw is below {lowest:.3f} bpw, the lowest this model can reach "
-                "(scales and the act-order permutation cost bits on top of 2-bit codes, more so for narrow layers)"
-            )
 
     def _allocate(self, model, measurement: dict):
         total_weights = quantized_weight_count(model)
@@ -362,6 +344,7 @@ class ConversionJob:
 
     def run(self) -> ConversionResult:
         start = time.perf_counter()
+        refuse_below_floor(resolve_model_config(self.source), self.settings.bpw)
         folder = resolve_model_source(self.source)
         config = ModelConfig.from_folder(folder)
         _refuse_quantized(self.source, folder, config)
@@ -379,7 +362,6 @@ class ConversionJob:
         tokenizer = Tokenizer.from_folder(folder)
         stop_ids = set(config.eos_token_ids) | ({tokenizer.eos_token_id} - {None})
         rows = self._calibration_rows(folder, tokenizer, stop_ids)
-        self._check_reachable(model)
         measurement = self._measure(model, rows)
         allocation, layer_settings = self._allocate(model, measurement)
         errors, states = self._quantize(model, rows, allocation, layer_settings)
