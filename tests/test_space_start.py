@@ -9,11 +9,6 @@ the network is kept away: HF_HUB_OFFLINE, and an OpenID provider that is never a
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -23,10 +18,10 @@ gradio_client = pytest.importorskip("gradio_client")
 
 from core.demo import DEMO_FOLDER_NAME  # noqa: E402
 from core.sources import PUBLIC_SOURCE_REFUSAL  # noqa: E402
+from tests.app_server import ROOT, free_port, running_app  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
 SPACE_ENVIRONMENT = {
     "SYSTEM": "spaces",
     "SPACE_ID": "user/quantlab",
@@ -38,12 +33,6 @@ SPACE_ENVIRONMENT = {
 }
 
 UPLOAD_LIMIT_GB = 1e-5  # about 10 kB, so the test can go over it cheaply
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -59,28 +48,11 @@ def space(demo_folder, tmp_path_factory):
     (imported / "model.safetensors").write_bytes(b"")
     port = free_port()
     log_path = home / "app.log"
-    env = dict(os.environ, **SPACE_ENVIRONMENT, QUANTLAB_HOME=str(home), GRADIO_SERVER_PORT=str(port),
-               HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", QUANTLAB_MAX_UPLOAD_GB=str(UPLOAD_LIMIT_GB),
+    env = dict(SPACE_ENVIRONMENT, QUANTLAB_HOME=str(home), GRADIO_SERVER_PORT=str(port), HF_HUB_OFFLINE="1",
+               GRADIO_ANALYTICS_ENABLED="False", QUANTLAB_MAX_UPLOAD_GB=str(UPLOAD_LIMIT_GB),
                GRADIO_TEMP_DIR=str(home / "gradio"))
-    with open(log_path, "w") as log:
-        server = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=5)
-            break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                pytest.fail(f"the app did not start as a Space:\n{log_path.read_text()[-3000:]}")
-            time.sleep(1)
-    yield url, server, log_path
-    server.terminate()
-    try:
-        server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        server.kill()
+    with running_app([], env, log_path, port, what="the app run as a Space") as (url, server):
+        yield url, server, log_path
 
 
 def still_serving(url: str, server) -> bool:

@@ -10,21 +10,17 @@ is ever downloaded.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
+from tests.app_server import ROOT, free_port, running_app  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -37,38 +33,14 @@ LONG = 20 * 60 * 1000  # ms: a whole conversion on a slow shared CPU
 ANSWER = 4 * 60 * 1000  # ms: one short answer, model load included
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app_url(demo_folder, tmp_path_factory):
     """`python app.py` on a free port, with the tests' own QUANTLAB_HOME (the demo already imported)."""
     port = free_port()
     log_path = tmp_path_factory.mktemp("app") / "app.log"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
-    with open(log_path, "w") as log:
-        server = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env,
-                                  stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=5)
-            break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                pytest.fail(f"the app did not start:\n{log_path.read_text()[-3000:]}")
-            time.sleep(1)
-    yield url
-    server.terminate()
-    try:
-        server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        server.kill()
+    with running_app(["--port", str(port)], {"HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}, log_path,
+                     port) as (url, _):
+        yield url
     log_text = log_path.read_text()
     assert "hf_" not in log_text  # no token ever reaches the log
 

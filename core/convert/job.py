@@ -37,7 +37,7 @@ from .measure import measure_layer
 from .progress import ProgressCallback, ProgressEvent, check_cancel, no_progress
 from .qparams import HEAD_OPTIONS, QuantSetting
 from .quantize import quantize_head, quantize_layer
-from .workdir import WorkDir
+from .workdir import WorkDir, read_json
 
 FORMAT_VERSION = 1
 MIN_BPW, MAX_BPW = 2.0, 8.0
@@ -133,13 +133,6 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor] | None:
         return None
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def _refuse_quantized(source: str, folder: Path, config: ModelConfig) -> None:
     """GPTQ needs the original weights: requantizing a quantized model stacks two roundings."""
     method = (config.raw.get("quantization_config") or {}).get("quant_method")
@@ -188,7 +181,7 @@ class ConversionJob:
             "source": self.source,
             "settings": asdict(self.settings),
         }
-        existing = _read_json(self.work.job_file)
+        existing = read_json(self.work.job_file)
         if existing is not None:
             if existing.get("model") != job["model"]:
                 raise ConversionError(
@@ -241,7 +234,7 @@ class ConversionJob:
 
     def _measure(self, model, rows: torch.Tensor) -> dict:
         if self.measurement_file is not None:
-            measurement = _read_json(self.measurement_file)
+            measurement = read_json(self.measurement_file)
             if not measurement or "measurement" not in measurement:
                 raise ConversionError(f"{self.measurement_file} is not a measurement.json")
             expected = {f"model.layers.{i}.{g}" for i in range(model.config.num_layers) for g in MODULE_GROUPS}
@@ -249,11 +242,11 @@ class ConversionJob:
                 raise ConversionError(f"{self.measurement_file} was measured on a model of another shape")
             return measurement["measurement"]
         final = self.work.measurement
-        if (done := _read_json(final)) is not None:
+        if (done := read_json(final)) is not None:
             return done["measurement"]
         partial_path = self.work.measurement_partial
         states_path = self.work.measure_states
-        partial = _read_json(partial_path) or {"measurement": {}, "next_layer": 0}
+        partial = read_json(partial_path) or {"measurement": {}, "next_layer": 0}
         states = _read_tensors(states_path) if partial["next_layer"] else None
         if states is None:
             partial = {"measurement": {}, "next_layer": 0}
@@ -303,7 +296,7 @@ class ConversionJob:
         progress_path = self.work.quant_progress
         states_path = self.work.quant_states
         self.work.quant_folder.mkdir(exist_ok=True)
-        progress = _read_json(progress_path)
+        progress = read_json(progress_path)
         # A progress file from another allocation (after -m with another target) does not count.
         if not progress or progress.get("choice") != allocation.choice:
             progress = {"choice": allocation.choice, "next_layer": 0, "errors": []}

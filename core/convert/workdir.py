@@ -129,9 +129,9 @@ class WorkDir:
     def progress_summary(self) -> str:
         """A sentence on what earlier runs in this work dir finished, or ""."""
         if self.has_measurement():
-            layers = (_read_json(self.quant_progress) or {}).get("next_layer")
+            layers = (read_json(self.quant_progress) or {}).get("next_layer")
             return f"measurement done, {layers} layers quantized" if layers is not None else "measurement done"
-        layers = (_read_json(self.measurement_partial) or {}).get("next_layer")
+        layers = (read_json(self.measurement_partial) or {}).get("next_layer")
         return f"{layers} layers measured" if layers else ""
 
     def append_event(self, event: ProgressEvent) -> None:
@@ -162,7 +162,8 @@ class WorkDir:
         return events
 
 
-def _read_json(path: Path):
+def read_json(path: Path):
+    """A JSON file of the work dir, or None where it is missing or cut short by a kill."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
