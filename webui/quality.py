@@ -21,6 +21,7 @@ from core.perplexity import perplexity
 
 from .chats import ModelCache
 from .library import DEMO, LocalModel, local_models
+from .plots import perplexity_figure
 
 DEFAULT_CTX = 512
 DEFAULT_WINDOWS = 16  # 8k tokens: a stable ranking in well under a minute per small model on a CPU
@@ -130,8 +131,6 @@ def family_points(model_name: str, models: list[LocalModel] | None = None) -> li
 
 
 def figure_for(model_name: str, models: list[LocalModel] | None = None):
-    from .plots import perplexity_figure
-
     return perplexity_figure(family_points(model_name, models))
 
 
