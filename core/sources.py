@@ -122,15 +122,17 @@ def refuse_outside_roots(spec: str, allowed_roots: Sequence[str | Path]) -> str:
     raise ModelSourceError(PUBLIC_SOURCE_REFUSAL)
 
 
-def resolve_model_config(spec: str, token: str | None = None) -> ModelConfig:
+def resolve_model_config(spec: str, token: str | None = None,
+                         allowed_roots: Sequence[str | Path] | None = None) -> ModelConfig:
     """`spec`'s config, fetching nothing else: for a Hub id only config.json comes down.
 
     Lets a conversion refuse an unreachable target before any weights are downloaded.
+    `allowed_roots` limits other sources as resolve_model_source does.
     """
     spec = spec.strip()
     if is_hub_id(spec) and spec != "demo" and not Path(spec).expanduser().exists():
         return ModelConfig.from_folder(_hub_config_folder(spec, token or os.environ.get("HF_TOKEN") or None))
-    return ModelConfig.from_folder(resolve_model_source(spec, token))
+    return ModelConfig.from_folder(resolve_model_source(spec, token, allowed_roots))
 
 
 # ---------------------------------------------------------------- local

@@ -182,6 +182,26 @@ def test_not_enough_disk_is_refused_before_converting(tmp_path, monkeypatch):
         check_disk_space(source, 4.0, tmp_path / "models")
 
 
+def test_a_hub_model_below_its_floor_is_refused_before_its_weights_come_down(tmp_path, monkeypatch):
+    import core.sources as sources
+
+    model = tmp_path / "tiny"
+    save_tiny_chat_model("llama-gqa", model)
+    fetched = []
+
+    def hf_hub_download(repo_id, filename, **_):
+        fetched.append(filename)
+        return str(model / filename)
+
+    monkeypatch.setattr(sources.huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(sources.huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("weights fetched"))
+    queue = ConversionQueue(tmp_path / "models", tmp_path / "work")
+    task = queue.submit(request_for("someone/tiny-llama", 2.05))
+    assert queue.wait(task, 60) and task.state == FAILED
+    assert "the lowest this model can reach" in task.message
+    assert fetched == ["config.json"] and task.process is None  # no child was started either
+
+
 def test_hub_search_is_off_offline():
     assert hub.hub_offline()  # the tests run with HF_HUB_OFFLINE=1
     assert hub.search_models("llama") == []

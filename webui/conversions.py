@@ -36,12 +36,13 @@ from typing import IO
 
 from core.convert.__main__ import EXIT_BAD_INPUT, EXIT_CANCELLED
 from core.convert.allocate import DEFAULT_OBJECTIVE
+from core.convert.floor import refuse_below_floor
 from core.convert.job import ConversionError, ConversionResult, ConversionSettings
 from core.convert.progress import ConversionCancelled, ProgressEvent
 from core.convert.workdir import WorkDir, event_from_dict
 from core.loader import default_device
 from core.paths import cache_dir
-from core.sources import resolve_model_source
+from core.sources import resolve_model_config, resolve_model_source
 
 from .common import scrub
 from .library import base_name, hub_base_model, models_dir, read_sidecar, write_sidecar
@@ -339,6 +340,8 @@ def run_conversion(task: ConversionTask, models_folder: Path) -> ConversionResul
     """The default runner: fetch the source, check the disk, reuse a measurement when one
     fits, convert in a child process, and record what was made beside the model."""
     request = task.request
+    # The child checks the floor too, but only after this process has fetched the weights.
+    refuse_below_floor(resolve_model_config(request.source, request.token, request.roots), request.settings.bpw)
     folder = resolve_model_source(request.source, token=request.token, allowed_roots=request.roots)
     check_disk_space(folder, request.settings.bpw, models_folder)
     measurement = reusable_measurement(task.work_dir, request)
