@@ -10,17 +10,10 @@ import pytest
 from core.config import ModelConfig, ModelConfigError
 from core.loader import load_model
 from core.sources import resolve_model_source
+from tests.test_sources import LLAMA_CONFIG
 from tests.tiny_models import save_hf_model
 
-GOOD = {
-    "architectures": ["LlamaForCausalLM"],
-    "vocab_size": 300,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-}
+GOOD = LLAMA_CONFIG
 
 
 @pytest.mark.parametrize(

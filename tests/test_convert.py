@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from core.config import UnsupportedModelError
-from core import sources
 from core.convert import job as job_module
 from core.convert.floor import TargetBelowFloorError, lowest_bpw
 from core.convert.layers import MODULE_GROUPS
@@ -21,6 +20,7 @@ from core.convert.progress import ConversionCancelled
 from core.formats.exl2.writer import OutputError
 from core.loader import load_model
 from core.errors import ModelSourceError
+from tests.fake_hub import serve_config_only
 from tests.tiny_models import sample_text, save_tiny_chat_model
 
 SETTINGS = dict(rows=8, length=128, measurement_rows=4, measurement_eval_rows=4)
@@ -153,14 +153,7 @@ def test_target_below_what_the_format_can_reach_is_refused_before_any_work(tiny,
 
 def test_floor_of_a_hub_model_is_checked_with_config_json_alone(tiny, tmp_path, monkeypatch):
     model, calibration, _ = tiny
-    fetched = []
-
-    def hf_hub_download(repo_id, filename, **_):
-        fetched.append(filename)
-        return str(model / filename)
-
-    monkeypatch.setattr(sources.huggingface_hub, "hf_hub_download", hf_hub_download)
-    monkeypatch.setattr(sources.huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("weights fetched"))
+    fetched = serve_config_only(monkeypatch, model)
     with pytest.raises(TargetBelowFloorError, match="the lowest this model can reach"):
         convert("someone/tiny-llama", tmp_path / "work", tmp_path / "out", calibration, bpw=2.2)
     assert fetched == ["config.json"] and not (tmp_path / "work").exists()

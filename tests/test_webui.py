@@ -14,6 +14,7 @@ import pytest
 from core.convert.job import ConversionSettings
 from core.convert.progress import ProgressEvent
 from core.errors import ModelSourceError
+from tests.fake_hub import serve_config_only
 from tests.tiny_models import sample_text, save_tiny_chat_model
 from webui import hub, plots
 from webui.common import history_messages, message_text
@@ -183,18 +184,9 @@ def test_not_enough_disk_is_refused_before_converting(tmp_path, monkeypatch):
 
 
 def test_a_hub_model_below_its_floor_is_refused_before_its_weights_come_down(tmp_path, monkeypatch):
-    import core.sources as sources
-
     model = tmp_path / "tiny"
     save_tiny_chat_model("llama-gqa", model)
-    fetched = []
-
-    def hf_hub_download(repo_id, filename, **_):
-        fetched.append(filename)
-        return str(model / filename)
-
-    monkeypatch.setattr(sources.huggingface_hub, "hf_hub_download", hf_hub_download)
-    monkeypatch.setattr(sources.huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("weights fetched"))
+    fetched = serve_config_only(monkeypatch, model)
     queue = ConversionQueue(tmp_path / "models", tmp_path / "work")
     task = queue.submit(request_for("someone/tiny-llama", 2.05))
     assert queue.wait(task, 60) and task.state == FAILED
