@@ -72,15 +72,6 @@ def _config_bits(folder: Path) -> float | None:
     return quantization.get("bits") if quantization.get("quant_method") == "exl2" else None
 
 
-def find_local_model(name: str, folder: Path | None = None) -> LocalModel:
-    """The listed model called `name` (or with that path); chat only loads what the list shows."""
-    name = (name or "").strip()
-    for model in local_models(folder):
-        if name in (model.name, model.spec):
-            return model
-    raise ValueError(f"no local model called {name!r}; pick one from the list (quantize a model to add it)")
-
-
 def base_name(source: str) -> str:
     """A short folder-friendly name for what is being converted."""
     if source == DEMO:
@@ -102,11 +93,6 @@ def hub_base_model(source: str) -> str | None:
     if is_hub_id(source) and "/" in source and not Path(source).exists():
         return source
     return None
-
-
-def model_names(folder: Path | None = None) -> list[str]:
-    """What the model dropdowns list."""
-    return [model.name for model in local_models(folder)]
 
 
 def newest_quantized(folder: Path | None = None) -> str | None:
