@@ -17,7 +17,7 @@ from core.convert.measure import CANDIDATES
 from core.convert.qparams import setting_bits
 from core.convert.job import ConversionError, ConversionJob, ConversionSettings
 from core.convert.progress import ConversionCancelled
-from core.formats.exl2.writer import OutputError
+from core.formats.model_folder import OutputError
 from core.loader import load_model
 from core.errors import ModelSourceError
 from tests.fake_hub import serve_config_only
@@ -227,7 +227,7 @@ def test_full_disk_is_reported_before_writing(tiny, finished, tmp_path, monkeypa
     class Usage:
         total, used, free = 10**9, 10**9 - 1000, 1000
 
-    monkeypatch.setattr("core.formats.exl2.writer.shutil.disk_usage", lambda path: Usage)
+    monkeypatch.setattr("core.formats.model_folder.shutil.disk_usage", lambda path: Usage)
     with pytest.raises(OutputError, match="not enough disk space"):
         convert(model, work, tmp_path / "out", calibration)
     assert not (tmp_path / "out").exists()

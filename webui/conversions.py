@@ -254,7 +254,7 @@ def conversion_command(request: ConversionRequest, work_dir: Path, output_dir: P
     s = request.settings
     # --flag=value for what a user typed, so a value starting with "-" stays a value.
     command = [sys.executable, "-m", "core.convert", f"--in-dir={source or request.source}", f"--out-dir={work_dir}",
-               f"--compile-full={output_dir}", f"--bits={s.bpw!r}", f"--head-bits={s.head_bits}",
+               f"--compile-full={output_dir}", f"--format={s.format}", f"--bits={s.bpw!r}", f"--head-bits={s.head_bits}",
                f"--dataset-rows={s.rows}", f"--length={s.length}", f"--measurement-rows={s.measurement_rows}",
                f"--measurement-eval-rows={s.measurement_eval_rows}", f"--seed={s.seed}", f"--objective={s.objective}",
                f"--device={request.device}", "--events=jsonl"]
@@ -341,7 +341,8 @@ def run_conversion(task: ConversionTask, models_folder: Path) -> ConversionResul
     fits, convert in a child process, and record what was made beside the model."""
     request = task.request
     # The child checks the floor too, but only after this process has fetched the weights.
-    refuse_below_floor(resolve_model_config(request.source, request.token, request.roots), request.settings.bpw)
+    refuse_below_floor(resolve_model_config(request.source, request.token, request.roots), request.settings.bpw,
+                       request.settings.format)
     folder = resolve_model_source(request.source, token=request.token, allowed_roots=request.roots)
     check_disk_space(folder, request.settings.bpw, models_folder)
     measurement = reusable_measurement(task.work_dir, request)

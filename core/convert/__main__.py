@@ -46,8 +46,11 @@ def parse_args(argv):
     parser.add_argument("-i", "--in-dir", required=True, help="demo, a model folder, a .gguf file or a Hub id")
     parser.add_argument("-o", "--out-dir", required=True, help="work dir (resumable)")
     parser.add_argument("-cf", "--compile-full", default=None, help="output model folder (default: <work dir>/output)")
-    parser.add_argument("-b", "--bits", type=float, default=4.0, help="target average bits per weight, 2.0 to 8.0")
-    parser.add_argument("-hb", "--head-bits", type=int, default=6, help="bits of the output layer (2-8, default 6)")
+    parser.add_argument("-f", "--format", choices=("exl2", "exl3"), default=ConversionSettings.format,
+                        help="exl2 (ExLlamaV2) or exl3 (ExLlamaV3: trellis codes, better below 4 bpw)")
+    parser.add_argument("-b", "--bits", type=float, default=4.0,
+                        help="target average bits per weight: 2.0 to 8.0 for EXL2, 1.5 to 8.0 for EXL3")
+    parser.add_argument("-hb", "--head-bits", type=int, default=6, help="bits of the output layer (2-8, default 6; EXL3 also 16: unquantized)")
     parser.add_argument("-c", "--cal-dataset", default=None,
                         help="calibration text: a .txt/.jsonl/.parquet file, or hf:<dataset id>:<file> "
                              "(default: text the model writes itself)")
@@ -139,7 +142,7 @@ def convert(args: argparse.Namespace, jsonl: JsonLines | None) -> int:
     try:
         measurement_rows = min(args.measurement_rows, args.dataset_rows)
         settings = ConversionSettings(
-            bpw=args.bits, head_bits=args.head_bits, rows=args.dataset_rows, length=args.length,
+            bpw=args.bits, format=args.format, head_bits=args.head_bits, rows=args.dataset_rows, length=args.length,
             measurement_rows=measurement_rows, measurement_eval_rows=min(args.measurement_eval_rows, measurement_rows),
             calibration=args.cal_dataset, seed=args.seed, objective=args.objective,
         )

@@ -42,7 +42,9 @@ def lowest_bpw(config: ModelConfig) -> float:
     return math.ceil(Fraction(cheapest_bits, weights) * 1000) / 1000
 
 
-def refuse_below_floor(config: ModelConfig, bpw: float) -> None:
+def refuse_below_floor(config: ModelConfig, bpw: float, output_format: str = "exl2") -> None:
+    if output_format != "exl2":
+        return  # EXL3 counts K bits per weight and nothing else, so its floor is its lowest K for every model (targets.py)
     lowest = lowest_bpw(config)
     if bpw < lowest:
         raise TargetBelowFloorError(

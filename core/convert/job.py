@@ -22,8 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..config import ModelConfig
-from ..formats.exl2.layout import stored_bits
-from ..formats.exl2.writer import folder_size, write_model_folder
+from ..formats.model_folder import folder_size
 from ..loader import load_model
 from ..paths import cache_dir
 from ..sources import resolve_model_config, resolve_model_source
@@ -33,13 +32,12 @@ from . import calibration
 from .allocate import DEFAULT_OBJECTIVE, OBJECTIVES, allocate_bits
 from .floor import refuse_below_floor
 from .layers import MODULE_GROUPS
-from .measure import measure_layer
 from .progress import ProgressCallback, ProgressEvent, check_cancel, no_progress
-from .qparams import HEAD_OPTIONS, QuantSetting
-from .quantize import quantize_head, quantize_layer
+from .targets import TARGETS
 from .workdir import WorkDir, read_json
 
 FORMAT_VERSION = 1
+# The web page's slider; each format's own floor is in targets.py (EXL3 reaches lower).
 MIN_BPW, MAX_BPW = 2.0, 8.0
 # What one conversion may ask for, wherever it comes from (the page, the API, the CLI):
 # rows x length tokens go through every layer, so these bound its memory and time.
@@ -54,6 +52,7 @@ class ConversionError(ValueError):
 @dataclass(frozen=True)
 class ConversionSettings:
     bpw: float = 4.0
+    format: str = "exl2"  # what the output is: "exl2" or "exl3" (targets.py)
     head_bits: int = 6
     rows: int = 32  # calibration rows for quantization
     length: int = 512  # tokens per row
@@ -64,10 +63,15 @@ class ConversionSettings:
     objective: str = DEFAULT_OBJECTIVE
 
     def validate(self) -> None:
-        if not MIN_BPW <= self.bpw <= MAX_BPW:  # also refuses NaN
-            raise ConversionError(f"target bits per weight must be between {MIN_BPW} and {MAX_BPW}, got {self.bpw}")
-        if self.head_bits not in HEAD_OPTIONS:
-            raise ConversionError(f"head bits must be one of {sorted(HEAD_OPTIONS)}, got {self.head_bits}")
+        target = TARGETS.get(self.format)
+        if target is None:
+            raise ConversionError(f"the output format must be one of {', '.join(TARGETS)}, got {self.format!r}")
+        if not target.min_bpw <= self.bpw <= MAX_BPW:  # also refuses NaN
+            raise ConversionError(f"target bits per weight for {self.format.upper()} must be between "
+                                  f"{target.min_bpw} and {MAX_BPW}, got {self.bpw}")
+        if self.head_bits not in target.head_bits:
+            raise ConversionError(f"head bits must be one of {list(target.head_bits)} for {self.format.upper()}, "
+                                  f"got {self.head_bits}")
         if not 1 <= self.rows <= MAX_ROWS:
             raise ConversionError(f"calibration rows must be between 1 and {MAX_ROWS}, got {self.rows}")
         if not MIN_LENGTH <= self.length <= MAX_LENGTH:
@@ -163,6 +167,7 @@ class ConversionJob:
         self.cancel = cancel
         # Where a calibration file may be read from; None (local use) means anywhere.
         self.calibration_roots = calibration_roots
+        self.target = TARGETS[settings.format]
 
     def emit(self, stage: str, fraction: float, message: str = "", **fields) -> None:
         self._event(ProgressEvent(stage, fraction, message, **fields))
@@ -237,6 +242,10 @@ class ConversionJob:
             measurement = read_json(self.measurement_file)
             if not measurement or "measurement" not in measurement:
                 raise ConversionError(f"{self.measurement_file} is not a measurement.json")
+            # A measurement without the key is EXL2's (ExLlamaV2's and ours before EXL3).
+            if measurement.get("format", "exl2") != self.settings.format:
+                raise ConversionError(f"{self.measurement_file} measured {measurement.get('format', 'exl2').upper()} "
+                                      f"candidates; an {self.settings.format.upper()} conversion needs its own measurement")
             expected = {f"model.layers.{i}.{g}" for i in range(model.config.num_layers) for g in MODULE_GROUPS}
             if set(measurement["measurement"]) != expected:
                 raise ConversionError(f"{self.measurement_file} was measured on a model of another shape")
@@ -256,13 +265,14 @@ class ConversionJob:
         layers = model.config.num_layers
         for index in range(partial["next_layer"], layers):
             check_cancel(self.cancel)
-            results, states = measure_layer(model, index, states, self.device, self.settings.measurement_eval_rows,
+            results, states = self.target.measure_layer(model, index, states, self.device, self.settings.measurement_eval_rows,
                                              self._event, self.cancel)
             partial["measurement"].update(results)
             partial["next_layer"] = index + 1
             _atomic_tensors(states_path, {"states": states})
             _atomic_json(partial_path, partial, indent=None)
-        _atomic_json(final, {"measurement": partial["measurement"], "last_module_idx": layers - 1})
+        _atomic_json(final, {"measurement": partial["measurement"], "last_module_idx": layers - 1,
+                             "format": self.settings.format})
         partial_path.unlink(missing_ok=True)
         states_path.unlink(missing_ok=True)
         return partial["measurement"]
@@ -288,7 +298,7 @@ class ConversionJob:
             for group, names in MODULE_GROUPS.items():
                 key = f"model.layers.{index}.{group}"
                 candidate = measurement[key][allocation.choice[key]]
-                chosen.update({name: QuantSetting.from_dict(candidate[name]) for name in names})
+                chosen.update({name: self.target.setting_of(candidate[name]) for name in names})
             settings.append(chosen)
         return allocation, settings
 
@@ -309,7 +319,7 @@ class ConversionJob:
         layers = model.config.num_layers
         for index in range(progress["next_layer"], layers):
             check_cancel(self.cancel)
-            tensors, states, error = quantize_layer(model, index, states, layer_settings[index], self.device)
+            tensors, states, error = self.target.quantize_layer(model, index, states, layer_settings[index], self.device)
             _atomic_tensors(self.work.quant_layer(index), tensors)
             _atomic_tensors(states_path, {"states": states})
             progress["next_layer"] = index + 1
@@ -337,7 +347,7 @@ class ConversionJob:
 
     def run(self) -> ConversionResult:
         start = time.perf_counter()
-        refuse_below_floor(resolve_model_config(self.source), self.settings.bpw)
+        refuse_below_floor(resolve_model_config(self.source), self.settings.bpw, self.settings.format)
         folder = resolve_model_source(self.source)
         config = ModelConfig.from_folder(folder)
         _refuse_quantized(self.source, folder, config)
@@ -360,40 +370,41 @@ class ConversionJob:
         errors, states = self._quantize(model, rows, allocation, layer_settings)
         check_cancel(self.cancel)
         self.emit("head", 0.0, f"quantizing the output layer at {self.settings.head_bits} bits")
-        head = quantize_head(model, states, HEAD_OPTIONS[self.settings.head_bits], self.device)
+        head = self.target.quantize_head(model, states, self.settings.head_bits, self.device)
         self.emit("write", 0.0, f"writing {self.output_dir}")
         tensors = list(self._tensors_to_write(model, head))
         quantization_config = {
-            "quant_method": "exl2",
-            "version": "0.3.2",  # the ExLlamaV2 format version the files follow
-            "bits": self.settings.bpw,
-            "head_bits": self.settings.head_bits,
+            **self.target.quantization_config(self.settings.bpw, self.settings.head_bits),
+            # ExLlamaV3 names the row length "cols"; both keys are there for either reader.
             "calibration": {
                 "rows": self.settings.rows,
                 "length": self.settings.length,
+                "cols": self.settings.length,
                 "dataset": self.settings.calibration or "(self-generated)",
             },
             "quantizer": "quantlab",
             "objective": self.settings.objective,
         }
-        write_model_folder(self.output_dir, folder, tensors, quantization_config)
+        self.target.write_folder(self.output_dir, folder, tensors, quantization_config)
         result = self._result(dict(tensors), model, errors, time.perf_counter() - start)
         self.emit("done", 1.0, f"{result.output_dir}: {result.bpw:.3f} bpw, {result.size_bytes / 1e6:.1f} MB")
         return result
 
     def _result(self, tensors: dict[str, torch.Tensor], model, errors: list[float], seconds: float) -> ConversionResult:
-        def bits_of(prefix: str) -> int:
-            return stored_bits({k.rpartition(".")[2]: v for k, v in tensors.items() if k.startswith(prefix + ".q_")})
+        def bits_of(prefix: str, weights: int) -> int:
+            stored = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+            return self.target.stored_bits(stored, weights)
 
         layer_bits, total_bits, total_weights = [], 0, 0
         for index, layer in enumerate(model.model.layers):
             bits = weights = 0
             for group in MODULE_GROUPS:
                 for name, linear in getattr(layer, group).named_children():
-                    bits += bits_of(f"model.layers.{index}.{group}.{name}")
+                    bits += bits_of(f"model.layers.{index}.{group}.{name}", linear.weight.numel())
                     weights += linear.weight.numel()
             layer_bits.append(bits / weights)
             total_bits, total_weights = total_bits + bits, total_weights + weights
-        head_bpw = bits_of("lm_head") / model.lm_head.weight.numel()
+        head_weights = model.lm_head.weight.numel()
+        head_bpw = 16.0 if "lm_head.weight" in tensors else bits_of("lm_head", head_weights) / head_weights
         return ConversionResult(self.output_dir, total_bits / total_weights, head_bpw,
                                 folder_size(self.output_dir), seconds, layer_bits, errors)

@@ -1,0 +1,152 @@
+"""EXL3 conversion of one decoder layer: the measurement (each module group at
+every candidate bit width) and the quantization (the allocated width of each
+linear). Same order as the EXL2 passes (core/convert/measure.py, quantize.py):
+q/k/v before o, gate/up before down, so each stage's Hessian comes from the
+quantized stages before it, and each layer from the quantized layers before it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ...formats.exl3.codebook import MARKERS, marker_tensor
+from ...formats.exl3.reference import dequantize_exl3
+from ...model import CausalLM
+from ..gptq import accumulate_hessian
+from ..layers import MODULE_GROUPS, collect_hessians, linears, relative_output_error, rotary_for, run_block, substituted_weights
+from ..progress import ProgressCallback, ProgressEvent, check_cancel
+from ..quantize import STAGES, original_bias
+from .ldlq import quantize_exl3
+
+# Bits per weight a module group may get (K of one tensor: ../shared/EXL3.md section 1);
+# the half rates need the MUL1 codebook, which is ExLlamaV3's default as well.
+CANDIDATE_BITS = (1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0)
+CODEBOOK = "mul1"
+LINEAR_ORDER = tuple(name for group in MODULE_GROUPS.values() for name in group)
+
+
+def linear_seed(layer_index: int, name: str) -> int:
+    """The seed of one linear's sign flips: fixed by its place, so a resumed run repeats it."""
+    return layer_index * len(LINEAR_ORDER) + LINEAR_ORDER.index(name) if name in LINEAR_ORDER else layer_index
+
+
+def quantize_weight(weight: torch.Tensor, hessian: torch.Tensor | None, bits: float, seed: int) -> dict[str, torch.Tensor]:
+    """The stored tensors of one linear (after its prefix), weight [out, in] as HF holds it."""
+    quantized = quantize_exl3(weight.to(torch.float32), hessian, bits, CODEBOOK, seed)
+    stored = {"trellis": quantized.trellis, "suh": quantized.suh, "svh": quantized.svh}
+    if CODEBOOK in MARKERS:
+        stored[CODEBOOK] = marker_tensor(CODEBOOK).to(quantized.trellis.device)
+    return stored
+
+
+def dequantized_weight(stored: dict[str, torch.Tensor], in_features: int, out_features: int) -> torch.Tensor:
+    """What the files give back, float32 [out, in] without the padding."""
+    return dequantize_exl3(stored)[:in_features, :out_features].T.to(torch.float32)
+
+
+def stored_bits(tensors: dict[str, torch.Tensor], weights: int) -> int:
+    """K bits per weight of the unpadded matrix, ExLlamaV3's count: the padding to 128 and
+    the fp16 scales are left out of bpw (the folder's size says what they cost)."""
+    trellis = tensors.get("trellis")
+    return 0 if trellis is None else int(round(trellis.shape[-1] / 16 * weights))
+
+
+def group_bits(bits: float, modules: dict) -> int:
+    """Bits a module group holds at `bits` per weight: K times its weights, ExLlamaV3's count."""
+    return int(round(bits * sum(m.weight.numel() for m in modules.values())))
+
+
+def measure_layer(
+    model: CausalLM, index: int, states: torch.Tensor, device, eval_rows: int, on_event: ProgressCallback, cancel=None
+) -> tuple[dict[str, list[dict]], torch.Tensor]:
+    """Every candidate width's relative output error for this layer's module groups, and the next states.
+
+    A candidate quantizes the whole group at one width, each linear with its own
+    Hessian (the unquantized layer's); the states then move on through the
+    unquantized layer, as in the EXL2 measurement.
+    """
+    layer = copy.deepcopy(model.model.layers[index]).to(device=device, dtype=torch.float32)
+    rotary = rotary_for(model, states.shape[1], device)
+    results: dict[str, list[dict]] = {}
+    for group in MODULE_GROUPS:
+        modules = linears(layer, group)
+        with collect_hessians(modules) as hessians:
+            reference = run_block(layer, group, states, rotary)
+        eval_states, eval_reference = states[:eval_rows], reference[:eval_rows]
+        entries = []
+        key = f"model.layers.{index}.{group}"
+        for bits in CANDIDATE_BITS:
+            weights = {}
+            for name, module in modules.items():
+                check_cancel(cancel)
+                stored = quantize_weight(module.weight, hessians[name], bits, linear_seed(index, name))
+                weights[name] = dequantized_weight(stored, module.in_features, module.out_features)
+            with substituted_weights(modules, weights):
+                output = run_block(layer, group, eval_states, rotary)
+            entries.append({"accuracy": 1.0 - relative_output_error(output, eval_reference),
+                            "total_bits": group_bits(bits, modules), **{name: {"bits": bits} for name in modules}})
+        results[key] = entries
+        weights_count = sum(m.weight.numel() for m in modules.values())
+        on_event(ProgressEvent(
+            "measure", (index + (0.5 if group == "self_attn" else 1.0)) / model.config.num_layers,
+            f"measured {key}", index, model.config.num_layers, key,
+            [{"bpw": e["total_bits"] / weights_count, "error": 1.0 - e["accuracy"]} for e in entries],
+        ))
+        states = states + reference
+        del hessians
+    return results, states
+
+
+def quantize_layer(
+    model: CausalLM, index: int, states: torch.Tensor, bits: dict[str, float], device
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, float]:
+    """(tensors under their checkpoint names, states for the next layer, the layer's relative output error).
+
+    bits: linear name ("q_proj", ...) -> its width.
+    """
+    original = model.model.layers[index]
+    layer = copy.deepcopy(original).to(device=device, dtype=torch.float32)
+    reference_layer = copy.deepcopy(original).to(device=device, dtype=torch.float32)
+    rotary = rotary_for(model, states.shape[1], device)
+    prefix = f"model.layers.{index}"
+    tensors: dict[str, torch.Tensor] = {
+        f"{prefix}.input_layernorm.weight": original.input_layernorm.weight,
+        f"{prefix}.post_attention_layernorm.weight": original.post_attention_layernorm.weight,
+    }
+    reference = states
+    for group in MODULE_GROUPS:
+        modules = linears(layer, group)
+        for stage in STAGES[group]:
+            with collect_hessians({name: modules[name] for name in stage}) as hessians:
+                run_block(layer, group, states, rotary)
+            for name in stage:
+                module = modules[name]
+                stored = quantize_weight(module.weight, hessians[name], bits[name], linear_seed(index, name))
+                for suffix, tensor in stored.items():
+                    tensors[f"{prefix}.{group}.{name}.{suffix}"] = tensor.cpu()
+                if module.bias is not None:
+                    tensors[f"{prefix}.{group}.{name}.bias"] = original_bias(original, group, name)
+                # Later stages and layers must see what inference will compute.
+                module.weight = torch.nn.Parameter(
+                    dequantized_weight(stored, module.in_features, module.out_features).to(device), requires_grad=False)
+        states = states + run_block(layer, group, states, rotary)
+        reference = reference + run_block(reference_layer, group, reference, rotary)
+    return tensors, states, relative_output_error(states, reference)
+
+
+def quantize_head(model: CausalLM, states: torch.Tensor, bits: int, device) -> dict[str, torch.Tensor]:
+    """The output layer at `bits` (its Hessian from the final norm's output), or fp16 at 16 bits.
+
+    EXL3 always stores a head of its own: a model with tied embeddings gets a copy (EXL3.md section 1).
+    """
+    weight = model.lm_head.weight
+    if bits >= 16:
+        return {"lm_head.weight": weight.to(torch.float16)}
+    norm = copy.deepcopy(model.model.norm).to(device=device, dtype=torch.float32)
+    hessian = None
+    for start in range(0, states.shape[0], 8):
+        hessian = accumulate_hessian(hessian, norm(states[start : start + 8]))
+    stored = quantize_weight(weight.to(device=device, dtype=torch.float32), hessian, float(bits), model.config.num_layers)
+    return {f"lm_head.{suffix}": tensor.cpu() for suffix, tensor in stored.items()}
