@@ -51,7 +51,7 @@ class QuantlabApp(gr.Blocks):
 def header() -> str:
     logo = (ASSETS / "logo.svg").read_text(encoding="utf-8")
     return (f'<div class="ql-header">{logo}<div><h1>quantlab</h1>'
-            "<p>Quantize a model to EXL2 at any size from 2 to 8 bits per weight, watch each layer's error, "
+            "<p>Quantize a model to EXL3 or EXL2 at any size from 2 to 8 bits per weight, watch each layer's error, "
             "then chat with the result and see its speed.</p></div></div>")
 
 

@@ -78,9 +78,10 @@ def register(services: Services) -> None:
     def quantize(source: str = DEMO, bpw: float = 4.0, head_bits: int = ConversionSettings.head_bits,
                  rows: int = ConversionSettings.rows, length: int = ConversionSettings.length,
                  measurement_rows: int = ConversionSettings.measurement_rows, calibration: str = "",
-                 objective: str = DEFAULT_OBJECTIVE, request: gr.Request = None,
+                 objective: str = DEFAULT_OBJECTIVE, output_format: str = "exl2", request: gr.Request = None,
                  profile: gr.OAuthProfile | None = None) -> Iterator[dict]:
-        """Convert `source` (demo, a Hub id, a local folder or .gguf path) to EXL2 at `bpw`; streams
+        """Convert `source` (demo, a Hub id, a local folder or .gguf path) to `output_format` (exl2 or
+        exl3) at `bpw`; streams
         the job's status and ends with its result ("model" is the name /chat takes). Asking again for
         the same conversion resumes it; /cancel with the status's task_id stops it. calibration: a file
         path or hf:<dataset>:<file>; empty for text the model writes itself. A public server takes only
@@ -91,7 +92,7 @@ def register(services: Services) -> None:
             services.access.check_calibration(calibration)
             conversion = conversion_request(source, bpw, head_bits, calibration, rows, length, measurement_rows,
                                             objective, library=services.library(request, profile),
-                                            roots=services.access.roots)
+                                            roots=services.access.roots, output_format=output_format)
             task = services.conversions.submit(conversion, owner_of(request))
         except Exception as error:  # noqa: BLE001
             raise gr.Error(readable(error), print_exception=False) from None

@@ -104,14 +104,15 @@ def calibration_source(kind: str, upload: str | None, dataset: str | None) -> st
 
 def conversion_request(source: str, bpw: float, head_bits, calibration: str | None, rows, length,
                        measurement_rows, objective: str, token: str | None = None, library: Path | None = None,
-                       roots: tuple[Path, ...] | None = None) -> ConversionRequest:
+                       roots: tuple[Path, ...] | None = None, output_format: str = "exl2") -> ConversionRequest:
     """From the form's values; raises ValueError with the user's mistake in words."""
     try:
         bpw, head_bits, rows, length = round(float(bpw), 2), int(head_bits), int(rows), int(length)
         measurement_rows = min(int(measurement_rows), rows)
     except (TypeError, ValueError, OverflowError):
         raise ValueError("bits per weight, head bits, rows, length and measurement rows must be numbers") from None
-    settings = ConversionSettings(bpw=bpw, head_bits=head_bits, rows=rows, length=length,
+    settings = ConversionSettings(bpw=bpw, format=(output_format or "exl2").lower(), head_bits=head_bits,
+                                  rows=rows, length=length,
                                   measurement_rows=measurement_rows,
                                   measurement_eval_rows=min(ConversionSettings.measurement_eval_rows, measurement_rows),
                                   calibration=calibration, objective=objective or DEFAULT_OBJECTIVE)
@@ -167,9 +168,12 @@ class ConversionRequest:
     def measurement_signature(self) -> str:
         """What a measurement depends on: the model and the calibration, not the target."""
         s = self.settings
-        described = json.dumps({"source": self.source, "calibration": s.calibration, "rows": s.rows,
-                                "length": s.length, "measurement_rows": s.measurement_rows,
-                                "measurement_eval_rows": s.measurement_eval_rows, "seed": s.seed}, sort_keys=True)
+        described = {"source": self.source, "calibration": s.calibration, "rows": s.rows, "length": s.length,
+                     "measurement_rows": s.measurement_rows, "measurement_eval_rows": s.measurement_eval_rows,
+                     "seed": s.seed}
+        if s.format != "exl2":  # EXL2 work dirs made before EXL3 existed keep their names, and their measurements
+            described["format"] = s.format
+        described = json.dumps(described, sort_keys=True)
         return hashlib.sha256(described.encode()).hexdigest()[:10]
 
 
@@ -425,7 +429,7 @@ class ConversionQueue:
         base = base_name(request.source)
         work_dir = self.work_folder / f"{base}-m{request.measurement_signature()}-{request.signature()}"
         s = request.settings
-        name = f"{base}-exl2-{s.bpw:.2f}bpw-h{s.head_bits}"
+        name = f"{base}-{s.format}-{s.bpw:.2f}bpw-h{s.head_bits}"
         library = request.library or self.models_folder
         output = library / name
         existing = read_sidecar(output) if output.exists() else None

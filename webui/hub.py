@@ -41,6 +41,17 @@ def search_models(text: str, limit: int = 12) -> list[str]:
         return []
 
 
+# What a model card says about each format: the Hub's library tag and who loads the files.
+PEERS = {
+    "exl2": {"library": "exllamav2",
+             "use": "The files follow ExLlamaV2's EXL2 layout: load the folder with ExLlamaV2, TabbyAPI or "
+                    "text-generation-webui (ExLlamaV2 loader), or with quantlab:"},
+    "exl3": {"library": "exllamav3",
+             "use": "The files follow ExLlamaV3's EXL3 layout (1.6): load the folder with ExLlamaV3, TabbyAPI or "
+                    "text-generation-webui (ExLlamaV3 loader), or with quantlab:"},
+}
+
+
 def model_card(meta: dict, repo_id: str, perplexity: dict | None = None) -> str:
     """README.md for a quantized model: Hub metadata up front, then what was done and how well it went.
 
@@ -53,7 +64,9 @@ def model_card(meta: dict, repo_id: str, perplexity: dict | None = None) -> str:
     front = ["---"]
     if base_model:
         front += [f"base_model: {base_model}", "base_model_relation: quantized"]
-    front += ["library_name: exllamav2", "tags:", "- exl2", "- quantized", "- quantlab", "---"]
+    output_format = settings.get("format", "exl2")
+    peer = PEERS.get(output_format, PEERS["exl2"])
+    front += [f"library_name: {peer['library']}", "tags:", f"- {output_format}", "- quantized", "- quantlab", "---"]
     name = repo_id.split("/")[-1]
     source = base_model or meta.get("base_name") or meta.get("source", "a local model")
     bpw = result.get("bpw")
@@ -63,8 +76,8 @@ def model_card(meta: dict, repo_id: str, perplexity: dict | None = None) -> str:
         f"# {name}",
         "",
         f"[{source}](https://huggingface.co/{base_model})" if base_model else f"{source}",
-        f"quantized to **{bpw:.2f} bits per weight** in the EXL2 format by quantlab." if bpw else
-        "quantized in the EXL2 format by quantlab.",
+        f"quantized to **{bpw:.2f} bits per weight** in the {output_format.upper()} format by quantlab." if bpw else
+        f"quantized in the {output_format.upper()} format by quantlab.",
         "",
         "| | |",
         "|---|---|",
@@ -87,8 +100,7 @@ def model_card(meta: dict, repo_id: str, perplexity: dict | None = None) -> str:
         "",
         "## Use",
         "",
-        "The files follow ExLlamaV2's EXL2 layout: load the folder with ExLlamaV2, TabbyAPI or "
-        "text-generation-webui (ExLlamaV2 loader), or with quantlab:",
+        peer["use"],
         "",
         "```",
         f"python -m core.chat -m <this folder>",
@@ -124,12 +136,14 @@ def push_to_hub(folder: Path, repo_id: str, token: str | None, private: bool = T
     folder = Path(folder)
     try:
         repo_id = full_repo_id(repo_id, token)
-        card = model_card(read_sidecar(folder), repo_id, perplexity)
+        meta = read_sidecar(folder)
+        output_format = meta.get("settings", {}).get("format", "exl2")
+        card = model_card(meta, repo_id, perplexity)
         (folder / MODEL_CARD).write_text(card, encoding="utf-8")
         url = huggingface_hub.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
         huggingface_hub.upload_folder(
             repo_id=repo_id, folder_path=str(folder), token=token, repo_type="model",
-            commit_message=f"Upload {folder.name} (EXL2, made with quantlab)",
+            commit_message=f"Upload {folder.name} ({output_format.upper()}, made with quantlab)",
             ignore_patterns=[SIDECAR, ".*"],
         )
     except HfHubHTTPError as error:

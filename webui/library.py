@@ -69,7 +69,7 @@ def _config_bits(folder: Path) -> float | None:
     except (OSError, json.JSONDecodeError):
         return None
     quantization = config.get("quantization_config") or {}
-    return quantization.get("bits") if quantization.get("quant_method") == "exl2" else None
+    return quantization.get("bits") if quantization.get("quant_method") in ("exl2", "exl3") else None
 
 
 def base_name(source: str) -> str:

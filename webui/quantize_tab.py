@@ -15,8 +15,8 @@ from pathlib import Path
 import gradio as gr
 
 from core.convert.allocate import DEFAULT_OBJECTIVE, OBJECTIVES
-from core.convert.job import MAX_BPW, MAX_LENGTH, MAX_ROWS, MIN_BPW, MIN_LENGTH, ConversionSettings
-from core.convert.qparams import HEAD_OPTIONS
+from core.convert.job import MAX_BPW, MAX_LENGTH, MAX_ROWS, MIN_LENGTH, ConversionSettings
+from core.convert.targets import TARGETS
 
 from . import hub, plots, quality
 from .common import notice, on_space, owner_of, readable, scrub
@@ -91,6 +91,22 @@ def result_markdown(task: ConversionTask) -> str:
     return f"| result | {task.output_dir.name} |\n|---|---|\n" + "\n".join(f"| {name} | {value} |" for name, value in rows)
 
 
+# What the format choice offers, best first; the one picked until the user picks another.
+FORMAT_CHOICES = [("EXL3: trellis codes, best below 5 bpw (ExLlamaV3, TabbyAPI, text-generation-webui)", "exl3"),
+                  ("EXL2 (ExLlamaV2)", "exl2")]
+DEFAULT_FORMAT = "exl3"
+
+
+def format_limits(output_format: str) -> tuple[gr.Slider, gr.Dropdown]:
+    """The size slider's range and the head choices of a format."""
+    target = TARGETS[output_format]
+    head = ConversionSettings.head_bits
+    return (gr.Slider(minimum=target.min_bpw, maximum=MAX_BPW,
+                      info=f"average over the decoder layers; {target.min_bpw:g} to {MAX_BPW:g}"),
+            gr.Dropdown(choices=[(("16 (unquantized)" if bits == 16 else str(bits)), bits) for bits in target.head_bits],
+                        value=head if head in target.head_bits else max(target.head_bits)))
+
+
 @dataclass
 class QuantizeTab:
     """The components other tabs and the app wire to."""
@@ -117,10 +133,13 @@ def build(services: Services) -> QuantizeTab:
             )
             upload = gr.File(label="…or upload a GGUF file", file_types=[".gguf"], type="filepath",
                              elem_id="ql-upload", height=120)
-            bpw = gr.Slider(MIN_BPW, MAX_BPW, value=4.0, step=0.05, label="Target bits per weight",
-                            elem_id="ql-bpw", info="average over the decoder layers; 2.0 to 8.0")
-            head_bits = gr.Dropdown(choices=sorted(HEAD_OPTIONS), value=ConversionSettings.head_bits,
-                                    label="Output layer bits", elem_id="ql-head-bits")
+            output_format = gr.Radio(FORMAT_CHOICES, value=DEFAULT_FORMAT, label="Format", elem_id="ql-format")
+            limits = TARGETS[DEFAULT_FORMAT]
+            bpw = gr.Slider(limits.min_bpw, MAX_BPW, value=4.0, step=0.05, label="Target bits per weight",
+                            elem_id="ql-bpw", info=f"average over the decoder layers; {limits.min_bpw:g} to {MAX_BPW:g}")
+            head_bits = gr.Dropdown(choices=[(("16 (unquantized)" if b == 16 else str(b)), b) for b in limits.head_bits],
+                                    value=ConversionSettings.head_bits, label="Output layer bits",
+                                    elem_id="ql-head-bits")
             with gr.Accordion("Calibration and advanced settings", open=False, elem_id="ql-advanced"):
                 calibration_kind = gr.Radio([CALIBRATION_SELF, CALIBRATION_FILE, CALIBRATION_HUB], value=CALIBRATION_SELF,
                                             label="Calibration text", elem_id="ql-calibration")
@@ -207,7 +226,7 @@ def build(services: Services) -> QuantizeTab:
         return ("", notice(message), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(),
                 gr.Button(interactive=True), gr.Button(interactive=False), gr.skip())
 
-    def on_start(typed, uploaded, bpw_value, head, kind, cal_file, dataset, rows_value, length_value,
+    def on_start(typed, uploaded, format_value, bpw_value, head, kind, cal_file, dataset, rows_value, length_value,
                  measurement_value, objective_value, token, request: gr.Request,
                  profile: gr.OAuthProfile | None = None, oauth_token: gr.OAuthToken | None = None):
         # On a Space the signed-in user's token opens gated and private sources; locally, the field.
@@ -222,7 +241,8 @@ def build(services: Services) -> QuantizeTab:
             conversion = conversion_request(source, bpw_value, head,
                                             calibration_source(kind, cal_file, dataset), rows_value, length_value,
                                             measurement_value, objective_value, token,
-                                            library=services.library(request, profile), roots=access.roots)
+                                            library=services.library(request, profile), roots=access.roots,
+                                            output_format=format_value)
             task = services.conversions.submit(conversion, owner_of(request))
         except Exception as error:  # noqa: BLE001 - every refusal becomes a sentence on the page
             yield refused(readable(error))
@@ -251,7 +271,8 @@ def build(services: Services) -> QuantizeTab:
                 gr.Warning(readable(error))
         return gr.Button(interactive=False)
 
-    start.click(on_start, [source, upload, bpw, head_bits, calibration_kind, calibration_file, calibration_dataset,
+    output_format.change(format_limits, output_format, [bpw, head_bits], api_visibility="private", queue=False)
+    start.click(on_start, [source, upload, output_format, bpw, head_bits, calibration_kind, calibration_file, calibration_dataset,
                            rows, length, measurement_rows, objective, source_token], watch_outputs,
                 api_visibility="private", concurrency_limit=None, show_progress="hidden")
     resume.click(on_resume, task_id, watch_outputs, api_visibility="private", concurrency_limit=None,
