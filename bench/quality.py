@@ -151,12 +151,20 @@ def main() -> None:
     del fp16_model
     rows = [scored_row({"method": "fp16", "format": "fp16", "bpw": 16.0, "seconds": 0.0}, fp16, fp16)]
     print(rows[-1], flush=True)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    payload = {"domains": args.domains, "domain_sources": domain_sources(args.domains),
+               "tokens_per_domain": args.tokens, "ctx": args.ctx, "rows": rows}
+    if args.note:
+        payload["note"] = args.note
+    # Written again after every conversion, so a run stopped by a time limit keeps what it measured.
+    results_file = write_run("quality", "bench.quality", device_name, payload)
     for spec in args.rtn:
         bits, group = (int(part) for part in spec.split(":"))
         ppl = score_domains(rtn_model(folder, bits, group, device), ids, args.ctx)
         rows.append(scored_row({"method": f"RTN {bits}-bit g{group}", "format": "rtn", "bpw": rtn_bpw(bits, group),
                                 "seconds": 0.0}, ppl, fp16))
         print(rows[-1], flush=True)
+        write_run("quality", "bench.quality", device_name, payload, out=results_file)
 
     shape = f"{args.rows}x{args.length}"
     default_shape = (args.rows, args.length) == (ConversionSettings.rows, ConversionSettings.length)
@@ -187,13 +195,8 @@ def main() -> None:
                                         "seconds": seconds, "head_bpw": result.head_bpw,
                                         "size_mb": result.size_bytes / 1e6}, ppl, fp16))
                 print(rows[-1], flush=True)
+                write_run("quality", "bench.quality", device_name, payload, out=results_file)
 
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    payload = {"domains": args.domains, "domain_sources": domain_sources(args.domains),
-               "tokens_per_domain": args.tokens, "ctx": args.ctx, "rows": rows}
-    if args.note:
-        payload["note"] = args.note
-    write_run("quality", "bench.quality", device_name, payload)
     print(f"\ndemo model, {args.tokens} held-out tokens per domain, ctx {args.ctx}, device {device_name}; "
           "perplexity / fp16's on the same tokens (fp16: "
           + ", ".join(f"{name} {fp16[name]:.2f}" for name in args.domains)
