@@ -5,8 +5,9 @@
 For the device machine, with the peer packages importable (PYTHONPATH=/tmp/site,
 the wheels carried; no internet needed): ExLlamaV2 converts with its default
 settings (`python -m exllamav2.conversion.convert_exl2`, its built-in
-calibration set, measurement once and reused for the other sizes, as its
-README does), ExLlamaV3 with `python -m exllamav3.conversion.convert_model`.
+calibration set, measurement once and reused for the other sizes, also by a
+later call with the same --work), ExLlamaV3 with its converter's defaults
+(`exllamav3.conversion.convert_model`, as its convert.py calls it).
 Both start from the HF folder that core.demo.demo_model_folder() makes, and
 each output is scored with our loader and perplexity on exactly the tokens
 bench.quality scores, as ratios to fp16, so report.py shows the two side by
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -38,6 +40,23 @@ from core.demo import demo_model_folder
 from core.loader import load_model
 from core.tokenizer import Tokenizer
 
+# ExLlamaV3's convert.py drives its converter as parser -> prepare -> main; some
+# releases' convert_model module has no __main__ block of its own, so
+# `python -m exllamav3.conversion.convert_model` may exit without converting.
+# Call the same three where they exist, else run the module as a script.
+EXL3_CONVERT = """
+import runpy, sys
+import exllamav3.conversion.convert_model as convert
+if all(hasattr(convert, name) for name in ("parser", "prepare", "main")):
+    in_args, job_state, ok, error = convert.prepare(convert.parser.parse_args(sys.argv[1:]))
+    if not ok:
+        sys.exit(f"exllamav3 refused the job: {error}")
+    convert.main(in_args, job_state)
+else:
+    sys.argv[0] = convert.__file__
+    runpy.run_module("exllamav3.conversion.convert_model", run_name="__main__")
+"""
+
 PEERS = {
     # name: (package, module that builds its extension, converter command from (source, work, output, bpw))
     "exl2": ("exllamav2", "exllamav2.ext",
@@ -46,8 +65,7 @@ PEERS = {
                  "-b", str(bpw), "-nr"] + (["-m", str(measurement)] if measurement else [])),
     "exl3": ("exllamav3", "exllamav3.ext",
              lambda source, work, out, bpw, measurement: [
-                 "-m", "exllamav3.conversion.convert_model", "-i", str(source), "-w", str(work), "-o", str(out),
-                 "-b", str(bpw)]),
+                 "-c", EXL3_CONVERT, "-i", str(source), "-w", str(work), "-o", str(out), "-b", str(bpw)]),
 }
 LABELS = {"exl2": "ExLlamaV2", "exl3": "ExLlamaV3"}
 
@@ -129,6 +147,13 @@ def main() -> None:
     fp16 = score_domains(fp16_model, ids, args.ctx)
     rows = [scored_row({"method": "fp16", "format": "fp16", "bpw": 16.0, "seconds": 0.0}, fp16, fp16)]
     builds = {}
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    payload = {"domains": args.domains, "domain_sources": domain_sources(args.domains),
+               "tokens_per_domain": args.tokens, "ctx": args.ctx, "kernel_build_s": builds, "rows": rows}
+    if args.note:
+        payload["note"] = args.note
+    # Written again after every conversion: a device call's time limit may stop the run between sizes.
+    results_file = write_run("peer_quality", "bench.peer_quality", device_name, payload)
     for peer in args.peers:
         package, extension, command = PEERS[peer]
         version = peer_version(package)
@@ -140,31 +165,34 @@ def main() -> None:
             continue
         status, builds[peer] = run_logged(["-c", f"import {extension}"], args.work / f"{peer}-build.log", args.timeout)
         print(f"{package} extension build: {builds[peer]:.1f} s (status {status})", flush=True)
-        measurement = None
+        # ExLlamaV2 measures once per model; kept beside the work dirs, a later call (another size, on the
+        # same warm machine) reuses it as a user converting several sizes would.
+        kept_measurement = args.work / f"{peer}-measurement.json"
+        measurement = kept_measurement if peer == "exl2" and kept_measurement.is_file() else None
         for bpw in args.bpw:
             work, output = args.work / f"{peer}-work-{bpw}", args.work / f"{peer}-{bpw}bpw"
             log = args.work / f"{peer}-{bpw}.log"
+            for stale in (work, output):  # from an empty work dir, whatever an earlier call left
+                shutil.rmtree(stale, ignore_errors=True)
             status, seconds = run_logged(command(folder, work, output, bpw, measurement), log, args.timeout)
             row = {"method": f"{label} {bpw}", "format": peer, "target_bpw": bpw, "bpw": bpw, "seconds": seconds,
                    "measurement_reused": measurement is not None}
             if status != 0 or not (output / "config.json").is_file():
                 rows.append({**row, "skipped": f"conversion failed (status {status}): {tail(log)}"})
                 print(rows[-1], flush=True)
+                write_run("peer_quality", "bench.peer_quality", device_name, payload, out=results_file)
                 continue
             if peer == "exl2" and measurement is None and (work / "measurement.json").is_file():
-                measurement = work / "measurement.json"
+                shutil.copyfile(work / "measurement.json", kept_measurement)
+                measurement = kept_measurement
             row["bpw"] = stored_bpw(output, fp16_model) or bpw
             row["size_mb"] = sum(p.stat().st_size for p in output.glob("*.safetensors")) / 1e6
             ppl, why = score_output(output, device, ids, args.ctx)
             rows.append(scored_row(row, ppl, fp16) if ppl else {**row, "skipped": why})
             print(rows[-1], flush=True)
+            write_run("peer_quality", "bench.peer_quality", device_name, payload, out=results_file)
 
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    payload = {"domains": args.domains, "domain_sources": domain_sources(args.domains),
-               "tokens_per_domain": args.tokens, "ctx": args.ctx, "kernel_build_s": builds, "rows": rows}
-    if args.note:
-        payload["note"] = args.note
-    write_run("peer_quality", "bench.peer_quality", device_name, payload)
+    write_run("peer_quality", "bench.peer_quality", device_name, payload, out=results_file)
     for row in rows:
         ratios = " ".join(f"{name} {row['ratio'][name]:.3f}" for name in args.domains) if "ratio" in row else ""
         print(f"{row['method']:28} bpw {row['bpw']:.3f}  {ratios}  "
