@@ -135,7 +135,30 @@ def gptq4_kernels(run: Run) -> str:
             + table(header, body))
 
 
+def domains_table(run: Run) -> str:
+    """A run scored on several held-out domains: each method's perplexity over fp16's, and their geometric mean."""
+    fields = run.fields
+    domains = fields["domains"]
+    rows = sorted(fields["rows"], key=lambda row: (row["bpw"], row["method"]))
+    body = [[row["method"], number(row.get("bpw"), ".3f")]
+            + [number(row["ratio"].get(name), ".3f") if row.get("ratio") else "–" for name in domains]
+            + [number(row.get("geomean_ratio"), ".3f"), number(row.get("seconds") or None, ".1f"),
+               row.get("skipped", "")]
+            for row in rows]
+    header = ["method", "real bpw"] + domains + ["geomean", "conversion s", "not scored"]
+    fp16 = next((row["ppl"] for row in rows if row["method"] == "fp16"), fields.get("fp16_ppl"))
+    reference = ", ".join(f"{name} {fp16[name]:.2f}" for name in domains) if fp16 else "not in this run"
+    sources = fields.get("domain_sources") or {}
+    where = "; ".join(f"{name}: {sources[name]}" for name in domains if name in sources)
+    return (f"Demo model, perplexity over fp16's on the same tokens ({fields['tokens_per_domain']:,} held-out tokens "
+            f"per domain, windows of {fields['ctx']}; fp16 perplexity {reference}); geomean over the domains. "
+            "Conversion time includes calibration and measurement for the first size of each recipe."
+            + (f" Texts: {where}." if where else "") + "\n\n" + table(header, body))
+
+
 def quality_table(run: Run) -> str:
+    if "domains" in run.fields:
+        return domains_table(run)
     rows = sorted(run.fields["rows"], key=lambda row: row["bpw"])
     with_run = any("run" in row for row in rows)
 
@@ -208,6 +231,8 @@ LAYOUTS = {
         ("whole models", one(speed_models)), ("one matrix, small-batch EXL2 kernel", one(speed_matrix)))),
     "gptq4": Layout("GPTQ 4-bit kernel (bench.gptq4_speed)", (("", one(gptq4_kernels)),)),
     "quality": Layout("Quality per bit (bench.quality)", (("", one(quality_table)),)),
+    "peer_quality": Layout("Peer converters on the same held-out domains (bench.peer_quality)",
+                           (("", one(domains_table)),)),
     "convert": Layout("Conversion speed (bench.convert_speed)", (("", convert_table),), series="model"),
     "cpu_decode": Layout("CPU decode (bench.cpu_decode)", (("", one(cpu_decode_table)),)),
     "step_ablation": Layout("Decode step with kernels left out (bench.step_ablation)", (("", one(generic_table)),)),

@@ -123,3 +123,21 @@ def test_command_line_is_retypable():
 def test_bench_scripts_still_import():
     code = "import bench.speed, bench.quality, bench.convert_speed, bench.gptq4_speed, bench.cpu_decode, bench.report"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+
+
+def test_a_quality_run_over_several_domains_shows_each_ratio_and_the_geomean(tmp_path):
+    def row(method, bpw, ratio, **extra):
+        return {"method": method, "bpw": bpw, "seconds": 12.0, "ppl": {"python": 10 * ratio[0], "docs": 20 * ratio[1]},
+                "ratio": {"python": ratio[0], "docs": ratio[1]}, "geomean_ratio": (ratio[0] * ratio[1]) ** 0.5, **extra}
+    run = {"benchmark": "peer_quality", "command": "python3 -m bench.peer_quality", "device": "G", "date": "2026-12-07",
+           "domains": ["python", "docs"], "tokens_per_domain": 8192, "ctx": 512,
+           "rows": [row("fp16", 16.0, (1.0, 1.0)), row("ExLlamaV2 0.3.2 2.5", 2.61, (2.0, 8.0)),
+                    {"method": "ExLlamaV3 1.6.5 2.5", "bpw": 2.5, "seconds": 40.0,
+                     "skipped": "our loader cannot read this exl3 yet"}]}
+    (tmp_path / "peer_quality-G.json").write_text(json.dumps(run))
+    text = report.render(tmp_path)
+    assert "## Peer converters on the same held-out domains (bench.peer_quality) — G" in text
+    assert "fp16 perplexity python 10.00, docs 20.00" in text
+    assert "| method | real bpw | python | docs | geomean | conversion s | not scored |" in text
+    assert "| ExLlamaV2 0.3.2 2.5 | 2.610 | 2.000 | 8.000 | 4.000 | 12.0 |  |" in text
+    assert "| ExLlamaV3 1.6.5 2.5 | 2.500 | – | – | – | 40.0 | our loader cannot read this exl3 yet |" in text

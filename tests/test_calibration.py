@@ -44,6 +44,36 @@ def test_self_generated_rows_fill_the_shape_and_repeat_with_the_seed(tiny):
     assert reports and reports[-1][1] == 96 and all(done <= total for done, total in reports)
 
 
+@pytest.mark.parametrize("recipe", calibration.CALIBRATION_RECIPES)
+def test_every_recipe_fills_the_shape_and_repeats_with_the_seed(tiny, recipe):
+    stop = set(tiny.stop_token_ids)
+    make = lambda seed: calibration.self_generated_rows(tiny.model, tiny.tokenizer, 20, 32, stop, seed=seed, batch=8,
+                                                        recipe=recipe)
+    rows = make(0)
+    assert rows.shape == (20, 32) and rows.dtype == torch.long
+    assert torch.equal(rows, make(0))  # the cached calibration and byte-identical resume rely on it
+    assert not torch.equal(rows, make(1))
+
+
+def test_recipes_write_different_text(tiny):
+    stop = set(tiny.stop_token_ids)
+    made = {recipe: calibration.self_generated_rows(tiny.model, tiny.tokenizer, 20, 32, stop, batch=8, recipe=recipe)
+            for recipe in calibration.CALIBRATION_RECIPES}
+    chat_start = tiny.tokenizer.encode_chat([{"role": "user", "content": "x"}], add_generation_prompt=True)[0]
+    assert made["chat"][0, 0] == chat_start and made["wide-chat"][0, 0] == chat_start
+    # Unprompted rows carry no chat template at all.
+    assert chat_start not in made["free"][:, :2].flatten().tolist()
+    assert not torch.equal(made["chat"], made["wide-chat"])
+    # mixed: one random-token row in 20 (5%), and rows of both kinds among the first ones (the measurement rows).
+    firsts = made["mixed"][:8, 0].tolist()
+    assert chat_start in firsts and any(token != chat_start for token in firsts)
+
+
+def test_an_unknown_recipe_is_refused_with_the_known_ones(tiny):
+    with pytest.raises(CalibrationError, match=r"recipe must be one of chat, wide-chat, free, mixed, got 'wiki'"):
+        calibration.self_generated_rows(tiny.model, tiny.tokenizer, 2, 32, set(), recipe="wiki")
+
+
 def test_rows_are_cached_and_made_again_when_the_source_changes(tmp_path):
     calls = []
 

@@ -266,6 +266,46 @@ def test_the_models_own_calibration_text_is_written_once_per_model(tiny, tmp_pat
     assert first.bpw < second.bpw
 
 
+def test_each_calibration_recipe_writes_and_caches_its_own_rows(tiny, tmp_path, monkeypatch):
+    from core.convert import calibration as calibration_module
+    from core.tokenizer import Tokenizer
+
+    with pytest.raises(ConversionError, match=r"calibration recipe must be one of chat, wide-chat, free, mixed, got 'wiki'"):
+        ConversionSettings(calibration_recipe="wiki").validate()
+    model, _, _ = tiny
+    monkeypatch.setenv("QUANTLAB_HOME", str(tmp_path / "home"))
+    recipes = []
+    real = calibration_module.self_generated_rows
+    monkeypatch.setattr(calibration_module, "self_generated_rows",
+                        lambda *a, **k: recipes.append(k["recipe"]) or real(*a, **k))
+    small = dict(rows=2, length=32, measurement_rows=2, measurement_eval_rows=2)
+
+    def job(name, recipe, bpw=4.0):
+        return ConversionJob(str(model), tmp_path / f"w-{name}", tmp_path / f"o-{name}",
+                             ConversionSettings(**small, bpw=bpw, calibration_recipe=recipe), device="cpu")
+
+    job("free", "free").run()
+    config = json.loads((tmp_path / "o-free" / "config.json").read_text())
+    assert config["quantization_config"]["calibration"]["recipe"] == "free"
+    tokenizer = Tokenizer.from_folder(model)
+    rows = {name: job(name, recipe, bpw)._calibration_rows(model, tokenizer, {tokenizer.eos_token_id})
+            for name, recipe, bpw in (("free", "free", 4.0), ("chat", "chat", 4.0), ("free5", "free", 5.0))}
+    assert recipes == ["free", "chat"]  # another size of a recipe reuses its cached rows, another recipe does not
+    assert not torch.equal(rows["chat"], rows["free"]) and torch.equal(rows["free"], rows["free5"])
+
+
+def test_a_work_dir_from_before_calibration_recipes_resumes(tiny, tmp_path):
+    # job.json of a run started before the setting existed lacks it; that run used the default.
+    model, calibration, _ = tiny
+    job = ConversionJob(str(model), tmp_path / "work", tmp_path / "out", settings(calibration), device="cpu")
+    job.work.path.mkdir(parents=True)
+    job._open_work_dir(model)
+    saved = json.loads(job.work.job_file.read_text())
+    del saved["settings"]["calibration_recipe"]
+    job.work.job_file.write_text(json.dumps(saved))
+    job._open_work_dir(model)  # no "started with other settings"
+
+
 @pytest.mark.parametrize("marker", ["quantization_config", "quantize_config.json"])
 def test_an_already_quantized_model_is_refused_before_any_work(tiny, tmp_path, marker):
     model, calibration, _ = tiny

@@ -61,6 +61,8 @@ class ConversionSettings:
     calibration: str | None = None  # a file, "hf:<dataset id>:<file>", or None for self-generated text
     seed: int = 0
     objective: str = DEFAULT_OBJECTIVE
+    # How self-generated calibration text is written (calibration.CALIBRATION_RECIPES); unused with a file.
+    calibration_recipe: str = "chat"
 
     def validate(self) -> None:
         target = TARGETS.get(self.format)
@@ -84,6 +86,9 @@ class ConversionSettings:
         if self.objective not in OBJECTIVES:
             raise ConversionError(f"the bit allocation objective must be one of {', '.join(OBJECTIVES)}, "
                                   f"got {self.objective!r}")
+        if self.calibration_recipe not in calibration.CALIBRATION_RECIPES:
+            raise ConversionError(f"the calibration recipe must be one of {', '.join(calibration.CALIBRATION_RECIPES)}, "
+                                  f"got {self.calibration_recipe!r}")
 
 
 @dataclass
@@ -188,6 +193,8 @@ class ConversionJob:
         }
         existing = read_json(self.work.job_file)
         if existing is not None:
+            # A work dir started before a setting existed ran with that setting's default.
+            existing["settings"] = {**asdict(ConversionSettings()), **existing.get("settings", {})}
             if existing.get("model") != job["model"]:
                 raise ConversionError(
                     f"work dir {self.work_dir} belongs to another model ({existing.get('source')}); "
@@ -208,6 +215,8 @@ class ConversionJob:
     def _calibration_rows(self, folder: Path, tokenizer: Tokenizer, stop_ids: set[int]) -> torch.Tensor:
         s = self.settings
         signature = {"source": s.calibration or "self-generated", "rows": s.rows, "length": s.length, "seed": s.seed}
+        if s.calibration is None:
+            signature["recipe"] = s.calibration_recipe
 
         def make() -> torch.Tensor:
             self.emit("calibration", 0.0, "preparing calibration data")
@@ -216,6 +225,7 @@ class ConversionJob:
                 return calibration.self_generated_rows(
                     load_model(folder, device=self.device), tokenizer, s.rows, s.length, stop_ids, s.seed,
                     progress=lambda done, total: self.emit("calibration", done / total, f"generated {done}/{total} tokens"),
+                    recipe=s.calibration_recipe,
                 )
             text = calibration.calibration_text(s.calibration, self.calibration_roots)
             return calibration.rows_from_tokens(tokenizer.encode(text, add_special_tokens=False), s.rows, s.length)
@@ -381,6 +391,7 @@ class ConversionJob:
                 "length": self.settings.length,
                 "cols": self.settings.length,
                 "dataset": self.settings.calibration or "(self-generated)",
+                **({} if self.settings.calibration else {"recipe": self.settings.calibration_recipe}),
             },
             "quantizer": "quantlab",
             "objective": self.settings.objective,
