@@ -1,11 +1,14 @@
-"""The EXL3 tensor layout and rotation: packing must produce the words ExLlamaV3 reads.
+"""The EXL3 tensor layout, rotation and reference decode: packing must produce the words
+ExLlamaV3 reads, and the decode the weights its codes mean.
 
-The bit-by-bit models below are written from ../shared/EXL3.md section 3, one bit
-at a time, independently of core/formats/exl3/layout.py's vectorized code."""
+The bit-by-bit models (tests/exl3_spec.py) are written from ../shared/EXL3.md, one bit
+at a time, independently of core/formats/exl3's vectorized code."""
 
 import pytest
 import torch
 
+from core.formats.exl3 import reference
+from core.formats.exl3.codebook import codebook_values
 from core.formats.exl3.hadamard import block_hadamard, hadamard_128
 from core.formats.exl3.layout import (
     PAD,
@@ -17,53 +20,14 @@ from core.formats.exl3.layout import (
     step_bits,
     tile_positions,
     tiles_to_matrix,
+    pack_signs,
+    unpack_signs,
     unpack_trellis,
 )
+from core.weights import WeightsError
+from tests.exl3_spec import float64_codes_matrix, float64_weight, random_layer, spec_codebook, spec_pack, spec_steps, spec_unpack
 
 ALL_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 1.5, 2.5, 3.5)
-
-
-def spec_steps(bits) -> list[int]:
-    if bits == int(bits):
-        return [int(bits)] * 256
-    # Half rates: odd positions take one extra bit.
-    return [int(bits) + (1 if p % 2 else 0) for p in range(256)]
-
-
-def spec_ring(words: list[int]) -> list[int]:
-    """One tile's int16 words -> its ring bits: MSB-first in little-endian uint32 words."""
-    ring = []
-    for m in range(len(words) // 2):
-        u = (words[2 * m] & 0xFFFF) | ((words[2 * m + 1] & 0xFFFF) << 16)
-        ring.extend((u >> (31 - i)) & 1 for i in range(32))
-    return ring
-
-
-def spec_unpack(words: list[int], bits) -> list[int]:
-    ring = spec_ring(words)
-    size = len(ring)
-    states, end = [], 0
-    for step in spec_steps(bits):
-        end += step
-        state = 0
-        for i in range(16):
-            state = (state << 1) | ring[(end - 16 + i) % size]
-        states.append(state)
-    return states
-
-
-def spec_pack(states: list[int], bits) -> list[int]:
-    ring = []
-    for state, step in zip(states, spec_steps(bits)):
-        ring.extend((state >> (step - 1 - j)) & 1 for j in range(step))
-    words = []
-    for m in range(len(ring) // 32):
-        u = 0
-        for i in range(32):
-            u |= ring[32 * m + i] << (31 - i)
-        for half in (u & 0xFFFF, u >> 16):
-            words.append(half - (1 << 16) if half >= 1 << 15 else half)
-    return words
 
 
 def random_trellis(tiles_k, tiles_n, bits, seed=0) -> torch.Tensor:
@@ -180,3 +144,61 @@ def test_block_hadamard_rotates_each_128_block():
     assert torch.allclose(block_hadamard(x.t(), dim=0), y.t(), atol=1e-6)
     with pytest.raises(ValueError, match="whole 128-blocks"):
         block_hadamard(torch.randn(2, 100))
+
+
+def test_legacy_sign_words_unpack_to_plus_minus_one():
+    # Bit i of word j is element 16j + i; 1 means -1.
+    words = torch.tensor([0b101, -(1 << 15)], dtype=torch.int16)
+    signs = unpack_signs(words)
+    assert signs.dtype == torch.float16 and signs.shape == (32,)
+    assert [i for i in range(32) if signs[i] < 0] == [0, 2, 31]
+    assert torch.equal(pack_signs(signs), words)
+
+
+@pytest.mark.parametrize("name", ["3inst", "mcg", "mul1"])
+def test_codebook_tables_equal_the_float64_formulas(name):
+    states = torch.arange(65536)
+    assert torch.equal(codebook_values(name).double(), spec_codebook(name, states))
+
+
+@pytest.mark.parametrize("bits,codebook,legacy", [(4, "mul1", False), (2.5, "mul1", False), (3, "3inst", False),
+                                                  (2, "mcg", True), (1.5, "mul1", False), (8, "mcg", False)])
+def test_reference_dequantizer_equals_a_float64_decode_of_the_codes(bits, codebook, legacy):
+    tensors = random_layer(128, 256, bits, codebook, seed=round(bits * 10), legacy_signs=legacy)
+    exact = float64_weight(tensors, codebook, bit_by_bit=True)
+    ours = reference.dequantize_exl3(tensors)  # the codebook from the marker
+    assert ours.dtype == torch.float16 and ours.shape == (128, 256)
+    # One fp16 rounding of a float32 result: half an fp16 ulp, plus float32's share of the sums.
+    bound = exact.abs() * 2 ** -11 + 1e-6 * exact.abs().max()
+    assert bool(((ours.double() - exact).abs() <= bound).all())
+    # W_r alone: the codebook values, exactly, at their tile positions.
+    assert torch.equal(reference.decode_tiles(tensors["trellis"], codebook).double(),
+                       float64_codes_matrix(tensors["trellis"], codebook, bit_by_bit=True))
+
+
+@pytest.mark.parametrize("in_features,out_features", [(128, 256), (100, 200), (250, 129)])
+def test_reference_product_equals_x_times_the_float64_weight(in_features, out_features):
+    tensors = random_layer(in_features, out_features, 3, "mul1", seed=in_features)
+    exact = float64_weight(tensors, "mul1")[:in_features, :out_features]
+    x = torch.randn(5, in_features, generator=torch.Generator().manual_seed(1))
+    bias = torch.randn(out_features).half()
+    expected = x.double() @ exact + bias.double()
+    ours = reference.matmul(x, tensors, out_features, bias)
+    assert ours.shape == (5, out_features) and ours.dtype == torch.float32
+    assert float((ours.double() - expected).norm() / expected.norm()) < 2e-3
+    dense = x.double() @ reference.dequantize_exl3(tensors)[:in_features, :out_features].double() + bias.double()
+    assert float((dense - expected).norm() / expected.norm()) < 1e-3
+
+
+def test_trellis_and_scales_that_disagree_are_refused_by_name():
+    from core.formats.exl3.layout import check_layer_tensors
+    tensors = random_layer(128, 256, 4, "mul1", seed=0)
+    key = "model.layers.0.mlp.up_proj"
+    assert check_layer_tensors(key, tensors["trellis"], tensors["suh"], tensors["svh"]) == 4
+    with pytest.raises(WeightsError, match=rf"{key}.svh has shape \(128,\), but {key}.trellis \(8, 16, 64\) "
+                                           r"holds a 128x256 weight, so it needs \(256,\)"):
+        check_layer_tensors(key, tensors["trellis"], tensors["suh"], tensors["svh"][:128])
+    with pytest.raises(WeightsError, match=rf"EXL3 layer {key} has no suh \(or su\) tensor"):
+        check_layer_tensors(key, tensors["trellis"], None, tensors["svh"])
+    with pytest.raises(WeightsError, match="pads both to multiples of 128"):
+        check_layer_tensors(key, tensors["trellis"][:4], tensors["suh"][:64], tensors["svh"])

@@ -9,6 +9,12 @@ One quantized linear `<key>` with k inputs and n outputs (both padded to
 multiples of 128, PAD) stores its rotated weight W_r [k, n] as
 
     <key>.trellis  int16 [k/16, n/16, 16*K]   one tile of 256 weights per [i, j]
+    <key>.suh      fp16  [k]                  input scales (signed, full magnitude)
+    <key>.svh      fp16  [n]                  output scales (signed; 0 for a dead column)
+    <key>.mcg | <key>.mul1  int32 []          the codebook marker (none: 3INST; codebook.py)
+    <key>.bias     fp16  [n or out_features]  only when the layer has one
+
+Older files store `.su`/`.sv` instead: int16 [k/16] / [n/16] packed signs (pack_signs).
 
 Each tile is a tail-biting ring of R = 256*K bits. Position p = 0..255 adds
 D(p) new bits (step_bits); its 16-bit state is the ring window that ends at
@@ -25,6 +31,8 @@ from functools import lru_cache
 
 import torch
 
+from ...weights import WeightsError
+
 TILE = 16  # a tile is TILE x TILE weights
 PAD = 128  # k and n are zero-padded to multiples of this (and of the Hadamard block)
 POSITIONS = TILE * TILE
@@ -37,7 +45,7 @@ SUPPORTED_BITS = tuple(sorted(INTEGER_BITS + HALF_BITS))
 # Half rates give odd positions one extra bit (frac.cu L9-27).
 _HALF_RATE_EXTRA = 0xAAAA
 # Tiles unpacked per step: bounds the int64 temporaries (a few hundred MB at most).
-_CHUNK_TILES = 1 << 15
+_CHUNK_TILES = 1 << 13
 
 
 def _check_bits(bits: float) -> float:
@@ -51,11 +59,11 @@ def bits_of_trellis(shape, key: str = "") -> float:
     shape = tuple(shape)
     name = f"{key}.trellis" if key else "an EXL3 trellis"
     if len(shape) != 3:
-        raise ValueError(f"{name} has shape {shape}; EXL3 stores [k/16, n/16, 16*bits]")
+        raise WeightsError(f"{name} has shape {shape}; EXL3 stores [k/16, n/16, 16*bits]")
     words = shape[-1]
     bits = words / 16
     if bits not in SUPPORTED_BITS:
-        raise ValueError(f"{name} has {words} words per tile, which is not 16*K for a bit width EXL3 stores "
+        raise WeightsError(f"{name} has {words} words per tile, which is not 16*K for a bit width EXL3 stores "
                          f"(K in {', '.join(f'{b:g}' for b in SUPPORTED_BITS)})")
     return bits
 
@@ -179,3 +187,47 @@ def matrix_to_tiles(matrix: torch.Tensor) -> torch.Tensor:
     rows, cols = tile_positions()
     tiles = matrix.reshape(k // TILE, TILE, n // TILE, TILE).transpose(1, 2).reshape(k // TILE, n // TILE, POSITIONS)
     return tiles[..., (rows * TILE + cols).to(matrix.device)]
+
+
+# A layer's stored tensors (after its prefix), as ExLlamaV3 writes them; the loader keeps their dtypes.
+SCALE_TENSORS = ("suh", "svh", "su", "sv")
+MARKER_TENSORS = ("mcg", "mul1")
+# Some writers keep a `.scale` that ExLlamaV3 never reads (modules/linear.py L445); loaded, then dropped.
+IGNORED_TENSORS = ("scale",)
+LAYER_TENSORS = ("trellis",) + SCALE_TENSORS + MARKER_TENSORS + IGNORED_TENSORS
+
+
+def unpack_signs(words: torch.Tensor) -> torch.Tensor:
+    """Legacy `.su`/`.sv`: int16 [m] -> fp16 [16m] of +-1; bit i of word j is element 16j+i, 1 meaning -1
+    (exllamav3_ext/quant/pack.cu L188-213)."""
+    bits = (words.to(torch.int32).unsqueeze(-1) >> torch.arange(16, device=words.device, dtype=torch.int32)) & 1
+    return (1 - 2 * bits).flatten(-2).to(torch.float16)
+
+
+def pack_signs(scales: torch.Tensor) -> torch.Tensor:
+    """The inverse of unpack_signs: the signs of [16m] scales (negative -> 1) as int16 [m]."""
+    if scales.shape[-1] % 16:
+        raise ValueError(f"EXL3 packs signs 16 to a word, not {scales.shape[-1]}")
+    bits = (scales < 0).to(torch.int32).view(*scales.shape[:-1], -1, 16)
+    words = (bits << torch.arange(16, device=scales.device, dtype=torch.int32)).sum(-1)
+    return torch.where(words >= 1 << 15, words - (1 << 16), words).to(torch.int16)
+
+
+def check_layer_tensors(key: str, trellis: torch.Tensor | None, suh: torch.Tensor | None,
+                        svh: torch.Tensor | None) -> float:
+    """Refuse a layer whose trellis and scales (suh/svh, already unpacked from su/sv) disagree; its bits."""
+    for name, tensor in (("trellis", trellis), ("suh (or su)", suh), ("svh (or sv)", svh)):
+        if tensor is None:
+            raise WeightsError(f"EXL3 layer {key} has no {name} tensor")
+    if trellis.dtype != torch.int16:
+        raise WeightsError(f"{key}.trellis is {trellis.dtype}; EXL3 stores int16")
+    bits = bits_of_trellis(trellis.shape, key)
+    k, n = trellis.shape[0] * TILE, trellis.shape[1] * TILE
+    if k % PAD or n % PAD:
+        raise WeightsError(f"{key}.trellis has shape {tuple(trellis.shape)}, a {k}x{n} weight; EXL3 pads both "
+                         f"to multiples of {PAD}")
+    for name, tensor, length in (("suh", suh, k), ("svh", svh, n)):
+        if tuple(tensor.shape) != (length,):
+            raise WeightsError(f"{key}.{name} has shape {tuple(tensor.shape)}, but {key}.trellis "
+                             f"{tuple(trellis.shape)} holds a {k}x{n} weight, so it needs ({length},)")
+    return bits
