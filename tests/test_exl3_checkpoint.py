@@ -152,6 +152,21 @@ def test_quantization_config_defaults_are_exllamav3s():
     assert config["quant_method"] == "exl3" and config["codebook"] == "mul1" and config["version"].startswith("1.")
 
 
+def test_the_decode_step_runs_an_exl3_model(exl3_folder):
+    # The graph decoder's step, without capture (the CPU can run it): EXL3 layers take their dense path.
+    from core.cache import KVCache
+    from core.graph_decode import GraphDecoder
+
+    model = load_model(exl3_folder)
+    decoder = GraphDecoder(model, KVCache(model.config, 64), capture=False)
+    plain = KVCache(model.config, 64)
+    with torch.inference_mode():
+        for position, token in enumerate([5, 17, 250]):
+            ours = decoder.step(token, position)
+            expected = model(torch.tensor([[token]]), plain, position)[0, -1]
+            assert relative_error(ours, expected) < 1e-5
+
+
 # ---------------------------------------------------------------- CUDA
 
 
@@ -172,17 +187,15 @@ def test_gpu_fallback_equals_the_cpu_reference(exl3_folder):
 
 @pytest.mark.cuda
 def test_graph_decode_runs_an_exl3_model(exl3_folder):
+    # No EXL3 kernel yet: the captured step multiplies the dense weights the warm-up decoded.
     from core.cache import KVCache
     from core.graph_decode import GraphDecoder
 
     model = load_model(exl3_folder, device="cuda", dtype=torch.float16)
-    ids = torch.randint(0, 320, (1, 12), generator=torch.Generator().manual_seed(4)).cuda()
-    with torch.no_grad():
-        cache = KVCache(model.config, 64, device="cuda", dtype=torch.float16)
-        expected = model(ids, cache)[0, -1].float()
-    graph_cache = KVCache(model.config, 64, device="cuda", dtype=torch.float16)
-    decoder = GraphDecoder(model, graph_cache)
-    with torch.no_grad():
-        model(ids[:, :-1], graph_cache)
-    logits = decoder.step(int(ids[0, -1]), ids.shape[1] - 1)
-    assert relative_error(logits.cpu(), expected.cpu()) < 1e-2
+    decoder = GraphDecoder(model, KVCache(model.config, 64, device="cuda", dtype=torch.float16))
+    plain = KVCache(model.config, 64, device="cuda", dtype=torch.float16)
+    with torch.inference_mode():
+        for position, token in enumerate([5, 17, 250]):
+            ours = decoder.step(token, position)
+            expected = model(torch.tensor([[token]], device="cuda"), plain, position)[0, -1]
+            assert float((ours - expected).norm() / expected.norm()) < 5e-3

@@ -18,6 +18,8 @@ from .layout import POSITIONS, bits_of_trellis, tiles_to_matrix, unpack_signs, u
 
 # Tiles decoded per step: bounds the int64 states in flight on a large layer.
 _DECODE_TILES = 1 << 15
+# Weights dequantized per step (float32 temporaries).
+_DEQUANT_ELEMENTS = 1 << 24
 
 
 def decode_tiles(trellis: torch.Tensor, codebook: str | torch.Tensor) -> torch.Tensor:
@@ -58,10 +60,19 @@ def dequantize_exl3(tensors: dict[str, torch.Tensor], codebook: str | None = Non
     """
     codebook = codebook or layer_codebook(tensors)
     suh, svh = layer_scales(tensors)
-    weight = decode_tiles(tensors["trellis"], codebook).to(torch.float32)
-    weight = block_hadamard(block_hadamard(weight, dim=0), dim=1)
-    weight.mul_(suh.to(torch.float32)[:, None]).mul_(svh.to(torch.float32)[None, :])
-    return weight.to(torch.float16)
+    trellis = tensors["trellis"]
+    k, n = 16 * trellis.shape[0], 16 * trellis.shape[1]
+    suh32 = suh.to(torch.float32)[:, None]
+    weight = torch.empty(k, n, dtype=torch.float16, device=trellis.device)
+    # Whole 128-column blocks at a time (each rotates on its own): a large head's float32
+    # temporaries stay a few hundred MB.
+    step = max(128, _DEQUANT_ELEMENTS // k // 128 * 128)
+    for col in range(0, n, step):
+        block = decode_tiles(trellis[:, col // 16:(col + step) // 16], codebook).to(torch.float32)
+        block = block_hadamard(block_hadamard(block, dim=0), dim=1)
+        block.mul_(suh32).mul_(svh[col:col + step].to(torch.float32)[None, :])
+        weight[:, col:col + step] = block
+    return weight
 
 
 def matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor], out_features: int,
