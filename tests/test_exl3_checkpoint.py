@@ -19,7 +19,7 @@ from core.config import UnsupportedModelError
 from core.formats.exl3.linear import EXL3Linear
 from core.loader import load_model
 from core.weights import WeightsError
-from tests.exl3_spec import exl3_quantization_config, marker, write_exl3_checkpoint
+from tests.exl3_spec import marker, write_exl3_checkpoint
 from tests.tiny_models import build_hf_model
 
 
@@ -147,24 +147,23 @@ def test_exl3_tensors_without_an_exl3_config_are_refused(exl3_folder, tmp_path):
         load_model(tmp_path)
 
 
-def test_quantization_config_defaults_are_exllamav3s():
-    config = exl3_quantization_config()
-    assert config["quant_method"] == "exl3" and config["codebook"] == "mul1" and config["version"].startswith("1.")
+def test_the_embedding_codec_is_refused_by_name(exl3_folder, tmp_path):
+    def edit(tensors):
+        del tensors["model.embed_tokens.weight"]
+        tensors["model.embed_tokens.trellis"] = torch.zeros(20, 16, 64, dtype=torch.int16)
+        tensors["model.embed_tokens.signs"] = torch.zeros(4, dtype=torch.int16)
+    _copy(exl3_folder, tmp_path, edit)
+    with pytest.raises(UnsupportedModelError, match=r"model.embed_tokens is stored with ExLlamaV3's embedding codec"):
+        load_model(tmp_path)
 
 
-def test_the_decode_step_runs_an_exl3_model(exl3_folder):
-    # The graph decoder's step, without capture (the CPU can run it): EXL3 layers take their dense path.
-    from core.cache import KVCache
-    from core.graph_decode import GraphDecoder
-
-    model = load_model(exl3_folder)
-    decoder = GraphDecoder(model, KVCache(model.config, 64), capture=False)
-    plain = KVCache(model.config, 64)
-    with torch.inference_mode():
-        for position, token in enumerate([5, 17, 250]):
-            ours = decoder.step(token, position)
-            expected = model(torch.tensor([[token]]), plain, position)[0, -1]
-            assert relative_error(ours, expected) < 1e-5
+def test_a_scale_tensor_exllamav3_never_reads_is_ignored(exl3_folder, tmp_path):
+    def edit(tensors):
+        tensors[f"{Q}.scale"] = torch.tensor([7.0]).half()
+    _copy(exl3_folder, tmp_path, edit)
+    ids = torch.tensor([[3, 4, 5]])
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path)(ids), load_model(exl3_folder)(ids))
 
 
 # ---------------------------------------------------------------- CUDA
