@@ -166,6 +166,21 @@ def test_a_scale_tensor_exllamav3_never_reads_is_ignored(exl3_folder, tmp_path):
         assert torch.equal(load_model(tmp_path)(ids), load_model(exl3_folder)(ids))
 
 
+def test_the_decode_step_runs_an_exl3_model(exl3_folder):
+    # The graph decoder's step, without capture (the CPU can run it): EXL3 layers take their dense path.
+    from core.cache import KVCache
+    from core.graph_decode import GraphDecoder
+
+    model = load_model(exl3_folder)
+    decoder = GraphDecoder(model, KVCache(model.config, 64), capture=False)
+    plain = KVCache(model.config, 64)
+    with torch.inference_mode():
+        for position, token in enumerate([5, 17, 250]):
+            ours = decoder.step(token, position)
+            expected = model(torch.tensor([[token]]), plain, position)[0, -1]
+            assert relative_error(ours, expected) < 1e-5
+
+
 # ---------------------------------------------------------------- CUDA
 
 
