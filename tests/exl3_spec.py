@@ -140,7 +140,10 @@ def random_layer(in_features: int, out_features: int, bits, codebook: str, seed:
     g = torch.Generator().manual_seed(seed)
     k, n = -(-in_features // 128) * 128, -(-out_features // 128) * 128
     words = torch.randint(-(1 << 15), 1 << 15, (k // 16, n // 16, round(16 * bits)), generator=g).to(torch.int16)
-    sign = lambda size: torch.randint(0, 2, (size,), generator=g) * 2 - 1  # noqa: E731
+
+    def sign(size: int) -> torch.Tensor:
+        return torch.randint(0, 2, (size,), generator=g) * 2 - 1
+
     suh = (sign(k) * (0.03 + 0.04 * torch.rand(k, generator=g))).half()
     svh = (sign(n) * (0.5 + torch.rand(n, generator=g))).half()
     svh[1] = 0  # a dead column, as the converter writes them

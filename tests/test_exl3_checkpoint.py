@@ -15,8 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from core.cache import KVCache
 from core.config import UnsupportedModelError
 from core.formats.exl3.linear import EXL3Linear
+from core.graph_decode import GraphDecoder
 from core.loader import load_model
 from core.weights import WeightsError
 from tests.exl3_spec import marker, write_exl3_checkpoint
@@ -168,8 +170,6 @@ def test_a_scale_tensor_exllamav3_never_reads_is_ignored(exl3_folder, tmp_path):
 
 def test_the_decode_step_runs_an_exl3_model(exl3_folder):
     # The graph decoder's step, without capture (the CPU can run it): EXL3 layers take their dense path.
-    from core.cache import KVCache
-    from core.graph_decode import GraphDecoder
 
     model = load_model(exl3_folder)
     decoder = GraphDecoder(model, KVCache(model.config, 64), capture=False)
@@ -202,8 +202,6 @@ def test_gpu_fallback_equals_the_cpu_reference(exl3_folder):
 @pytest.mark.cuda
 def test_graph_decode_runs_an_exl3_model(exl3_folder):
     # No EXL3 kernel yet: the captured step multiplies the dense weights the warm-up decoded.
-    from core.cache import KVCache
-    from core.graph_decode import GraphDecoder
 
     model = load_model(exl3_folder, device="cuda", dtype=torch.float16)
     decoder = GraphDecoder(model, KVCache(model.config, 64, device="cuda", dtype=torch.float16))

@@ -15,6 +15,7 @@ from core.formats.exl3.layout import (
     SUPPORTED_BITS,
     TILE,
     bits_of_trellis,
+    check_layer_tensors,
     matrix_to_tiles,
     pack_trellis,
     step_bits,
@@ -191,7 +192,6 @@ def test_reference_product_equals_x_times_the_float64_weight(in_features, out_fe
 
 
 def test_trellis_and_scales_that_disagree_are_refused_by_name():
-    from core.formats.exl3.layout import check_layer_tensors
     tensors = random_layer(128, 256, 4, "mul1", seed=0)
     key = "model.layers.0.mlp.up_proj"
     assert check_layer_tensors(key, tensors["trellis"], tensors["suh"], tensors["svh"]) == 4

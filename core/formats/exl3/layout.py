@@ -44,7 +44,7 @@ HALF_BITS = (1.5, 2.5, 3.5)
 SUPPORTED_BITS = tuple(sorted(INTEGER_BITS + HALF_BITS))
 # Half rates give odd positions one extra bit (frac.cu L9-27).
 _HALF_RATE_EXTRA = 0xAAAA
-# Tiles unpacked per step: bounds the int64 temporaries (a few hundred MB at most).
+# Tiles (un)packed per step: bounds the int64 temporaries (at most 8192 x 2048 ring bits, 128 MiB).
 _CHUNK_TILES = 1 << 13
 
 
