@@ -200,5 +200,9 @@ def test_trellis_and_scales_that_disagree_are_refused_by_name():
         check_layer_tensors(key, tensors["trellis"], tensors["suh"], tensors["svh"][:128])
     with pytest.raises(WeightsError, match=rf"EXL3 layer {key} has no suh \(or su\) tensor"):
         check_layer_tensors(key, tensors["trellis"], None, tensors["svh"])
+    # Legacy packed signs are checked as stored: one int16 word per 16 inputs.
+    assert check_layer_tensors(key, tensors["trellis"], pack_signs(tensors["suh"]), tensors["svh"], ("su",)) == 4
+    with pytest.raises(WeightsError, match=rf"{key}.su has shape \(4,\), but .* so it needs \(8,\)"):
+        check_layer_tensors(key, tensors["trellis"], pack_signs(tensors["suh"])[:4], tensors["svh"], ("su",))
     with pytest.raises(WeightsError, match="pads both to multiples of 128"):
         check_layer_tensors(key, tensors["trellis"][:4], tensors["suh"][:64], tensors["svh"])

@@ -214,8 +214,9 @@ def pack_signs(scales: torch.Tensor) -> torch.Tensor:
 
 
 def check_layer_tensors(key: str, trellis: torch.Tensor | None, suh: torch.Tensor | None,
-                        svh: torch.Tensor | None) -> float:
-    """Refuse a layer whose trellis and scales (suh/svh, already unpacked from su/sv) disagree; its bits."""
+                        svh: torch.Tensor | None, legacy: tuple[str, ...] = ()) -> float:
+    """Refuse a layer whose trellis and scales disagree; its bits. `legacy` names the scales that
+    came as packed sign words (su, sv): they are checked as stored, 16 to a word."""
     for name, tensor in (("trellis", trellis), ("suh (or su)", suh), ("svh (or sv)", svh)):
         if tensor is None:
             raise WeightsError(f"EXL3 layer {key} has no {name} tensor")
@@ -225,9 +226,13 @@ def check_layer_tensors(key: str, trellis: torch.Tensor | None, suh: torch.Tenso
     k, n = trellis.shape[0] * TILE, trellis.shape[1] * TILE
     if k % PAD or n % PAD:
         raise WeightsError(f"{key}.trellis has shape {tuple(trellis.shape)}, a {k}x{n} weight; EXL3 pads both "
-                         f"to multiples of {PAD}")
+                           f"to multiples of {PAD}")
     for name, tensor, length in (("suh", suh, k), ("svh", svh, n)):
+        if name[:2] in legacy:
+            name, length = name[:2], length // TILE
+            if tensor.dtype != torch.int16:
+                raise WeightsError(f"{key}.{name} is {tensor.dtype}; EXL3 stores packed signs as int16")
         if tuple(tensor.shape) != (length,):
             raise WeightsError(f"{key}.{name} has shape {tuple(tensor.shape)}, but {key}.trellis "
-                             f"{tuple(trellis.shape)} holds a {k}x{n} weight, so it needs ({length},)")
+                               f"{tuple(trellis.shape)} holds a {k}x{n} weight, so it needs ({length},)")
     return bits

@@ -39,9 +39,13 @@ class EXL3Linear(QuantizedLinear):
             self.codebook = layer_codebook({name: getattr(self, name) for name in MARKER_TENSORS}, key)
         except ValueError as error:
             raise WeightsError(str(error)) from None
-        suh = self.suh if self.suh is not None else (None if self.su is None else unpack_signs(self.su))
-        svh = self.svh if self.svh is not None else (None if self.sv is None else unpack_signs(self.sv))
-        self.bits = check_layer_tensors(key, self.trellis, suh, svh)
+        suh, svh = self.suh, self.svh
+        legacy = tuple(name for name, scales in (("su", suh), ("sv", svh))
+                       if scales is None and getattr(self, name) is not None)
+        self.bits = check_layer_tensors(key, self.trellis, suh if suh is not None else self.su,
+                                        svh if svh is not None else self.sv, legacy)
+        suh = unpack_signs(self.su) if "su" in legacy else suh
+        svh = unpack_signs(self.sv) if "sv" in legacy else svh
         if self.bits in HALF_BITS and self.codebook != "mul1":
             raise WeightsError(f"{key}.trellis is {self.bits:g} bits per weight with the {self.codebook.upper()} "
                                "codebook; EXL3 stores half rates with MUL1 only")
