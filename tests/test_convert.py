@@ -1,5 +1,6 @@
 """The converter end to end on a tiny random model: files, resume, and every bad input a user can give."""
 
+import dataclasses
 import json
 import math
 import os
@@ -95,22 +96,27 @@ def test_progress_reports_every_module_with_its_candidates(finished):
 def test_resume_after_a_crash_is_byte_identical(tiny, finished, tmp_path, monkeypatch):
     model, calibration, _ = tiny
     base, result, _ = finished
-    real_quantize_layer = job_module.quantize_layer
-
-    def crash_on_second_layer(model_, index, *args):
-        if index == 1:
-            raise RuntimeError("simulated crash")
-        return real_quantize_layer(model_, index, *args)
-
-    monkeypatch.setattr(job_module, "quantize_layer", crash_on_second_layer)
+    crash_on_second_layer(monkeypatch, "exl2")
     with pytest.raises(RuntimeError, match="simulated crash"):
         convert(model, tmp_path / "work", tmp_path / "out", calibration)
     assert not (tmp_path / "out").exists()
     assert json.loads((tmp_path / "work" / "quant_progress.json").read_text())["next_layer"] == 1
-    monkeypatch.setattr(job_module, "quantize_layer", real_quantize_layer)
+    monkeypatch.undo()
     resumed = convert(model, tmp_path / "work", tmp_path / "out", calibration)
     for path in sorted(result.output_dir.iterdir()):
         assert (resumed.output_dir / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def crash_on_second_layer(monkeypatch, output_format: str) -> None:
+    """Make the format's quantization pass fail at layer 1, as a crash or kill would stop it."""
+    target = job_module.TARGETS[output_format]
+
+    def crash(model_, index, *args):
+        if index == 1:
+            raise RuntimeError("simulated crash")
+        return target.quantize_layer(model_, index, *args)
+
+    monkeypatch.setitem(job_module.TARGETS, output_format, dataclasses.replace(target, quantize_layer=crash))
 
 
 def test_cancel_mid_measurement_then_resume(tiny, finished, tmp_path):
