@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from core.convert.exl3 import trellis
 from core.convert.exl3.trellis import decode_states, encode_through_wrap_nodes, encode_tiles
 from core.formats.exl3.layout import pack_trellis, step_bits, unpack_trellis
 
@@ -151,3 +152,11 @@ def test_cuda_search_gives_a_valid_ring_as_good_as_the_cpu():
     gpu = encode_tiles(values.cuda(), 3, "mul1").cpu()
     assert ring_is_valid(gpu, 3)
     assert torch.allclose(squared_error(gpu, values, "mul1"), squared_error(cpu, values, "mul1"), rtol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 2.5])
+def test_back_pointers_and_recomputed_costs_choose_the_same_states(encoded, monkeypatch, bits):
+    # The CPU traces back by recomputing predecessor costs; a GPU keeps uint8 back-pointers.
+    values, by_bits = encoded
+    monkeypatch.setattr(trellis, "_keeps_pointers", lambda device: True)
+    assert torch.equal(encode_tiles(values[:3], bits, "mul1"), by_bits[bits][:3])

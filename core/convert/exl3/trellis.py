@@ -45,25 +45,38 @@ def decode_states(states: torch.Tensor, codebook: str) -> torch.Tensor:
     return table[states.to(torch.int64)]
 
 
+def _keeps_pointers(device: torch.device) -> bool:
+    # A min that also returns indices is ~10x slower than amin on the CPU, so there the
+    # search keeps each position's node costs (4 bytes a node, not 1) and recomputes the
+    # few predecessor costs it needs while tracing back: the same float32 operations,
+    # so the same choices bit for bit. On a GPU both mins cost the same memory traffic.
+    return device.type == "cuda"
+
+
 def _chunk_tiles(steps: list[int], device: torch.device) -> int:
-    back_bytes = sum(1 << (STATE_BITS - d) for d in steps)
+    node_bytes = 1 if _keeps_pointers(device) else 4
+    memory_bytes = sum(node_bytes << (STATE_BITS - d) for d in steps)
     plane_bytes = 3 * STATES * 4
     budget = CHUNK_BYTES_CUDA if device.type == "cuda" else CHUNK_BYTES_CPU
-    return max(1, min(_MAX_CHUNK_TILES, budget // (back_bytes + plane_bytes)))
+    return max(1, min(_MAX_CHUNK_TILES, budget // (memory_bytes + plane_bytes)))
 
 
 def _forward(values: torch.Tensor, table: torch.Tensor, steps: list[int], order: list[int],
-             start_costs: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Run the search over positions `order`; return the last position's state costs
-    [tiles, 65536] and, for each later position, the chosen predecessor's top bits per node."""
+             start_costs: torch.Tensor, pointers: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Run the search over positions `order`. Returns the last position's state costs
+    [tiles, 65536] and what the trace back needs: with `pointers`, memory[i] holds each node's
+    chosen predecessor top bits (uint8) for the step into order[i + 1]; without, memory[i]
+    holds the node costs (float32) entering order[i]."""
     tiles = values.shape[0]
     node_costs = start_costs
-    back = []
+    memory = []
     costs = None
     for index, p in enumerate(order):
         d = steps[p]
         nodes = STATES >> d
-        # State s = node << d | new: a [tiles, nodes, 2^d] view of the 65536 states.
+        if not pointers:
+            memory.append(node_costs)
+        # State s = node << d | new, so the plane is a [tiles, nodes, 2^d] view of the 65536 states.
         costs = table.view(1, STATES) - values[:, p].view(tiles, 1)
         costs.mul_(costs)
         costs.view(tiles, nodes, 1 << d).add_(node_costs.view(tiles, nodes, 1))
@@ -71,49 +84,59 @@ def _forward(values: torch.Tensor, table: torch.Tensor, steps: list[int], order:
             d_next = steps[order[index + 1]]
             # Predecessors of a next-position node: the states t << (16 - d_next) | node.
             grouped = costs.view(tiles, 1 << d_next, STATES >> d_next)
-            node_costs, top = grouped.min(dim=1)  # torch returns the first (lowest t) minimum
-            back.append(top.to(torch.uint8) if d_next <= 8 else top)
-    return costs, back
+            if pointers:
+                node_costs, top = grouped.min(dim=1)  # the first (lowest t) minimum on ties
+                memory.append(top.to(torch.uint8))
+            else:
+                node_costs = grouped.amin(dim=1)
+    return costs, memory
 
 
-def _trace(last_states: torch.Tensor, back: list[torch.Tensor], steps: list[int], order: list[int],
-           stop: int = 1) -> dict[int, torch.Tensor]:
-    """Follow back-pointers from the states at order[-1] down to order[stop - 1]."""
+def _trace(last_states: torch.Tensor, memory: list[torch.Tensor], values: torch.Tensor, table: torch.Tensor,
+           steps: list[int], order: list[int], pointers: bool, stop: int = 1) -> dict[int, torch.Tensor]:
+    """Follow the best predecessors from the states at order[-1] down to order[stop - 1]."""
     states = {order[-1]: last_states}
     current = last_states
     for index in range(len(order) - 1, stop - 1, -1):
         d = steps[order[index]]
         node = current >> d
-        top = back[index - 1].gather(1, node.unsqueeze(1)).squeeze(1).to(torch.int64)
+        if pointers:
+            top = memory[index - 1].gather(1, node.unsqueeze(1)).squeeze(1).to(torch.int64)
+        else:
+            previous = order[index - 1]
+            candidates = (torch.arange(1 << d, device=node.device).unsqueeze(0) << (STATE_BITS - d)) | node.unsqueeze(1)
+            difference = table[candidates] - values[:, previous:previous + 1]
+            entering = memory[index - 1].gather(1, candidates >> steps[previous])
+            top = (entering + difference * difference).argmin(dim=1)  # the first (lowest t) minimum on ties
         current = (top << (STATE_BITS - d)) | node
         states[order[index - 1]] = current
     return states
 
 
-def _first_pass_wrap_nodes(values: torch.Tensor, table: torch.Tensor, steps: list[int]) -> torch.Tensor:
+def _first_pass_wrap_nodes(values: torch.Tensor, table: torch.Tensor, steps: list[int], pointers: bool) -> torch.Tensor:
     """Once around the ring from the middle, unconstrained: the node where its best path wraps."""
     order = list(range(_FIRST_PASS_START, POSITIONS)) + list(range(_FIRST_PASS_START))
     free_start = torch.zeros(values.shape[0], STATES >> steps[order[0]], dtype=torch.float32, device=values.device)
-    costs, back = _forward(values, table, steps, order, free_start)
+    costs, memory = _forward(values, table, steps, order, free_start, pointers)
     best_end = costs.argmin(dim=1)  # the first (lowest) state on ties
     del costs
-    first = _trace(best_end, back, steps, order, stop=POSITIONS - _FIRST_PASS_START + 1)
+    first = _trace(best_end, memory, values, table, steps, order, pointers, stop=POSITIONS - _FIRST_PASS_START + 1)
     return first[0] >> steps[0]  # the high 16-D(0) bits of s(0) = the low bits of s(255)
 
 
 def _best_ring_through(values: torch.Tensor, table: torch.Tensor, steps: list[int],
-                       wrap_nodes: torch.Tensor) -> torch.Tensor:
+                       wrap_nodes: torch.Tensor, pointers: bool) -> torch.Tensor:
     """Positions 0..255 from each tile's wrap node, ending on a state that closes the ring there."""
     tiles, device, d0 = values.shape[0], values.device, steps[0]
     order = list(range(POSITIONS))
     start = torch.full((tiles, STATES >> d0), float("inf"), dtype=torch.float32, device=device)
     start.scatter_(1, wrap_nodes.unsqueeze(1), 0.0)
-    costs, back = _forward(values, table, steps, order, start)
+    costs, memory = _forward(values, table, steps, order, start, pointers)
     closing = (torch.arange(1 << d0, device=device).unsqueeze(0) << (STATE_BITS - d0)) | wrap_nodes.unsqueeze(1)
     top = costs.gather(1, closing).argmin(dim=1)
     del costs
     last = closing.gather(1, top.unsqueeze(1)).squeeze(1)
-    ring = _trace(last, back, steps, order)
+    ring = _trace(last, memory, values, table, steps, order, pointers)
     return torch.stack([ring[p] for p in range(POSITIONS)], dim=1)
 
 
@@ -132,10 +155,11 @@ def encode_through_wrap_nodes(values: torch.Tensor, bits: float, codebook: str, 
     values, table, steps = _encoder(values, bits, codebook)
     wrap_nodes = wrap_nodes.to(device=values.device, dtype=torch.int64)
     chunk = chunk_tiles or _chunk_tiles(steps, values.device)
+    pointers = _keeps_pointers(values.device)
     out = torch.empty(values.shape, dtype=torch.int64, device=values.device)
     for begin in range(0, values.shape[0], chunk):
         part = values[begin:begin + chunk].contiguous()
-        out[begin:begin + chunk] = _best_ring_through(part, table, steps, wrap_nodes[begin:begin + chunk])
+        out[begin:begin + chunk] = _best_ring_through(part, table, steps, wrap_nodes[begin:begin + chunk], pointers)
     return out
 
 
@@ -146,8 +170,10 @@ def encode_tiles(values: torch.Tensor, bits: float, codebook: str, chunk_tiles: 
     Runs on the device of `values`, `chunk_tiles` at a time (default: by a memory budget)."""
     values, table, steps = _encoder(values, bits, codebook)
     chunk = chunk_tiles or _chunk_tiles(steps, values.device)
+    pointers = _keeps_pointers(values.device)
     out = torch.empty(values.shape, dtype=torch.int64, device=values.device)
     for begin in range(0, values.shape[0], chunk):
         part = values[begin:begin + chunk].contiguous()
-        out[begin:begin + chunk] = _best_ring_through(part, table, steps, _first_pass_wrap_nodes(part, table, steps))
+        wrap_nodes = _first_pass_wrap_nodes(part, table, steps, pointers)
+        out[begin:begin + chunk] = _best_ring_through(part, table, steps, wrap_nodes, pointers)
     return out
