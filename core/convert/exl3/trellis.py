@@ -70,14 +70,20 @@ def _forward(values: torch.Tensor, table: torch.Tensor, steps: list[int], order:
     tiles = values.shape[0]
     node_costs = start_costs
     memory = []
-    costs = None
+    # One plane and one store for all node costs, reused: fresh large tensors at every
+    # position cost the CPU as much time in page faults as in arithmetic.
+    costs = torch.empty(tiles, STATES, dtype=torch.float32, device=values.device)
+    store = None
+    if not pointers:
+        store = torch.empty(tiles * sum(STATES >> steps[p] for p in order[1:]), dtype=torch.float32, device=values.device)
+    used = 0
     for index, p in enumerate(order):
         d = steps[p]
         nodes = STATES >> d
         if not pointers:
             memory.append(node_costs)
         # State s = node << d | new, so the plane is a [tiles, nodes, 2^d] view of the 65536 states.
-        costs = table.view(1, STATES) - values[:, p].view(tiles, 1)
+        torch.sub(table.view(1, STATES), values[:, p].view(tiles, 1), out=costs)
         costs.mul_(costs)
         costs.view(tiles, nodes, 1 << d).add_(node_costs.view(tiles, nodes, 1))
         if index + 1 < len(order):
@@ -88,7 +94,10 @@ def _forward(values: torch.Tensor, table: torch.Tensor, steps: list[int], order:
                 node_costs, top = grouped.min(dim=1)  # the first (lowest t) minimum on ties
                 memory.append(top.to(torch.uint8))
             else:
-                node_costs = grouped.amin(dim=1)
+                size = tiles * (STATES >> d_next)
+                node_costs = store[used:used + size].view(tiles, STATES >> d_next)
+                torch.amin(grouped, dim=1, out=node_costs)
+                used += size
     return costs, memory
 
 
