@@ -75,8 +75,8 @@ def test_reported_proxy_error_is_that_of_the_stored_tensors(layer, quantized, bi
     assert quantized[bits].proxy_error == pytest.approx(measured, rel=1e-4)
 
 
-# Measured on this layer: 0.0245, 0.0052 and 0.00127 (2, 3, 4 bits).
-@pytest.mark.parametrize("bits, low, high", [(2.0, 0.008, 0.04), (3.0, 0.0015, 0.009), (4.0, 0.0004, 0.0022)])
+# Measured on this layer: 0.0153, 0.00347 and 0.000886 (2, 3, 4 bits); 0.044 at 2 bits without feedback.
+@pytest.mark.parametrize("bits, low, high", [(2.0, 0.007, 0.025), (3.0, 0.0015, 0.006), (4.0, 0.0004, 0.0015)])
 def test_relative_error_is_in_the_range_of_trellis_codes(quantized, bits, low, high):
     assert low < quantized[bits].proxy_error < high
 
