@@ -17,10 +17,12 @@ Exact arithmetic (a CUDA kernel with the same contract must match it bit for bit
 - a state's cost = node cost + d * d with d = v - w, each op rounded to float32 (no FMA);
 - a node's cost = min over its 2^D predecessors (the states s = t << (16-D) | node);
   on equal costs the lowest t (the lowest predecessor state) wins;
-- the first pass starts with every node at cost 0 and ends on the lowest-cost state
-  (lowest state on ties); the second starts with the wrap node at 0 and the others at
-  +inf, and ends on the lowest-cost state whose low 16-D(0) bits are the wrap node
-  (lowest state on ties).
+- the first pass visits positions 128..255, 0..127 with every node entering 128 at cost 0,
+  ends on the lowest-cost state at 127 (lowest state on ties) and traces back to s(0);
+  the wrap node is s(0) >> D(0);
+- the second visits 0..255 with the wrap node entering 0 at cost 0 and the others at +inf,
+  and ends on the lowest-cost state at 255 whose low 16-D(0) bits are the wrap node
+  (lowest state on ties); its trace back is the ring.
 ExLlamaV3's own kernel works in fp16 with fp16 FMA, so it picks other (still valid) states.
 """
 
@@ -31,8 +33,9 @@ import torch
 from core.formats.exl3.codebook import STATE_BITS, STATES, codebook_values
 from core.formats.exl3.layout import POSITIONS, step_bits
 
-# Back-pointers take 256 * 2^(16-D) bytes per tile (8 MiB at D = 1); tiles are searched
-# in chunks that keep back-pointers plus the float32 cost planes within this budget.
+# Back-pointers take 256 * 2^(16-D) bytes per tile (8 MiB at D = 1; 4x that where node
+# costs are kept instead, see _keeps_pointers); tiles are searched in chunks that keep
+# them plus the float32 cost plane within this budget.
 CHUNK_BYTES_CPU = 256 << 20
 CHUNK_BYTES_CUDA = 2 << 30
 _MAX_CHUNK_TILES = 1024
@@ -56,7 +59,7 @@ def _keeps_pointers(device: torch.device) -> bool:
 def _chunk_tiles(steps: list[int], device: torch.device) -> int:
     node_bytes = 1 if _keeps_pointers(device) else 4
     memory_bytes = sum(node_bytes << (STATE_BITS - d) for d in steps)
-    plane_bytes = 3 * STATES * 4
+    plane_bytes = 2 * STATES * 4
     budget = CHUNK_BYTES_CUDA if device.type == "cuda" else CHUNK_BYTES_CPU
     return max(1, min(_MAX_CHUNK_TILES, budget // (memory_bytes + plane_bytes)))
 
