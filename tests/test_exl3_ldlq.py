@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from core.convert.exl3.ldlq import quantize_exl3
+from core.convert.exl3.ldlq import _block_ldl, quantize_exl3
 from core.formats.exl3.codebook import codebook_values
 from core.formats.exl3.hadamard import hadamard_128
 from core.formats.exl3.layout import tile_positions, unpack_trellis
@@ -130,3 +130,13 @@ def test_cuda_quantization_is_as_good_as_the_cpu(layer, quantized):
     assert on_gpu.proxy_error < 1.1 * cpu_result.proxy_error
     again = quantize_exl3(weight.cuda(), hessian.cuda(), 3.0)
     assert torch.equal(again.trellis, on_gpu.trellis) and torch.equal(again.suh, on_gpu.suh)
+
+
+def test_block_ldl_factor_leaves_a_block_diagonal_middle():
+    inputs = torch.randn(300, 128, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    hessian = inputs.T @ inputs
+    unit = _block_ldl(hessian) + torch.eye(128, dtype=torch.float64)
+    middle = torch.linalg.solve(unit, hessian) @ torch.linalg.inv(unit.T)
+    blocks = torch.block_diag(*[torch.ones(16, 16)] * 8).bool()
+    assert middle[~blocks].abs().max() < 1e-9 * hessian.abs().max()
+    assert torch.equal(unit.tril(), unit) and (unit.diagonal() == 1).all() and unit[blocks].sum() == 128

@@ -108,24 +108,23 @@ def _block_ldl(h: torch.Tensor) -> torch.Tensor | None:
     diagonal = chol.reshape(blocks, TILE, blocks, TILE).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
     inverse = torch.linalg.inv(diagonal)
     unit = torch.einsum("rbi,bij->rbj", chol.reshape(k, blocks, TILE), inverse).reshape(k, k)
-    for b in range(blocks):
-        unit[b * TILE:(b + 1) * TILE, b * TILE:(b + 1) * TILE] = 0
+    unit.view(blocks, TILE, blocks, TILE).diagonal(dim1=0, dim2=2).zero_()
     return unit
 
 
 def _factor_hessian(hessian: torch.Tensor, row_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The damped Hessian (float32, original basis) and the LDL feedback factor (float32) of the
     rotated, row-scaled one; retried with more damping where it is not positive definite."""
-    h = hessian.to(torch.float64)
-    mean_diagonal = h.diagonal().mean()
-    identity = torch.eye(h.shape[0], dtype=torch.float64, device=h.device)
-    damped = h + SIGMA_REG * mean_diagonal * identity
+    damped = hessian.to(torch.float64, copy=True)
+    mean_diagonal = damped.diagonal().mean()
+    damped.diagonal().add_(SIGMA_REG * mean_diagonal)
     for _ in range(_LDL_RETRIES + 1):
         rotated = _rotate_hessian(row_scales[:, None] * damped * row_scales[None, :])
         factor = _block_ldl(rotated)
+        del rotated
         if factor is not None:
             return damped.to(torch.float32), factor.to(torch.float32)
-        damped = damped + 2 * SIGMA_REG * mean_diagonal * identity
+        damped.diagonal().add_(2 * SIGMA_REG * mean_diagonal)
     raise ValueError("the Hessian is not positive definite even after damping; the calibration data may hold NaN or inf")
 
 
