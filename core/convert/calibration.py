@@ -395,7 +395,8 @@ def self_generated_rows(
     byte-identical resume rely on it).
     """
     if recipe not in CALIBRATION_RECIPES:
-        raise CalibrationError(f"the calibration recipe must be one of {', '.join(CALIBRATION_RECIPES)}, got {recipe!r}")
+        raise CalibrationError(f"the calibration recipe must be one of {', '.join(CALIBRATION_RECIPES)}, "
+                               f"got {recipe!r}")
     if recipe == "chat":
         return _answer_rows(model, tokenizer, _chat_prompts(tokenizer, CALIBRATION_PROMPTS), rows, length, stop_ids,
                             seed, batch, progress)
