@@ -140,12 +140,13 @@ def domains_table(run: Run) -> str:
     fields = run.fields
     domains = fields["domains"]
     rows = sorted(fields["rows"], key=lambda row: (row["bpw"], row["method"]))
+    skipped = any("skipped" in row for row in rows)
     body = [[row["method"], number(row.get("bpw"), ".3f")]
             + [number(row["ratio"].get(name), ".3f") if row.get("ratio") else "–" for name in domains]
-            + [number(row.get("geomean_ratio"), ".3f"), number(row.get("seconds") or None, ".1f"),
-               row.get("skipped", "")]
+            + [number(row.get("geomean_ratio"), ".3f"), number(row.get("seconds") or None, ".1f")]
+            + ([row.get("skipped", "")] if skipped else [])
             for row in rows]
-    header = ["method", "real bpw"] + domains + ["geomean", "conversion s", "not scored"]
+    header = ["method", "real bpw"] + domains + ["geomean", "conversion s"] + (["not scored"] if skipped else [])
     fp16 = next((row["ppl"] for row in rows if row["method"] == "fp16"), fields.get("fp16_ppl"))
     reference = ", ".join(f"{name} {fp16[name]:.2f}" for name in domains) if fp16 else "not in this run"
     sources = fields.get("domain_sources") or {}
