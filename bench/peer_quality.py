@@ -16,6 +16,13 @@ size, with the reason it was not scored.
 
 Each peer's CUDA extension builds just in time on first import; that build
 runs first and is timed apart (kernel_build_s), not counted as conversion.
+
+Time on an H100 (MISSION.md: ExLlamaV2 measures the demo in ~101 s and
+quantizes one size in ~130 s, its extension builds in ~2 min): three EXL2
+sizes do not fit one 10-minute device call. Split them over calls on the
+same warm machine with the same --work (the measurement is kept there), e.g.
+`--peers exl2 --bpw 2.5 3.0`, then `--peers exl2 --bpw 4.0`, then `--peers exl3`;
+each call writes its own results file.
 """
 
 from __future__ import annotations
