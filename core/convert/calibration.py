@@ -124,7 +124,6 @@ WIDE_PROMPTS = CALIBRATION_PROMPTS + (
     "Write an interview with a retired astronaut about her first spaceflight.",
     "Write a job interview for a junior accountant position, questions and answers.",
     "Write a text-message exchange between roommates about doing the dishes.",
-    "Write a short play scene in modern English about two coworkers stuck in an elevator.",
     # lists, tables, numbers, math
     "Make a markdown table comparing five programming languages by typing, speed and typical use.",
     "Give a weekly meal plan as a table with breakfast, lunch and dinner for each day.",
