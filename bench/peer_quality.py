@@ -16,6 +16,14 @@ size, with the reason it was not scored.
 
 Each peer's CUDA extension builds just in time on first import; that build
 runs first and is timed apart (kernel_build_s), not counted as conversion.
+
+Time on an H100 (MISSION.md: ExLlamaV2 measures the demo in ~101 s and
+quantizes one size in ~130 s, its extension builds in ~2 min): three EXL2
+sizes do not fit one 10-minute device call. Split them over calls on the
+same warm machine with the same --work (the measurement is kept there), e.g.
+`--peers exl2 --bpw 2.5 3.0`, then `--peers exl2 --bpw 4.0`, then `--peers exl3`;
+each call writes its own results file, and report.py shows the newest run of
+each set of conversions in one table.
 """
 
 from __future__ import annotations
@@ -149,7 +157,9 @@ def main() -> None:
     builds = {}
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     payload = {"domains": args.domains, "domain_sources": domain_sources(args.domains),
-               "tokens_per_domain": args.tokens, "ctx": args.ctx, "kernel_build_s": builds, "rows": rows}
+               "tokens_per_domain": args.tokens, "ctx": args.ctx, "kernel_build_s": builds, "rows": rows,
+               # What this call converted: report.py shows the newest run of each, side by side.
+               "conversions": " ".join(f"{peer} {bpw:g}" for peer in args.peers for bpw in args.bpw)}
     if args.note:
         payload["note"] = args.note
     # Written again after every conversion: a device call's time limit may stop the run between sizes.

@@ -114,15 +114,16 @@ def measurement_rows_for(rows: int, asked: int | None) -> int:
 
 
 def eval_rows_for(measurement_rows: int, asked: int | None) -> int:
-    return asked if asked else min(measurement_rows, max(ConversionSettings.measurement_eval_rows, measurement_rows // 4))
+    default = max(ConversionSettings.measurement_eval_rows, measurement_rows // 4)
+    return asked if asked else min(measurement_rows, default)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bpw", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.0, 5.0, 6.0])
-    parser.add_argument("--rtn", nargs="*", default=["2:32", "3:32", "4:32", "3:128", "4:128", "5:128", "6:128", "8:128"],
-                        help="round-to-nearest baselines, bits:group size (none: --rtn with no value)")
+    parser.add_argument("--rtn", nargs="*",
+                        default=["2:32", "3:32", "4:32", "3:128", "4:128", "5:128", "6:128", "8:128"], help="round-to-nearest baselines, bits:group size (none: --rtn with no value)")
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="held-out tokens scored per domain")
     parser.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS))

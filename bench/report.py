@@ -140,13 +140,14 @@ def domains_table(run: Run) -> str:
     fields = run.fields
     domains = fields["domains"]
     rows = sorted(fields["rows"], key=lambda row: (row["bpw"], row["method"]))
+    skipped = any("skipped" in row for row in rows)
     body = [[row["method"], number(row.get("bpw"), ".3f")]
             + [number(row["ratio"].get(name), ".3f") if row.get("ratio") else "–" for name in domains]
-            + [number(row.get("geomean_ratio"), ".3f"), number(row.get("seconds") or None, ".1f"),
-               row.get("skipped", "")]
+            + [number(row.get("geomean_ratio"), ".3f"), number(row.get("seconds") or None, ".1f")]
+            + ([row.get("skipped", "")] if skipped else [])
             for row in rows]
-    header = ["method", "real bpw"] + domains + ["geomean", "conversion s", "not scored"]
-    fp16 = next((row["ppl"] for row in rows if row["method"] == "fp16"), fields.get("fp16_ppl"))
+    header = ["method", "real bpw"] + domains + ["geomean", "conversion s"] + (["not scored"] if skipped else [])
+    fp16 = next((row.get("ppl") for row in rows if row["method"] == "fp16"), None)
     reference = ", ".join(f"{name} {fp16[name]:.2f}" for name in domains) if fp16 else "not in this run"
     sources = fields.get("domain_sources") or {}
     where = "; ".join(f"{name}: {sources[name]}" for name in domains if name in sources)
@@ -154,6 +155,16 @@ def domains_table(run: Run) -> str:
             f"per domain, windows of {fields['ctx']}; fp16 perplexity {reference}); geomean over the domains. "
             "Conversion time includes calibration and measurement for the first size of each recipe."
             + (f" Texts: {where}." if where else "") + "\n\n" + table(header, body))
+
+
+def merged_domains_table(runs: list[Run]) -> str:
+    """Runs of one benchmark that each converted part of the sizes (one device call each), as one table."""
+    if len(runs) == 1:
+        return domains_table(runs[0])
+    first = runs[0].fields
+    rows = [row for row in first["rows"] if row["method"] == "fp16"]
+    rows += [row for run in runs for row in run.fields["rows"] if row["method"] != "fp16"]
+    return domains_table(Run(runs[0].file, runs[0].index, {**first, "rows": rows}))
 
 
 def quality_table(run: Run) -> str:
@@ -232,7 +243,7 @@ LAYOUTS = {
     "gptq4": Layout("GPTQ 4-bit kernel (bench.gptq4_speed)", (("", one(gptq4_kernels)),)),
     "quality": Layout("Quality per bit (bench.quality)", (("", one(quality_table)),)),
     "peer_quality": Layout("Peer converters on the same held-out domains (bench.peer_quality)",
-                           (("", one(domains_table)),)),
+                           (("", merged_domains_table),), series="conversions"),
     "convert": Layout("Conversion speed (bench.convert_speed)", (("", convert_table),), series="model"),
     "cpu_decode": Layout("CPU decode (bench.cpu_decode)", (("", one(cpu_decode_table)),)),
     "step_ablation": Layout("Decode step with kernels left out (bench.step_ablation)", (("", one(generic_table)),)),

@@ -141,3 +141,19 @@ def test_a_quality_run_over_several_domains_shows_each_ratio_and_the_geomean(tmp
     assert "| method | real bpw | python | docs | geomean | conversion s | not scored |" in text
     assert "| ExLlamaV2 0.3.2 2.5 | 2.610 | 2.000 | 8.000 | 4.000 | 12.0 |  |" in text
     assert "| ExLlamaV3 1.6.5 2.5 | 2.500 | – | – | – | 40.0 | our loader cannot read this exl3 yet |" in text
+
+
+def test_peer_conversions_split_over_device_calls_show_in_one_table(tmp_path):
+    def run(conversions, method, geomean, date):
+        rows = [{"method": "fp16", "bpw": 16.0, "seconds": 0.0, "ratio": {"docs": 1.0}, "geomean_ratio": 1.0},
+                {"method": method, "bpw": 2.6, "seconds": 200.0, "ratio": {"docs": geomean}, "geomean_ratio": geomean}]
+        return {"benchmark": "peer_quality", "command": f"python3 -m bench.peer_quality --peers {conversions}",
+                "device": "G", "date": date, "domains": ["docs"], "tokens_per_domain": 8192, "ctx": 512,
+                "conversions": conversions, "rows": rows}
+    (tmp_path / "a.json").write_text(json.dumps(run("exl2 2.5", "ExLlamaV2 2.5", 9.0, "2026-12-07T01:00:00")))
+    (tmp_path / "b.json").write_text(json.dumps(run("exl3 2.5", "ExLlamaV3 2.5", 3.0, "2026-12-07T02:00:00")))
+    (tmp_path / "c.json").write_text(json.dumps(run("exl2 2.5", "ExLlamaV2 2.5", 7.0, "2026-12-07T03:00:00")))
+    current = report.render(tmp_path).split("## Older runs")[0]
+    assert "| ExLlamaV2 2.5 | 2.600 | 7.000 | 7.000 | 200.0 |" in current  # the newest exl2 run
+    assert "| ExLlamaV3 2.5 | 2.600 | 3.000 | 3.000 | 200.0 |" in current
+    assert "9.000" not in current and current.count("| fp16 |") == 1

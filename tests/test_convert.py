@@ -276,7 +276,7 @@ def test_each_calibration_recipe_writes_and_caches_its_own_rows(tiny, tmp_path, 
     from core.convert import calibration as calibration_module
     from core.tokenizer import Tokenizer
 
-    with pytest.raises(ConversionError, match=r"calibration recipe must be one of chat, wide-chat, free, mixed, got 'wiki'"):
+    with pytest.raises(ConversionError, match=r"recipe must be one of chat, wide-chat, free, mixed, got 'wiki'"):
         ConversionSettings(calibration_recipe="wiki").validate()
     model, _, _ = tiny
     monkeypatch.setenv("QUANTLAB_HOME", str(tmp_path / "home"))

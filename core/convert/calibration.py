@@ -124,7 +124,6 @@ WIDE_PROMPTS = CALIBRATION_PROMPTS + (
     "Write an interview with a retired astronaut about her first spaceflight.",
     "Write a job interview for a junior accountant position, questions and answers.",
     "Write a text-message exchange between roommates about doing the dishes.",
-    "Write a short play scene in modern English about two coworkers stuck in an elevator.",
     # lists, tables, numbers, math
     "Make a markdown table comparing five programming languages by typing, speed and typical use.",
     "Give a weekly meal plan as a table with breakfast, lunch and dinner for each day.",
@@ -395,7 +394,8 @@ def self_generated_rows(
     byte-identical resume rely on it).
     """
     if recipe not in CALIBRATION_RECIPES:
-        raise CalibrationError(f"the calibration recipe must be one of {', '.join(CALIBRATION_RECIPES)}, got {recipe!r}")
+        raise CalibrationError(f"the calibration recipe must be one of {', '.join(CALIBRATION_RECIPES)}, "
+                               f"got {recipe!r}")
     if recipe == "chat":
         return _answer_rows(model, tokenizer, _chat_prompts(tokenizer, CALIBRATION_PROMPTS), rows, length, stop_ids,
                             seed, batch, progress)

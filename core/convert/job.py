@@ -87,8 +87,8 @@ class ConversionSettings:
             raise ConversionError(f"the bit allocation objective must be one of {', '.join(OBJECTIVES)}, "
                                   f"got {self.objective!r}")
         if self.calibration_recipe not in calibration.CALIBRATION_RECIPES:
-            raise ConversionError(f"the calibration recipe must be one of {', '.join(calibration.CALIBRATION_RECIPES)}, "
-                                  f"got {self.calibration_recipe!r}")
+            known = ", ".join(calibration.CALIBRATION_RECIPES)
+            raise ConversionError(f"the calibration recipe must be one of {known}, got {self.calibration_recipe!r}")
 
 
 @dataclass
