@@ -7,8 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from core.convert import job as job_module
-from core.convert.exl3.layer import CANDIDATE_BITS
+from core.convert.exl3 import layer as exl3_layer
 from core.convert.job import ConversionError, ConversionJob, ConversionSettings
 from core.formats.exl3.layout import bits_of_trellis
 from core.loader import load_model
@@ -16,6 +15,16 @@ from tests.test_convert import crash_on_second_layer, logits_error
 from tests.tiny_models import sample_text, save_tiny_chat_model
 
 SETTINGS = dict(rows=4, length=64, measurement_rows=2, measurement_eval_rows=2, format="exl3")
+# The trellis search runs ~10 tiles a second on a CPU core: two candidates instead of
+# nine keep these conversions to minutes; the allocation still has a choice per module.
+CANDIDATE_BITS = (2.0, 4.0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def two_candidates():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(exl3_layer, "CANDIDATE_BITS", CANDIDATE_BITS)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -97,19 +106,20 @@ def test_exl3_more_bits_from_the_same_measurement_is_closer(tiny, finished, tmp_
     larger = convert(model, tmp_path / "work", tmp_path / "out", calibration, bpw=5.0,
                      measurement_file=base / "work" / "measurement.json", on_event=events.append)
     assert not any(e.stage == "measure" for e in events)
-    assert result.bpw < larger.bpw <= 5.0
+    assert result.bpw < larger.bpw <= 5.0 and larger.bpw == 4.0  # every module at the larger candidate
     assert logits_error(larger.output_dir, reference) < logits_error(result.output_dir, reference)
 
 
 def test_exl3_resume_after_a_crash_is_byte_identical(tiny, finished, tmp_path, monkeypatch):
     model, calibration, _ = tiny
-    _, result, _ = finished
+    base, result, _ = finished
+    measured = base / "work" / "measurement.json"  # the quantization pass is what resumes here
     crash_on_second_layer(monkeypatch, "exl3")
     with pytest.raises(RuntimeError, match="simulated crash"):
-        convert(model, tmp_path / "work", tmp_path / "out", calibration)
+        convert(model, tmp_path / "work", tmp_path / "out", calibration, measurement_file=measured)
     assert not (tmp_path / "out").exists()
     monkeypatch.undo()
-    resumed = convert(model, tmp_path / "work", tmp_path / "out", calibration)
+    resumed = convert(model, tmp_path / "work", tmp_path / "out", calibration, measurement_file=measured)
     for path in sorted(result.output_dir.iterdir()):
         assert (resumed.output_dir / path.name).read_bytes() == path.read_bytes(), path.name
 
