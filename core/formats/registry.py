@@ -1,6 +1,6 @@
 """The checkpoint formats the loader reads, and which one a folder's config names.
 
-A new format is a folder beside exl2/ and gptq/ whose reader.py makes a
+A new format is a folder beside exl2/, exl3/ and gptq/ whose reader.py makes a
 CheckpointFormat, and one more entry in FORMATS. GGUF is not here: a .gguf file
 is imported into an unquantized folder before anything loads it (core/sources.py).
 """
@@ -15,10 +15,11 @@ from ..config import UnsupportedModelError
 from ..weights import WeightsError
 from .checkpoint import CheckpointFormat
 from .exl2 import reader as exl2
+from .exl3 import reader as exl3
 from .gptq import reader as gptq
 
 # In the order the loader swaps their layers in.
-FORMATS: tuple[CheckpointFormat, ...] = (exl2.FORMAT, gptq.FORMAT)
+FORMATS: tuple[CheckpointFormat, ...] = (exl2.FORMAT, exl3.FORMAT, gptq.FORMAT)
 
 
 def quantization_of(folder: str | Path) -> tuple[CheckpointFormat | None, Any]:
@@ -45,7 +46,7 @@ def quantization_of(folder: str | Path) -> tuple[CheckpointFormat | None, Any]:
             return candidate, candidate.settings(config, source)
     raise UnsupportedModelError(
         f"{source}: quantization method {method or '(none given)'!r} is not supported; "
-        "quantlab loads EXL2 and GPTQ 4-bit checkpoints, and unquantized fp16/bf16/fp32 ones")
+        "quantlab loads EXL2, EXL3 and GPTQ 4-bit checkpoints, and unquantized fp16/bf16/fp32 ones")
 
 
 def _read_json(path: Path) -> dict:

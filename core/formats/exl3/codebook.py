@@ -79,3 +79,20 @@ def marker_tensor(name: str) -> torch.Tensor:
     """The int32 scalar that marks a tensor as using codebook `name` (MCG or MUL1; 3INST has none)."""
     value = MARKERS[name]
     return torch.tensor(value - (1 << 32) if value >= 1 << 31 else value, dtype=torch.int32)
+
+
+def codebook_of_layer(key: str, markers: dict[str, torch.Tensor | None]) -> str:
+    """The codebook of layer `key` from its marker tensors (name -> tensor or None): none is 3INST;
+    a marker must hold its own multiplier."""
+    present = {name: tensor for name, tensor in markers.items() if tensor is not None}
+    if len(present) > 1:
+        raise ValueError(f"EXL3 layer {key} has both {' and '.join(f'{key}.{name}' for name in sorted(present))}; "
+                         "a layer has at most one codebook marker")
+    if not present:
+        return "3inst"
+    (name, marker), = present.items()
+    named = codebook_of_marker(marker, f"{key}.{name}")
+    if named != name:
+        raise ValueError(f"{key}.{name} holds the {named.upper()} multiplier, not {name.upper()}'s; "
+                         "the marker's name and value disagree")
+    return name
