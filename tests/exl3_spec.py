@@ -169,7 +169,9 @@ def write_exl3_checkpoint(folder, hf_model, head: str = "exl3", pad_bias: bool =
     to float32, and write the model as an EXL3 folder; head "exl3" (6 bits) or "fp16" (lm_head.weight).
     Returns {layer name: (stored tensors, codebook)}."""
     state = {name: tensor.clone().contiguous() for name, tensor in hf_model.state_dict().items()}
+    # ExLlamaV3 gives a tied model a head of its own (tie_word_embeddings false).
     hf_model.config.tie_word_embeddings = False
+    hf_model.lm_head.weight = torch.nn.Parameter(hf_model.lm_head.weight.detach().clone(), requires_grad=False)
     layers = {}
     linears = [(name, module) for name, module in hf_model.named_modules() if isinstance(module, torch.nn.Linear)]
     with torch.no_grad():
