@@ -38,15 +38,18 @@ const void* scale_pointer(const c10::optional<torch::Tensor>& scale, int64_t dim
     return scale->data_ptr<at::Half>();
 }
 
-// fp16 x [..., dim] (dim a multiple of 128) -> fp16(fp16(had128(x * pre_scale)) * post_scale) over each
-// 128-block, into out (x's shape; may be x itself) or a new tensor.
+// x [..., dim] (fp16, or fp32 without pre_scale; dim a multiple of 128) -> fp16(fp16(had128(x * pre_scale)) *
+// post_scale) over each 128-block, into out (fp16, x's shape; may be x itself) or a new fp16 tensor.
 torch::Tensor exl3_hadamard(const torch::Tensor& x, const c10::optional<torch::Tensor>& pre_scale,
                             const c10::optional<torch::Tensor>& post_scale, const c10::optional<torch::Tensor>& out) {
-    check(x, torch::kHalf, "x");
+    const bool x_fp32 = x.scalar_type() == torch::kFloat;
+    check(x, x_fp32 ? torch::kFloat : torch::kHalf, "x");
     TORCH_CHECK(x.dim() >= 1 && x.size(-1) % 128 == 0, "x: [..., dim], dim a multiple of 128");
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 8 == 0, "x: 8-byte aligned");
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % (x_fp32 ? 16 : 8) == 0, "x: aligned to 4 elements");
     const int64_t dim = x.size(-1);
     TORCH_CHECK(x.numel() / 128 <= INT32_MAX, "x: too many 128-blocks for one launch");
+    const void* pre = scale_pointer(pre_scale, dim, "pre_scale");
+    TORCH_CHECK(pre == nullptr || !x_fp32, "pre_scale: an fp16 multiply, for fp16 x only");
     const c10::cuda::CUDAGuard guard(x.device());
     torch::Tensor result;
     if (out.has_value()) {
@@ -55,9 +58,9 @@ torch::Tensor exl3_hadamard(const torch::Tensor& x, const c10::optional<torch::T
         TORCH_CHECK(reinterpret_cast<uintptr_t>(out->data_ptr()) % 8 == 0, "out: 8-byte aligned");
         result = *out;
     } else {
-        result = torch::empty_like(x);
+        result = torch::empty(x.sizes(), x.options().dtype(torch::kHalf));
     }
-    exl3_hadamard_launch(x.data_ptr<at::Half>(), (int)(x.numel() / dim), (int)dim, scale_pointer(pre_scale, dim, "pre_scale"),
+    exl3_hadamard_launch(x.data_ptr(), x_fp32, (int)(x.numel() / dim), (int)dim, pre,
                          scale_pointer(post_scale, dim, "post_scale"), result.data_ptr<at::Half>(),
                          c10::cuda::getCurrentCUDAStream());
     return result;
@@ -85,7 +88,7 @@ torch::Tensor exl3_viterbi(const torch::Tensor& values, int64_t bits_x2, int64_t
 void bind_exl3(pybind11::module_& m) {
     m.def("exl3_decode", &exl3_decode, "EXL3 trellis [k/16, n/16, 16K] to the fp16 rotated weight [k, n]",
           py::arg("trellis"), py::arg("codebook"));
-    m.def("exl3_hadamard", &exl3_hadamard, "128-block Hadamard of fp16 rows, with optional fp16 scales before and after",
+    m.def("exl3_hadamard", &exl3_hadamard, "128-block Hadamard of fp16 (or fp32) rows to fp16, with optional fp16 scales before and after",
           py::arg("x"), py::arg("pre_scale") = py::none(), py::arg("post_scale") = py::none(),
           py::arg("out") = py::none());
     m.def("exl3_viterbi", &exl3_viterbi, "EXL3 trellis search: fp32 tile values [tiles, 256] to int32 states",

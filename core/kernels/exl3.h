@@ -16,10 +16,11 @@ void exl3_decode_launch(const int16_t* trellis, int tiles_k, int tiles_n, int wo
                         cudaStream_t stream);
 
 // out fp16 [rows, dim] = fp16(fp16(had128(fp16(x * pre_scale))) * post_scale), one 128-wide Hadamard
-// (Sylvester order, 1/sqrt(128)) per contiguous block of each row, butterflies in fp32. pre_scale and
-// post_scale are fp16 [dim] or null (no multiply). out may be x.
-void exl3_hadamard_launch(const void* x, int rows, int dim, const void* pre_scale, const void* post_scale, void* out,
-                          cudaStream_t stream);
+// (Sylvester order, 1/sqrt(128)) per contiguous block of each row, butterflies in fp32. x is fp16, or
+// fp32 (x_fp32; then no pre_scale). pre_scale and post_scale are fp16 [dim] or null (no multiply).
+// out may be x where x is fp16.
+void exl3_hadamard_launch(const void* x, bool x_fp32, int rows, int dim, const void* pre_scale, const void* post_scale,
+                          void* out, cudaStream_t stream);
 
 // Viterbi search of each tile's tail-biting trellis: values fp32 [tiles, 256] (position order) -> states
 // int32 [tiles, 256], the 16-bit state of each position, minimising sum (codebook(state) - value)^2 in fp32.
