@@ -47,6 +47,11 @@ def random_trellis(tiles_k: int, tiles_n: int, bits: float) -> torch.Tensor:
     return torch.randint(-(1 << 15), 1 << 15, (tiles_k, tiles_n, round(16 * bits)), generator=g).to(torch.int16)
 
 
+def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
+    assert not out.isnan().any(), "an output element was never written"
+    return float((out.double() - expected.double()).norm() / expected.double().norm())
+
+
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.view(torch.int16), b.view(torch.int16))
 
@@ -202,12 +207,43 @@ def test_exl3_viterbi_states_decode_to_what_the_kernels_decode():
     assert same_bits(decoded, expected)
 
 
+# ---------------------------------------------------------------- the on-the-fly product
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("codebook", CODEBOOKS)
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+def test_exl3_gemv_matches_the_decoded_product(bits, codebook):
+    # (tiles_k, tiles_n): one tile, partial column groups, k cut into many splits and into one.
+    for tiles_k, tiles_n in [(1, 1), (8, 9), (40, 24), (256, 16), (16, 256)]:
+        trellis = random_trellis(tiles_k, tiles_n, bits).cuda()
+        w_r = reference.decode_tiles(trellis, codebook).float()
+        for rows in (1, 3, 8):
+            x = torch.randn(rows, tiles_k * 16, device="cuda").half()
+            expected = x.float() @ w_r
+            for split in (None, 1, 7, 64):
+                out = kernel.gemv(x, trellis, codebook, split)
+                assert out.shape == (rows, tiles_n * 16) and out.dtype == torch.float32
+                error = relative_error(out, expected)
+                assert error < 1e-5, f"{tiles_k}x{tiles_n} tiles, {rows} rows, split {split}: relative error {error:.2e}"
+
+
+@pytest.mark.cuda
+def test_exl3_gemv_refuses_more_rows_than_it_takes():
+    trellis = random_trellis(2, 2, 4).cuda()
+    with pytest.raises(RuntimeError, match="rows <= 8"):
+        kernel.gemv(torch.zeros(9, 32, device="cuda").half(), trellis, "mul1")
+
+
+def test_gemv_splits_fill_the_gpu_within_the_kernels_limit():
+    # A 4096x4096 layer on 132 SMs: 32 column groups want 17 splits of k, 16 tile rows each.
+    assert kernel.gemv_tiles_per_split(256, 256, 132) == 16
+    # A layer too narrow to fill the GPU is cut as finely as the kernel's staging allows, and
+    # a deep one never beyond it.
+    assert kernel.gemv_tiles_per_split(8, 4, 132) == 1
+    assert kernel.gemv_tiles_per_split(1024, 4096, 132) == 64
+
+
 # ---------------------------------------------------------------- the layer product
-
-def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
-    assert not out.isnan().any(), "an output element was never written"
-    return float((out.double() - expected.double()).norm() / expected.double().norm())
-
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("codebook", CODEBOOKS)

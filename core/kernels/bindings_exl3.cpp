@@ -83,6 +83,27 @@ torch::Tensor exl3_viterbi(const torch::Tensor& values, int64_t bits_x2, int64_t
     return states;
 }
 
+// fp16 x [rows <= 8, k] @ W_r (decoded on the fly from trellis int16 [k / 16, n / 16, 16 K]) -> fp32 [rows, n],
+// k cut into splits of tiles_per_split tile rows (at most 64).
+torch::Tensor exl3_gemv(const torch::Tensor& x, const torch::Tensor& trellis, int64_t codebook, int64_t tiles_per_split) {
+    check(x, torch::kHalf, "x");
+    check(trellis, torch::kShort, "trellis");
+    check_codebook(codebook);
+    TORCH_CHECK(trellis.dim() == 3 && trellis.size(2) % 8 == 0 && trellis.size(2) >= 16 && trellis.size(2) <= 128,
+                "trellis: [k / 16, n / 16, 16 K], K = 1 to 8 in halves");
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(trellis.data_ptr()) % 4 == 0, "trellis: 4-byte aligned");
+    TORCH_CHECK(x.dim() == 2 && x.size(0) <= EXL3_GEMV_ROWS_MOST && x.size(1) == trellis.size(0) * 16,
+                "x: [rows <= ", EXL3_GEMV_ROWS_MOST, ", k]");
+    TORCH_CHECK(tiles_per_split >= 1 && tiles_per_split <= EXL3_GEMV_SPLIT_TILES_MOST, "tiles_per_split: 1 to ",
+                EXL3_GEMV_SPLIT_TILES_MOST);
+    const c10::cuda::CUDAGuard guard(x.device());
+    auto out = torch::zeros({x.size(0), trellis.size(1) * 16}, x.options().dtype(torch::kFloat));
+    exl3_gemv_launch(x.data_ptr<at::Half>(), (int)x.size(0), trellis.data_ptr<int16_t>(), (int)trellis.size(0),
+                     (int)trellis.size(1), (int)trellis.size(2), (int)codebook, (int)tiles_per_split,
+                     out.data_ptr<float>(), c10::cuda::getCurrentCUDAStream());
+    return out;
+}
+
 }  // namespace
 
 void bind_exl3(pybind11::module_& m) {
@@ -93,4 +114,6 @@ void bind_exl3(pybind11::module_& m) {
           py::arg("out") = py::none());
     m.def("exl3_viterbi", &exl3_viterbi, "EXL3 trellis search: fp32 tile values [tiles, 256] to int32 states",
           py::arg("values"), py::arg("bits_x2"), py::arg("codebook"));
+    m.def("exl3_gemv", &exl3_gemv, "fp16 rows (at most 8) times the EXL3 rotated weight, decoded on the fly, to fp32",
+          py::arg("x"), py::arg("trellis"), py::arg("codebook"), py::arg("tiles_per_split"));
 }

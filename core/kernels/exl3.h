@@ -29,3 +29,11 @@ void exl3_hadamard_launch(const void* x, bool x_fp32, int rows, int dim, const v
 size_t exl3_viterbi_scratch_bytes(int tiles);
 void exl3_viterbi_launch(const float* values, int tiles, int bits_x2, int codebook, int32_t* states, void* scratch,
                          cudaStream_t stream);
+
+// out fp32 [rows, tiles_n * 16] += x fp16 [rows, tiles_k * 16] @ W_r, decoding the trellis on the fly; rows
+// <= EXL3_GEMV_ROWS_MOST. k is cut into splits of tiles_per_split tile rows (at most
+// EXL3_GEMV_SPLIT_TILES_MOST), whose sums are added into out (zeroed by the caller) by atomics.
+constexpr int EXL3_GEMV_ROWS_MOST = 8;
+constexpr int EXL3_GEMV_SPLIT_TILES_MOST = 64;
+void exl3_gemv_launch(const void* x, int rows, const int16_t* trellis, int tiles_k, int tiles_n, int words,
+                      int codebook, int tiles_per_split, float* out, cudaStream_t stream);

@@ -7,8 +7,9 @@ twin it must equal, which also runs wherever the kernels are not built (the CPU,
 - viterbi: tile values -> states, the same states as core.convert.exl3.trellis.encode_tiles.
 
 plan_layer and matmul are the seam linear.py calls (EXL3Linear): the layer's product
-y = had(had(x * suh) @ W_r) * svh (../shared/EXL3.md section 4), with W_r decoded into a transient
-fp16 tile multiplied by cuBLAS (the tile is freed after the product, as the EXL2 path does).
+y = had(had(x * suh) @ W_r) * svh (../shared/EXL3.md section 4). Up to GEMV_ROWS rows, gemv decodes
+W_r on the fly and sums in fp32; more rows decode W_r into a transient fp16 tile multiplied by cuBLAS
+(the tile is freed after the product, as the EXL2 path does).
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ from .reference import decode_tiles
 
 # The kernels' codebook ids, as ExLlamaV3 numbers them (core/kernels/exl3.h).
 CODEBOOK_IDS = {"3inst": 0, "mcg": 1, "mul1": 2}
+# Rows the on-the-fly product takes (core/kernels/exl3.h, EXL3_GEMV_ROWS_MOST), and the most tile rows
+# one of its blocks stages (EXL3_GEMV_SPLIT_TILES_MOST).
+GEMV_ROWS = 8
+GEMV_SPLIT_TILES_MOST = 64
+# Blocks per multiprocessor the product's split of k aims for: its blocks are short, and many hide
+# the latency of each one's first trellis words.
+GEMV_BLOCKS_PER_SM = 4
 
 
 def _on_kernels(t: torch.Tensor) -> bool:
@@ -81,6 +89,21 @@ def viterbi(values: torch.Tensor, bits: float, codebook: str) -> torch.Tensor:
     return encode_tiles(values, bits, codebook)
 
 
+def gemv_tiles_per_split(tiles_k: int, tiles_n: int, multiprocessors: int) -> int:
+    """Tile rows a block of the on-the-fly product takes: enough splits of k for every SM to have
+    GEMV_BLOCKS_PER_SM blocks (each takes 8 tile columns), none longer than the kernel stages."""
+    column_groups = -(-tiles_n // 8)
+    splits = max(1, min(tiles_k, -(-GEMV_BLOCKS_PER_SM * multiprocessors // column_groups)))
+    return max(1, min(GEMV_SPLIT_TILES_MOST, -(-tiles_k // splits)))
+
+
+def gemv(x: torch.Tensor, trellis: torch.Tensor, codebook: str, tiles_per_split: int | None = None) -> torch.Tensor:
+    """fp16 x [rows <= GEMV_ROWS, k] @ W_r -> fp32 [rows, n], W_r decoded on the fly (the kernels only)."""
+    if tiles_per_split is None:
+        tiles_per_split = gemv_tiles_per_split(trellis.shape[0], trellis.shape[1], dispatch.multiprocessor_count(x.device))
+    return kernels().exl3_gemv(x.contiguous(), trellis.contiguous(), _codebook_id(codebook), tiles_per_split)
+
+
 @dataclass(frozen=True)
 class Exl3Plan:
     """What the product needs besides the stored tensors."""
@@ -88,30 +111,37 @@ class Exl3Plan:
     codebook: str
     in_features: int
     out_features: int
+    gemv_tiles_per_split: int
 
 
 def plan_layer(tensors: dict[str, torch.Tensor], codebook: str, in_features: int, out_features: int) -> Exl3Plan | None:
     """The kernels' per-layer facts for a layer on a CUDA device with the kernels built, else None."""
     if not _on_kernels(tensors["trellis"]):
         return None
-    return Exl3Plan(codebook, in_features, out_features)
+    trellis = tensors["trellis"]
+    split = gemv_tiles_per_split(trellis.shape[0], trellis.shape[1], dispatch.multiprocessor_count(trellis.device))
+    return Exl3Plan(codebook, in_features, out_features, split)
 
 
 def matmul(x: torch.Tensor, tensors: dict[str, torch.Tensor], plan: Exl3Plan, bias: torch.Tensor | None,
            out_features: int) -> torch.Tensor:
     """x [..., in_features] @ the layer's weight (+ bias) on the kernels: [..., out_features] in x's dtype.
 
-    reference.matmul's twin, but for the product's sums, which cuBLAS rounds to fp16 before the
-    output Hadamard (the reference keeps them fp32): both agree within fp16 tolerance."""
+    reference.matmul's twin: up to GEMV_ROWS rows the same but for the order of the fp32 sums; more
+    rows take cuBLAS, which rounds the sums to fp16 before the output Hadamard (the reference keeps
+    them fp32). Both agree with it within fp16 tolerance."""
     shape = x.shape
     x16 = dispatch.fp16_rows(x)
     suh, svh = tensors["suh"], tensors["svh"]
     if x16.shape[1] != suh.shape[0]:
         x16 = F.pad(x16, (0, suh.shape[0] - x16.shape[1]))  # the padding inputs are zeros
     rotated = hadamard(x16, pre_scale=suh)
-    weight = decode(tensors["trellis"], plan.codebook)
-    product = rotated @ weight
-    del weight  # keeping the tile would undo the point of quantizing
+    if rotated.shape[0] <= GEMV_ROWS:
+        product = gemv(rotated, tensors["trellis"], plan.codebook, plan.gemv_tiles_per_split)
+    else:
+        weight = decode(tensors["trellis"], plan.codebook)
+        product = rotated @ weight
+        del weight  # keeping the tile would undo the point of quantizing
     out = hadamard(product, post_scale=svh)[:, :out_features]
     if bias is not None:
         out = out + dispatch.fp16_bias(bias)[:out_features]
