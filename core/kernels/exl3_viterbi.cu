@@ -4,7 +4,7 @@
 // One block of 1024 threads per tile (a persistent grid walks the tiles). At each position the
 // block holds one cost per node, the 16 - D overlap bits two consecutive states share, in shared
 // memory (in global scratch where 2^(16-D) floats exceed what a block may take: K < 2 off sm_80
-// and sm_90). A state's cost is its node's cost plus (value - w)^2, each op rounded to fp32
+// and sm_90; one kernel takes either, through a generic pointer, which keeps the build short). A state's cost is its node's cost plus (value - w)^2, each op rounded to fp32
 // (__fsub_rn, __fmul_rn, __fadd_rn: no FMA contraction); the next node's cost is the least of its
 // 2^D' predecessors, the lowest predecessor on ties. Each choice is kept as D' bit planes of 32
 // nodes (one ballot a plane) in global scratch, at most 4 KiB a position, and one thread follows
@@ -33,7 +33,10 @@ __device__ __forceinline__ float state_cost(const float* node_costs, uint32_t st
 
 // Positions first, first + 1, ... (mod 256), 256 of them. Leaves in node_costs the node costs of
 // the last position's predecessors and in back the choices, slot i for the step into position i + 1.
-template <int CODEBOOK, int MOST_PER_THREAD>
+// A thread keeps the next costs of at most 2^15 / 1024 nodes in registers while the block still reads the old ones.
+constexpr int MOST_PER_THREAD = MOST_NODES / THREADS;
+
+template <int CODEBOOK>
 __device__ void forward(const float* __restrict__ w, int first, int bits_x2, float* node_costs, uint32_t* back,
                         int start_node) {
     const int tid = threadIdx.x, lane = tid & 31;
@@ -140,20 +143,20 @@ __device__ uint32_t best_state(float* node_costs, int bits, float w) {
     return result;  // meaningful in thread 0 only
 }
 
-template <int CODEBOOK, int MOST_PER_THREAD, bool SHARED_COSTS>
+template <int CODEBOOK>
 __global__ void __launch_bounds__(THREADS, 1) exl3_viterbi_kernel(const float* __restrict__ values, int tiles,
                                                                   int bits_x2, int32_t* __restrict__ states,
-                                                                  uint32_t* __restrict__ scratch) {
-    extern __shared__ float shared_costs[];
+                                                                  uint32_t* __restrict__ scratch, bool shared_costs) {
+    extern __shared__ float shared_cost_words[];
     uint32_t* back = scratch + (size_t)blockIdx.x * BLOCK_SCRATCH_WORDS;
-    float* node_costs = SHARED_COSTS ? shared_costs : reinterpret_cast<float*>(back + BACK_WORDS);
+    float* node_costs = shared_costs ? shared_cost_words : reinterpret_cast<float*>(back + BACK_WORDS);
     volatile uint32_t* wrap_word = back + BACK_WORDS + MOST_NODES;
     const int first_bits = exl3_step_bits(0, bits_x2);
     const int last_bits = exl3_step_bits(POSITIONS - 1, bits_x2);
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
         const float* w = values + (size_t)tile * POSITIONS;
         // Pass 1: once around from the middle, unconstrained; its state at position 0 gives the wrap node.
-        forward<CODEBOOK, MOST_PER_THREAD>(w, FIRST_PASS_START, bits_x2, node_costs, back, -1);
+        forward<CODEBOOK>(w, FIRST_PASS_START, bits_x2, node_costs, back, -1);
         const int pass1_last = FIRST_PASS_START - 1;
         const uint32_t end = best_state<CODEBOOK>(node_costs, exl3_step_bits(pass1_last, bits_x2),
                                                   __ldg(w + pass1_last));
@@ -165,7 +168,7 @@ __global__ void __launch_bounds__(THREADS, 1) exl3_viterbi_kernel(const float* _
         const int wrap = (int)*wrap_word;
         __syncthreads();  // everyone has read the wrap node before pass 2 may reuse the word
         // Pass 2: positions 0..255 from the wrap node, ending on a state whose low bits close the ring.
-        forward<CODEBOOK, MOST_PER_THREAD>(w, 0, bits_x2, node_costs, back, wrap);
+        forward<CODEBOOK>(w, 0, bits_x2, node_costs, back, wrap);
         if (threadIdx.x == 0) {
             const float w_last = __ldg(w + POSITIONS - 1);
             float least = 0.f;
@@ -191,31 +194,17 @@ int grid_for(int tiles) {
     return tiles < multiprocessors ? tiles : multiprocessors;
 }
 
-template <int CODEBOOK, int MOST_PER_THREAD>
+template <int CODEBOOK>
 void launch(const float* values, int tiles, int bits_x2, int32_t* states, uint32_t* scratch, cudaStream_t stream) {
     int device = 0, most_shared = 0;
     cudaGetDevice(&device);
     cudaDeviceGetAttribute(&most_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
     const size_t cost_bytes = (size_t)((1 << 16) >> (bits_x2 >> 1)) * sizeof(float);
-    const int grid = grid_for(tiles);
-    if (cost_bytes <= (size_t)most_shared) {
-        auto kernel = exl3_viterbi_kernel<CODEBOOK, MOST_PER_THREAD, true>;
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)cost_bytes);
-        kernel<<<grid, THREADS, cost_bytes, stream>>>(values, tiles, bits_x2, states, scratch);
-    } else {
-        exl3_viterbi_kernel<CODEBOOK, MOST_PER_THREAD, false><<<grid, THREADS, 0, stream>>>(values, tiles, bits_x2,
-                                                                                           states, scratch);
-    }
-}
-
-template <int CODEBOOK>
-void launch_codebook(const float* values, int tiles, int bits_x2, int32_t* states, uint32_t* scratch,
-                     cudaStream_t stream) {
-    // A thread keeps the next costs of 2^(16-D') / 1024 nodes in registers: 32 only where D' = 1 (K < 2).
-    if (bits_x2 < 4)
-        launch<CODEBOOK, 32>(values, tiles, bits_x2, states, scratch, stream);
-    else
-        launch<CODEBOOK, 16>(values, tiles, bits_x2, states, scratch, stream);
+    const bool shared_costs = cost_bytes <= (size_t)most_shared;
+    const size_t shared_bytes = shared_costs ? cost_bytes : 0;
+    auto kernel = exl3_viterbi_kernel<CODEBOOK>;
+    if (shared_bytes > 48 * 1024) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shared_bytes);
+    kernel<<<grid_for(tiles), THREADS, shared_bytes, stream>>>(values, tiles, bits_x2, states, scratch, shared_costs);
 }
 
 }  // namespace
@@ -229,9 +218,9 @@ void exl3_viterbi_launch(const float* values, int tiles, int bits_x2, int codebo
     if (tiles <= 0) return;
     uint32_t* words = static_cast<uint32_t*>(scratch);
     if (codebook == EXL3_CB_3INST)
-        launch_codebook<EXL3_CB_3INST>(values, tiles, bits_x2, states, words, stream);
+        launch<EXL3_CB_3INST>(values, tiles, bits_x2, states, words, stream);
     else if (codebook == EXL3_CB_MCG)
-        launch_codebook<EXL3_CB_MCG>(values, tiles, bits_x2, states, words, stream);
+        launch<EXL3_CB_MCG>(values, tiles, bits_x2, states, words, stream);
     else
-        launch_codebook<EXL3_CB_MUL1>(values, tiles, bits_x2, states, words, stream);
+        launch<EXL3_CB_MUL1>(values, tiles, bits_x2, states, words, stream);
 }
