@@ -7,4 +7,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     bind_fused(m);
     bind_attention(m);
     bind_gptq(m);
+    bind_exl3(m);
 }

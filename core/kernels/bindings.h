@@ -13,3 +13,4 @@ void bind_exl2(pybind11::module_& m);
 void bind_gptq(pybind11::module_& m);
 void bind_fused(pybind11::module_& m);
 void bind_attention(pybind11::module_& m);
+void bind_exl3(pybind11::module_& m);

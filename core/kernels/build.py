@@ -20,12 +20,14 @@ import torch
 from ..paths import cache_dir
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("bindings.cpp", "bindings.h", "bindings_attention.cpp", "bindings_exl2.cpp", "bindings_fused.cpp",
-           "bindings_gptq.cpp", "attention.cu", "attention.h", "exl2.cu", "exl2.h", "fused.cu", "fused.h", "launch.h",
-           "rounding.h", "gptq.cu", "gptq.h", "gptq4.cu", "gptq4.h")
+SOURCES = ("bindings.cpp", "bindings.h", "bindings_attention.cpp", "bindings_exl2.cpp", "bindings_exl3.cpp",
+           "bindings_fused.cpp", "bindings_gptq.cpp", "attention.cu", "attention.h", "exl2.cu", "exl2.h", "exl3.h",
+           "exl3_decode.cu", "exl3_gemv.cu", "exl3_hadamard.cu", "exl3_trellis.cuh", "exl3_viterbi.cu", "fused.cu",
+           "fused.h", "launch.h", "rounding.h", "gptq.cu", "gptq.h", "gptq4.cu", "gptq4.h")
 # Compiled units (headers are hashed for the cache key only).
-COMPILED = ("bindings.cpp", "bindings_attention.cpp", "bindings_exl2.cpp", "bindings_fused.cpp", "bindings_gptq.cpp",
-            "attention.cu", "exl2.cu", "fused.cu", "gptq.cu", "gptq4.cu")
+COMPILED = ("bindings.cpp", "bindings_attention.cpp", "bindings_exl2.cpp", "bindings_exl3.cpp", "bindings_fused.cpp",
+            "bindings_gptq.cpp", "attention.cu", "exl2.cu", "exl3_decode.cu", "exl3_gemv.cu", "exl3_hadamard.cu",
+            "exl3_viterbi.cu", "fused.cu", "gptq.cu", "gptq4.cu")
 # Turing (T4) is the oldest GPU a Space offers; the kernels use nothing newer than sm_75 has.
 MIN_CAPABILITY = (7, 5)
 # QUANTLAB_KERNELS=0 forces the torch reference path, for comparisons and for bisecting a wrong answer.
