@@ -133,7 +133,10 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    settings = ConversionSettings(bpw=args.bpw, rows=args.rows, length=args.length, calibration=calibration)
+    measurement_rows = min(args.rows, ConversionSettings.measurement_rows)
+    settings = ConversionSettings(bpw=args.bpw, rows=args.rows, length=args.length, calibration=calibration,
+                                  measurement_rows=measurement_rows,
+                                  measurement_eval_rows=min(measurement_rows, ConversionSettings.measurement_eval_rows))
     build_seconds = None
     if device.type == "cuda":
         # The one-time kernel build is not conversion time: do it first, report it apart.

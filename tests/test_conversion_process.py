@@ -94,7 +94,8 @@ def test_a_second_conversion_into_a_locked_work_dir_is_refused_and_kill_leaves_n
         cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        settings = ConversionSettings(bpw=4.0, rows=4, length=32, measurement_rows=4, calibration=str(text))
+        settings = ConversionSettings(bpw=4.0, rows=4, length=32, measurement_rows=4, measurement_eval_rows=4,
+                                      calibration=str(text))
         with pytest.raises(WorkDirBusy, match=BUSY):
             ConversionJob(str(model), work, tmp_path / "out", settings, device="cpu").run()
         refused = convert_cli("-i", str(model), "-o", str(work), "-b", "4.0", "-c", str(text), "--events", "jsonl")
@@ -145,7 +146,8 @@ def test_a_killed_conversion_says_so_chats_keep_answering_and_resume_is_byte_ide
     save_deeper_tiny_model(source, layers=8)
     text = tmp_path / "calibration.txt"
     text.write_text(sample_text(400))
-    settings = ConversionSettings(bpw=4.0, rows=8, length=64, measurement_rows=8, calibration=str(text))
+    settings = ConversionSettings(bpw=4.0, rows=8, length=64, measurement_rows=8, measurement_eval_rows=4,
+                                  calibration=str(text))
     request = ConversionRequest(str(source), settings, device="cpu")
 
     services = Services.create(models, tmp_path / "work")

@@ -261,6 +261,7 @@ def conversion_command(request: ConversionRequest, work_dir: Path, output_dir: P
                f"--compile-full={output_dir}", f"--format={s.format}", f"--bits={s.bpw!r}", f"--head-bits={s.head_bits}",
                f"--dataset-rows={s.rows}", f"--length={s.length}", f"--measurement-rows={s.measurement_rows}",
                f"--measurement-eval-rows={s.measurement_eval_rows}", f"--seed={s.seed}", f"--objective={s.objective}",
+               f"--calibration-recipe={s.calibration_recipe}",
                f"--device={request.device}", "--events=jsonl"]
     if s.calibration:
         command.append(f"--cal-dataset={s.calibration}")

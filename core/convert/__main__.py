@@ -54,6 +54,9 @@ def parse_args(argv):
     parser.add_argument("-c", "--cal-dataset", default=None,
                         help="calibration text: a .txt/.jsonl/.parquet file, or hf:<dataset id>:<file> "
                              "(default: text the model writes itself)")
+    parser.add_argument("--calibration-recipe", default=ConversionSettings.calibration_recipe,
+                        help="what the model writes for its own calibration text: chat (default), wide-chat, free "
+                             "or mixed (bench.quality compares them)")
     parser.add_argument("--calibration-root", action="append", default=None, metavar="DIR",
                         help="read a calibration file only from inside DIR (repeatable; a public server's uploads)")
     parser.add_argument("-m", "--measurement", default=None, help="reuse this measurement.json")
@@ -145,6 +148,7 @@ def convert(args: argparse.Namespace, jsonl: JsonLines | None) -> int:
             bpw=args.bits, format=args.format, head_bits=args.head_bits, rows=args.dataset_rows, length=args.length,
             measurement_rows=measurement_rows, measurement_eval_rows=min(args.measurement_eval_rows, measurement_rows),
             calibration=args.cal_dataset, seed=args.seed, objective=args.objective,
+            calibration_recipe=args.calibration_recipe,
         )
         job = ConversionJob(args.in_dir, args.out_dir, args.compile_full, settings, args.measurement, args.device,
                             jsonl or ProgressPrinter(), cancel, calibration_roots=args.calibration_root)

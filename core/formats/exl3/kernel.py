@@ -1,5 +1,6 @@
 """EXL3 on the GPU: the entries of its CUDA kernels (core/kernels/exl3_*.cu), each with the torch
-twin it must equal, which also runs wherever the kernels are not built (the CPU, QUANTLAB_KERNELS=0).
+twin it must equal, which also runs wherever the kernels are not built (the CPU, QUANTLAB_KERNELS=0)
+or not switched on (QUANTLAB_EXL3_KERNELS=1, below).
 
 - decode: trellis -> fp16 W_r, bit for bit reference.decode_tiles;
 - hadamard: fp16(fp16(had128(x * pre_scale)) * post_scale), bit for bit hadamard.block_hadamard with
@@ -14,6 +15,7 @@ W_r on the fly and sums in fp32; more rows decode W_r into a transient fp16 tile
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -36,8 +38,14 @@ GEMV_SPLIT_TILES_MOST = 64
 GEMV_BLOCKS_PER_SM = 4
 
 
+# Opt-in until tests/test_exl3_kernels.py has passed on a GPU: the kernels compile for every Space GPU,
+# but no GPU has run them yet. Without the switch an EXL3 layer on a GPU decodes with torch ops
+# (reference.py, whose CUDA test passed on an H200) and the converter searches with the torch encoder.
+EXL3_KERNELS_SWITCH = "QUANTLAB_EXL3_KERNELS"
+
+
 def _on_kernels(t: torch.Tensor) -> bool:
-    return t.is_cuda and dispatch.enabled(t.device)
+    return t.is_cuda and os.environ.get(EXL3_KERNELS_SWITCH) == "1" and dispatch.enabled(t.device)
 
 
 def _codebook_id(codebook: str) -> int:
