@@ -99,15 +99,19 @@ def test_exl3_measures_every_module_at_every_candidate(finished):
         assert errors[0] > errors[-1] and all(e >= 0 for e in errors)
 
 
-def test_exl3_more_bits_from_the_same_measurement_is_closer(tiny, finished, tmp_path):
+def test_exl3_more_bits_from_the_same_measurement_is_closer_and_16_head_bits_store_it_unquantized(
+        tiny, finished, tmp_path):
     model, calibration, reference = tiny
     base, result, _ = finished
     events = []
-    larger = convert(model, tmp_path / "work", tmp_path / "out", calibration, bpw=5.0,
+    larger = convert(model, tmp_path / "work", tmp_path / "out", calibration, bpw=5.0, head_bits=16,
                      measurement_file=base / "work" / "measurement.json", on_event=events.append)
     assert not any(e.stage == "measure" for e in events)
     assert result.bpw < larger.bpw <= 5.0 and larger.bpw == 4.0  # every module at the larger candidate
     assert logits_error(larger.output_dir, reference) < logits_error(result.output_dir, reference)
+    tensors = stored(larger.output_dir)
+    assert tensors["lm_head.weight"].dtype == torch.float16 and "lm_head.trellis" not in tensors
+    assert larger.head_bpw == 16.0
 
 
 def test_exl3_resume_after_a_crash_is_byte_identical(tiny, finished, tmp_path, monkeypatch):
@@ -122,17 +126,6 @@ def test_exl3_resume_after_a_crash_is_byte_identical(tiny, finished, tmp_path, m
     resumed = convert(model, tmp_path / "work", tmp_path / "out", calibration, measurement_file=measured)
     for path in sorted(result.output_dir.iterdir()):
         assert (resumed.output_dir / path.name).read_bytes() == path.read_bytes(), path.name
-
-
-def test_unquantized_head_at_16_bits(tiny, finished, tmp_path):
-    model, calibration, _ = tiny
-    base, _, _ = finished
-    result = convert(model, tmp_path / "work", tmp_path / "out", calibration, head_bits=16,
-                     measurement_file=base / "work" / "measurement.json")
-    tensors = stored(result.output_dir)
-    assert tensors["lm_head.weight"].dtype == torch.float16 and "lm_head.trellis" not in tensors
-    assert result.head_bpw == 16.0
-    load_model(result.output_dir)
 
 
 def test_an_exl2_measurement_is_refused_for_exl3(tiny, tmp_path):
