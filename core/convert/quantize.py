@@ -28,6 +28,17 @@ def quantize_layer(
 
     settings: linear name ("q_proj", ...) -> its setting.
     """
+    return quantize_layer_with(model, index, states, settings, device, _gptq_linear)
+
+
+def _gptq_linear(module, hessian: torch.Tensor, setting: QuantSetting, index: int, name: str):
+    stored = quantize_matrix(module.weight, hessian, setting)
+    return stored, dequantized_from(stored, module.out_features)
+
+
+def quantize_layer_with(model: CausalLM, index: int, states: torch.Tensor, settings: dict, device, quantize_linear):
+    """quantize_layer for any format: quantize_linear(module, hessian, setting, layer index, linear name)
+    gives the linear's stored tensors (after its prefix) and the weight [out, in] they decode to."""
     original = model.model.layers[index]
     layer = copy.deepcopy(original).to(device=device, dtype=torch.float32)
     reference_layer = copy.deepcopy(original).to(device=device, dtype=torch.float32)
@@ -45,13 +56,13 @@ def quantize_layer(
                 run_block(layer, group, states, rotary)
             for name in stage:
                 module = modules[name]
-                stored = quantize_matrix(module.weight, hessians[name], settings[name])
+                stored, weight = quantize_linear(module, hessians[name], settings[name], index, name)
                 for suffix, tensor in stored.items():
                     tensors[f"{prefix}.{group}.{name}.{suffix}"] = tensor.cpu()
                 if module.bias is not None:
                     tensors[f"{prefix}.{group}.{name}.bias"] = original_bias(original, group, name)
                 # Later stages and layers must see what inference will compute.
-                module.weight = torch.nn.Parameter(dequantized_from(stored, module.out_features).to(device), requires_grad=False)
+                module.weight = torch.nn.Parameter(weight.to(device), requires_grad=False)
         states = states + run_block(layer, group, states, rotary)
         reference = reference + run_block(reference_layer, group, reference, rotary)
     return tensors, states, relative_output_error(states, reference)

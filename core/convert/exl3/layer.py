@@ -17,7 +17,7 @@ from ...model import CausalLM
 from ..gptq import accumulate_hessian
 from ..layers import MODULE_GROUPS, collect_hessians, linears, relative_output_error, rotary_for, run_block, substituted_weights
 from ..progress import ProgressCallback, ProgressEvent, check_cancel
-from ..quantize import STAGES, original_bias
+from ..quantize import quantize_layer_with
 from .ldlq import quantize_exl3
 
 # Bits per weight a module group may get (K of one tensor: ../shared/EXL3.md section 1);
@@ -106,34 +106,12 @@ def quantize_layer(
 
     bits: linear name ("q_proj", ...) -> its width.
     """
-    original = model.model.layers[index]
-    layer = copy.deepcopy(original).to(device=device, dtype=torch.float32)
-    reference_layer = copy.deepcopy(original).to(device=device, dtype=torch.float32)
-    rotary = rotary_for(model, states.shape[1], device)
-    prefix = f"model.layers.{index}"
-    tensors: dict[str, torch.Tensor] = {
-        f"{prefix}.input_layernorm.weight": original.input_layernorm.weight,
-        f"{prefix}.post_attention_layernorm.weight": original.post_attention_layernorm.weight,
-    }
-    reference = states
-    for group in MODULE_GROUPS:
-        modules = linears(layer, group)
-        for stage in STAGES[group]:
-            with collect_hessians({name: modules[name] for name in stage}) as hessians:
-                run_block(layer, group, states, rotary)
-            for name in stage:
-                module = modules[name]
-                stored = quantize_weight(module.weight, hessians[name], bits[name], linear_seed(index, name))
-                for suffix, tensor in stored.items():
-                    tensors[f"{prefix}.{group}.{name}.{suffix}"] = tensor.cpu()
-                if module.bias is not None:
-                    tensors[f"{prefix}.{group}.{name}.bias"] = original_bias(original, group, name)
-                # Later stages and layers must see what inference will compute.
-                module.weight = torch.nn.Parameter(
-                    dequantized_weight(stored, module.in_features, module.out_features).to(device), requires_grad=False)
-        states = states + run_block(layer, group, states, rotary)
-        reference = reference + run_block(reference_layer, group, reference, rotary)
-    return tensors, states, relative_output_error(states, reference)
+    return quantize_layer_with(model, index, states, bits, device, _exl3_linear)
+
+
+def _exl3_linear(module, hessian: torch.Tensor, bits: float, index: int, name: str):
+    stored = quantize_weight(module.weight, hessian, bits, linear_seed(index, name))
+    return stored, dequantized_weight(stored, module.in_features, module.out_features)
 
 
 def quantize_head(model: CausalLM, states: torch.Tensor, bits: int, device) -> dict[str, torch.Tensor]:
