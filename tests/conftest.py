@@ -26,3 +26,13 @@ def demo_folder():
     from core.demo import demo_model_folder
 
     return demo_model_folder()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of many small torch ops (GPTQ's walk, the trellis search): on two cores shared with
+    other jobs, torch's worker threads spin-wait for each other, 10-20x slower than one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -14,6 +14,7 @@ from core.loader import load_model
 from tests.test_convert import crash_on_second_layer, logits_error
 from tests.tiny_models import sample_text, save_tiny_chat_model
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py says why
 SETTINGS = dict(rows=4, length=64, measurement_rows=2, measurement_eval_rows=2, format="exl3")
 # The trellis search runs ~10 tiles a second on a CPU core: two candidates instead of
 # nine keep these conversions to minutes; the allocation still has a choice per module.

@@ -10,13 +10,7 @@ from core.formats.exl3.layout import pack_trellis, step_bits, unpack_trellis
 TILES = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # Two cores shared with other jobs: torch's worker threads would spin-wait on each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py says why
 
 
 def gaussian_tiles(tiles=TILES, seed=0):

@@ -24,14 +24,7 @@ from core.convert.qparams import (
     setting_bpw,
 )
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # On two cores shared with other jobs, torch's worker threads spin-wait for
-    # each other between the many small ops of GPTQ: 10-20x slower than one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py says why
 
 
 IN_FEATURES = 384
