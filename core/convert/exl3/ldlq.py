@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from core.convert.exl3.trellis import decode_states, encode_tiles
+from core.convert.exl3.trellis import decode_states, search_tiles
 from core.formats.exl3.codebook import CODEBOOKS, codebook_values
 from core.formats.exl3.hadamard import block_hadamard, hadamard_128
 from core.formats.exl3.layout import (HALF_BITS, PAD, SUPPORTED_BITS, TILE, matrix_to_tiles, pack_trellis, tiles_to_matrix,
@@ -148,7 +148,7 @@ def _sample_tiles(tiles: torch.Tensor) -> torch.Tensor:
 def _scale_errors(samples: torch.Tensor, scales: list[float], bits: float, codebook: str) -> list[float]:
     """MSE(quant(g·t)/g, t) over the samples for each g (one trellis search for all of them)."""
     batch = torch.cat([samples * g for g in scales])
-    decoded = decode_states(encode_tiles(batch, bits, codebook), codebook).to(torch.float32)
+    decoded = decode_states(search_tiles(batch, bits, codebook), codebook).to(torch.float32)
     errors = []
     for i, g in enumerate(scales):
         part = decoded[i * samples.shape[0]:(i + 1) * samples.shape[0]]
@@ -184,7 +184,7 @@ def _ldlq(target: torch.Tensor, factor: torch.Tensor | None, bits: float, codebo
         if factor is not None and bottom < k:
             wanted = wanted + factor[bottom:, top:bottom].T @ errors[bottom:]
         tiles = matrix_to_tiles(wanted)[0]
-        states[strip] = encode_tiles(tiles, bits, codebook)
+        states[strip] = search_tiles(tiles, bits, codebook)
         coded = tiles_to_matrix(decode_states(states[strip], codebook).to(torch.float32).unsqueeze(0))
         errors[top:bottom] = target[top:bottom] - coded
     return states

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import torch
 
-from core.formats.exl3.codebook import STATE_BITS, STATES, codebook_values
-from core.formats.exl3.layout import POSITIONS, step_bits
+from ...formats.exl3 import kernel
+from ...formats.exl3.codebook import STATE_BITS, STATES, codebook_values
+from ...formats.exl3.layout import POSITIONS, step_bits
 
 # Back-pointers take 256 * 2^(16-D) bytes per tile (8 MiB at D = 1; 4x that where node
 # costs are kept instead, see _keeps_pointers); tiles are searched in chunks that keep
@@ -189,3 +190,11 @@ def encode_tiles(values: torch.Tensor, bits: float, codebook: str, chunk_tiles: 
         wrap_nodes = _first_pass_wrap_nodes(part, table, steps, pointers)
         out[begin:begin + chunk] = _best_ring_through(part, table, steps, wrap_nodes, pointers)
     return out
+
+
+def search_tiles(values: torch.Tensor, bits: float, codebook: str) -> torch.Tensor:
+    """encode_tiles on the CUDA kernel where it runs (core/formats/exl3/kernel.py: built and switched on),
+    else in torch: the same states either way."""
+    if kernel.on_kernels(values):
+        return kernel.viterbi(values, bits, codebook)
+    return encode_tiles(values, bits, codebook)

@@ -5,7 +5,8 @@ or not switched on (QUANTLAB_EXL3_KERNELS=1, below).
 - decode: trellis -> fp16 W_r, bit for bit reference.decode_tiles;
 - hadamard: fp16(fp16(had128(x * pre_scale)) * post_scale), bit for bit hadamard.block_hadamard with
   the scales' fp16 multiplies;
-- viterbi: tile values -> states, the same states as core.convert.exl3.trellis.encode_tiles.
+- viterbi: tile values -> states, the same states as core.convert.exl3.trellis.encode_tiles (the converter
+  picks between the two: trellis.search_tiles).
 
 plan_layer and matmul are the seam linear.py calls (EXL3Linear): the layer's product
 y = had(had(x * suh) @ W_r) * svh (../shared/EXL3.md section 4). Up to GEMV_ROWS rows, gemv decodes
@@ -44,7 +45,7 @@ GEMV_BLOCKS_PER_SM = 4
 EXL3_KERNELS_SWITCH = "QUANTLAB_EXL3_KERNELS"
 
 
-def _on_kernels(t: torch.Tensor) -> bool:
+def on_kernels(t: torch.Tensor) -> bool:
     return t.is_cuda and os.environ.get(EXL3_KERNELS_SWITCH) == "1" and dispatch.enabled(t.device)
 
 
@@ -56,7 +57,7 @@ def _codebook_id(codebook: str) -> int:
 
 def decode(trellis: torch.Tensor, codebook: str) -> torch.Tensor:
     """int16 [k/16, n/16, 16*K] -> fp16 W_r [k, n], the rotated weight in matrix order."""
-    if _on_kernels(trellis):
+    if on_kernels(trellis):
         return kernels().exl3_decode(trellis.contiguous(), _codebook_id(codebook))
     return decode_tiles(trellis, codebook)
 
@@ -71,7 +72,7 @@ def hadamard(x: torch.Tensor, pre_scale: torch.Tensor | None = None,
         raise ValueError("the input scale of the EXL3 Hadamard is an fp16 multiply: give fp16 rows")
     if x.shape[-1] % BLOCK:
         raise ValueError(f"the EXL3 Hadamard rotation takes whole {BLOCK}-blocks, not a dimension of {x.shape[-1]}")
-    if _on_kernels(x):
+    if on_kernels(x):
         return kernels().exl3_hadamard(
             x.contiguous(), None if pre_scale is None else pre_scale.to(torch.float16).contiguous(),
             None if post_scale is None else post_scale.to(torch.float16).contiguous())
@@ -88,13 +89,11 @@ def viterbi(values: torch.Tensor, bits: float, codebook: str) -> torch.Tensor:
         raise ValueError(f"EXL3 stores {', '.join(f'{b:g}' for b in SUPPORTED_BITS)} bits per weight, not {bits:g}")
     if values.dim() != 2 or values.shape[1] != 256:
         raise ValueError(f"the trellis search takes [tiles, 256] values, not {list(values.shape)}")
-    if _on_kernels(values):
-        states = kernels().exl3_viterbi(values.to(torch.float32).contiguous(), round(2 * bits), _codebook_id(codebook))
-        return states.to(torch.int64)
-    # Late: the encoder belongs to the converter, which imports this package, not the other way round.
-    from ...convert.exl3.trellis import encode_tiles
-
-    return encode_tiles(values, bits, codebook)
+    if not on_kernels(values):
+        raise RuntimeError("the trellis search kernel needs CUDA values with the kernels built and switched on "
+                           f"({EXL3_KERNELS_SWITCH}=1); core.convert.exl3.trellis.search_tiles falls back to torch")
+    states = kernels().exl3_viterbi(values.to(torch.float32).contiguous(), round(2 * bits), _codebook_id(codebook))
+    return states.to(torch.int64)
 
 
 def gemv_tiles_per_split(tiles_k: int, tiles_n: int, multiprocessors: int) -> int:
@@ -124,7 +123,7 @@ class Exl3Plan:
 
 def plan_layer(tensors: dict[str, torch.Tensor], codebook: str, in_features: int, out_features: int) -> Exl3Plan | None:
     """The kernels' per-layer facts for a layer on a CUDA device with the kernels built, else None."""
-    if not _on_kernels(tensors["trellis"]):
+    if not on_kernels(tensors["trellis"]):
         return None
     trellis = tensors["trellis"]
     split = gemv_tiles_per_split(trellis.shape[0], trellis.shape[1], dispatch.multiprocessor_count(trellis.device))
