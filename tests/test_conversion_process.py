@@ -82,7 +82,7 @@ def test_events_jsonl_ends_with_the_error_sentence_and_the_exit_code(tiny, tmp_p
     done = convert_cli("-i", str(model), "-o", str(tmp_path / "work"), "-b", "9", "--events", "jsonl")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     (line,) = json_lines(done.stdout)
-    assert line == {"event": "error", "message": "target bits per weight must be between 2.0 and 8.0, got 9.0"}
+    assert line == {"event": "error", "message": "target bits per weight for EXL2 must be between 2.0 and 8.0, got 9.0"}
 
 
 def test_a_second_conversion_into_a_locked_work_dir_is_refused_and_kill_leaves_no_stale_lock(tiny, tmp_path):
