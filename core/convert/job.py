@@ -278,8 +278,8 @@ class ConversionJob:
         layers = model.config.num_layers
         for index in range(partial["next_layer"], layers):
             check_cancel(self.cancel)
-            results, states = self.target.measure_layer(model, index, states, self.device, self.settings.measurement_eval_rows,
-                                             self._event, self.cancel)
+            results, states = self.target.measure_layer(model, index, states, self.device,
+                                                        self.settings.measurement_eval_rows, self._event, self.cancel)
             partial["measurement"].update(results)
             partial["next_layer"] = index + 1
             _atomic_tensors(states_path, {"states": states})

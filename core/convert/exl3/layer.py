@@ -28,8 +28,9 @@ LINEAR_ORDER = tuple(name for group in MODULE_GROUPS.values() for name in group)
 
 
 def linear_seed(layer_index: int, name: str) -> int:
-    """The seed of one linear's sign flips: fixed by its place, so a resumed run repeats it."""
-    return layer_index * len(LINEAR_ORDER) + LINEAR_ORDER.index(name) if name in LINEAR_ORDER else layer_index
+    """The seed of one linear's sign flips: fixed by its place, so a resumed run repeats it.
+    The head is the linear after the last layer's."""
+    return layer_index * len(LINEAR_ORDER) + (LINEAR_ORDER.index(name) if name != "lm_head" else 0)
 
 
 def quantize_weight(weight: torch.Tensor, hessian: torch.Tensor | None, bits: float, seed: int) -> dict[str, torch.Tensor]:
@@ -126,5 +127,6 @@ def quantize_head(model: CausalLM, states: torch.Tensor, bits: int, device) -> d
     hessian = None
     for start in range(0, states.shape[0], 8):
         hessian = accumulate_hessian(hessian, norm(states[start : start + 8]))
-    stored = quantize_weight(weight.to(device=device, dtype=torch.float32), hessian, float(bits), model.config.num_layers)
+    stored = quantize_weight(weight.to(device=device, dtype=torch.float32), hessian, float(bits),
+                             linear_seed(model.config.num_layers, "lm_head"))
     return {f"lm_head.{suffix}": tensor.cpu() for suffix, tensor in stored.items()}
