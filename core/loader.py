@@ -138,10 +138,16 @@ class LoadedModel:
         """Which code runs the products: what a speed figure was measured on."""
         if self.device.type != "cuda":
             return "CPU reference"
-        if not any(isinstance(module, QuantizedLinear) for module in self.model.modules()):
+        quantized = [module for module in self.model.modules() if isinstance(module, QuantizedLinear)]
+        if not quantized:
             return "fp16 (cuBLAS)"
         # Quantized layers take the kernels when the extension built; otherwise their torch twin.
-        return "CUDA kernels" if dispatch.enabled(self.device) else "torch reference on CUDA"
+        if not dispatch.enabled(self.device):
+            return "torch reference on CUDA"
+        # A format without kernels of its own here (EXL3 until its kernels are switched on) runs dequantized.
+        if any(module.kernel_plan() is None for module in quantized):
+            return "dequantized fp16 (cuBLAS)"
+        return "CUDA kernels"
 
     def memory_in_use(self) -> str:
         if self.device.type == "cuda":
