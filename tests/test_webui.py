@@ -251,7 +251,8 @@ def tiny_model(tmp_path_factory):
 def test_the_queue_converts_a_model_records_it_and_hands_it_back_when_asked_again(tiny_model, tmp_path):
     folder, text = tiny_model
     queue = ConversionQueue(tmp_path / "models", tmp_path / "work")
-    request = request_for(str(folder), 4.0, rows=4, length=32, measurement_rows=4, calibration=str(text))
+    request = request_for(str(folder), 4.0, rows=4, length=32, measurement_rows=4,
+                          measurement_eval_rows=4, calibration=str(text))
     task = queue.submit(request)
     assert queue.wait(task, 600) and task.state == DONE, task.message
     assert any(event.stage == "measure" and event.candidates for event in task.events)
