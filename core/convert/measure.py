@@ -56,6 +56,32 @@ def measure_layer(
     model: CausalLM, index: int, states: torch.Tensor, device, eval_rows: int, on_event: ProgressCallback, cancel=None
 ) -> tuple[dict[str, list[dict]], torch.Tensor]:
     """Candidates' results for this layer's module groups, and the states entering the next layer."""
+    return measure_layer_with(model, index, states, device, eval_rows, on_event, cancel, _gptq_candidates)
+
+
+def _gptq_candidates(group: str, modules: dict, hessians: dict, index: int, device, cancel):
+    settings = {name: list(dict.fromkeys(candidate[name] for candidate in CANDIDATES[group])) for name in modules}
+    candidate_bytes = sum(2 * m.weight.numel() * len(settings[name]) for name, m in modules.items())
+    park = _short_of_room(device, candidate_bytes)
+    quantized: dict[str, dict[QuantSetting, torch.Tensor]] = {}
+    for name, module in modules.items():
+        check_cancel(cancel)
+        quantized[name] = dequantized(module.weight, hessians[name], settings[name], "cpu" if park else None)
+    for candidate in CANDIDATES[group]:
+        check_cancel(cancel)
+        weights, total_bits = {}, 0
+        for name, setting in candidate.items():
+            weights[name] = quantized[name][setting]
+            total_bits += setting_bits(setting, modules[name].in_features, modules[name].out_features)
+        yield weights, total_bits, {name: setting.to_dict() for name, setting in candidate.items()}
+
+
+def measure_layer_with(
+    model: CausalLM, index: int, states: torch.Tensor, device, eval_rows: int, on_event: ProgressCallback, cancel,
+    candidates,
+) -> tuple[dict[str, list[dict]], torch.Tensor]:
+    """measure_layer for any format: candidates(group, modules, hessians, layer index, device, cancel) yields
+    each candidate's (weights [out, in] by linear name, total bits, settings by linear name for the entry)."""
     layer = copy.deepcopy(model.model.layers[index]).to(device=device, dtype=torch.float32)
     rotary = rotary_for(model, states.shape[1], device)
     results: dict[str, list[dict]] = {}
@@ -64,29 +90,14 @@ def measure_layer(
         with collect_hessians(modules) as hessians:
             reference = run_block(layer, group, states, rotary)
         eval_states, eval_reference = states[:eval_rows], reference[:eval_rows]
-        quantized: dict[str, dict[QuantSetting, torch.Tensor]] = {}
-        settings = {name: list(dict.fromkeys(candidate[name] for candidate in CANDIDATES[group])) for name in modules}
-        candidate_bytes = sum(2 * m.weight.numel() * len(settings[name]) for name, m in modules.items())
-        park = _short_of_room(device, candidate_bytes)
-        for name, module in modules.items():
-            check_cancel(cancel)
-            quantized[name] = dequantized(module.weight, hessians[name], settings[name], "cpu" if park else None)
         entries = []
         key = f"model.layers.{index}.{group}"
         weights_count = sum(m.weight.numel() for m in modules.values())
-        for candidate in CANDIDATES[group]:
-            check_cancel(cancel)
-            weights, total_bits = {}, 0
-            for name, setting in candidate.items():
-                weights[name] = quantized[name][setting]
-                total_bits += setting_bits(setting, modules[name].in_features, modules[name].out_features)
+        for weights, total_bits, settings in candidates(group, modules, hessians, index, device, cancel):
             with substituted_weights(modules, weights):
                 output = run_block(layer, group, eval_states, rotary)
             error = relative_output_error(output, eval_reference)
-            entries.append(
-                {"accuracy": 1.0 - error, "total_bits": total_bits,
-                 **{name: setting.to_dict() for name, setting in candidate.items()}}
-            )
+            entries.append({"accuracy": 1.0 - error, "total_bits": total_bits, **settings})
         results[key] = entries
         on_event(ProgressEvent(
             "measure", (index + (0.5 if group == "self_attn" else 1.0)) / model.config.num_layers,
@@ -94,5 +105,5 @@ def measure_layer(
             [{"bpw": e["total_bits"] / weights_count, "error": 1.0 - e["accuracy"]} for e in entries],
         ))
         states = states + reference
-        del hessians, quantized
+        del hessians
     return results, states

@@ -15,8 +15,9 @@ from ...formats.exl3.codebook import MARKERS, marker_tensor
 from ...formats.exl3.reference import dequantize_exl3
 from ...model import CausalLM
 from ..gptq import accumulate_hessian
-from ..layers import MODULE_GROUPS, collect_hessians, linears, relative_output_error, rotary_for, run_block, substituted_weights
-from ..progress import ProgressCallback, ProgressEvent, check_cancel
+from ..layers import MODULE_GROUPS
+from ..measure import measure_layer_with
+from ..progress import ProgressCallback, check_cancel
 from ..quantize import quantize_layer_with
 from .ldlq import quantize_exl3
 
@@ -68,36 +69,17 @@ def measure_layer(
     Hessian (the unquantized layer's); the states then move on through the
     unquantized layer, as in the EXL2 measurement.
     """
-    layer = copy.deepcopy(model.model.layers[index]).to(device=device, dtype=torch.float32)
-    rotary = rotary_for(model, states.shape[1], device)
-    results: dict[str, list[dict]] = {}
-    for group in MODULE_GROUPS:
-        modules = linears(layer, group)
-        with collect_hessians(modules) as hessians:
-            reference = run_block(layer, group, states, rotary)
-        eval_states, eval_reference = states[:eval_rows], reference[:eval_rows]
-        entries = []
-        key = f"model.layers.{index}.{group}"
-        for bits in CANDIDATE_BITS:
-            weights = {}
-            for name, module in modules.items():
-                check_cancel(cancel)
-                stored = quantize_weight(module.weight, hessians[name], bits, linear_seed(index, name))
-                weights[name] = dequantized_weight(stored, module.in_features, module.out_features)
-            with substituted_weights(modules, weights):
-                output = run_block(layer, group, eval_states, rotary)
-            entries.append({"accuracy": 1.0 - relative_output_error(output, eval_reference),
-                            "total_bits": group_bits(bits, modules), **{name: {"bits": bits} for name in modules}})
-        results[key] = entries
-        weights_count = sum(m.weight.numel() for m in modules.values())
-        on_event(ProgressEvent(
-            "measure", (index + (0.5 if group == "self_attn" else 1.0)) / model.config.num_layers,
-            f"measured {key}", index, model.config.num_layers, key,
-            [{"bpw": e["total_bits"] / weights_count, "error": 1.0 - e["accuracy"]} for e in entries],
-        ))
-        states = states + reference
-        del hessians
-    return results, states
+    return measure_layer_with(model, index, states, device, eval_rows, on_event, cancel, _width_candidates)
+
+
+def _width_candidates(group: str, modules: dict, hessians: dict, index: int, device, cancel):
+    for bits in CANDIDATE_BITS:
+        weights = {}
+        for name, module in modules.items():
+            check_cancel(cancel)
+            stored = quantize_weight(module.weight, hessians[name], bits, linear_seed(index, name))
+            weights[name] = dequantized_weight(stored, module.in_features, module.out_features)
+        yield weights, group_bits(bits, modules), {name: {"bits": bits} for name in modules}
 
 
 def quantize_layer(
