@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.demo import DEMO_FOLDER_NAME
+from core.formats.model_folder import OUR_METHODS
 from core.paths import cache_dir
 from core.sources import is_hub_id
 
@@ -69,7 +70,7 @@ def _config_bits(folder: Path) -> float | None:
     except (OSError, json.JSONDecodeError):
         return None
     quantization = config.get("quantization_config") or {}
-    return quantization.get("bits") if quantization.get("quant_method") in ("exl2", "exl3") else None
+    return quantization.get("bits") if quantization.get("quant_method") in OUR_METHODS else None
 
 
 def base_name(source: str) -> str:

@@ -98,13 +98,20 @@ FORMAT_CHOICES = [("EXL2 (ExLlamaV2, TabbyAPI, text-generation-webui)", "exl2"),
 DEFAULT_FORMAT = "exl2"
 
 
+def head_choices(output_format: str) -> list[tuple[str, int]]:
+    return [("16 (unquantized)" if bits == 16 else str(bits), bits) for bits in TARGETS[output_format].head_bits]
+
+
+def bpw_range_info(output_format: str) -> str:
+    return f"average over the decoder layers; {TARGETS[output_format].min_bpw:g} to {MAX_BPW:g}"
+
+
 def format_limits(output_format: str) -> tuple[gr.Slider, gr.Dropdown]:
     """The size slider's range and the head choices of a format."""
     target = TARGETS[output_format]
     head = ConversionSettings.head_bits
-    return (gr.Slider(minimum=target.min_bpw, maximum=MAX_BPW,
-                      info=f"average over the decoder layers; {target.min_bpw:g} to {MAX_BPW:g}"),
-            gr.Dropdown(choices=[(("16 (unquantized)" if bits == 16 else str(bits)), bits) for bits in target.head_bits],
+    return (gr.Slider(minimum=target.min_bpw, maximum=MAX_BPW, info=bpw_range_info(output_format)),
+            gr.Dropdown(choices=head_choices(output_format),
                         value=head if head in target.head_bits else max(target.head_bits)))
 
 
@@ -135,12 +142,10 @@ def build(services: Services) -> QuantizeTab:
             upload = gr.File(label="…or upload a GGUF file", file_types=[".gguf"], type="filepath",
                              elem_id="ql-upload", height=120)
             output_format = gr.Radio(FORMAT_CHOICES, value=DEFAULT_FORMAT, label="Format", elem_id="ql-format")
-            limits = TARGETS[DEFAULT_FORMAT]
-            bpw = gr.Slider(limits.min_bpw, MAX_BPW, value=4.0, step=0.05, label="Target bits per weight",
-                            elem_id="ql-bpw", info=f"average over the decoder layers; {limits.min_bpw:g} to {MAX_BPW:g}")
-            head_bits = gr.Dropdown(choices=[(("16 (unquantized)" if b == 16 else str(b)), b) for b in limits.head_bits],
-                                    value=ConversionSettings.head_bits, label="Output layer bits",
-                                    elem_id="ql-head-bits")
+            bpw = gr.Slider(TARGETS[DEFAULT_FORMAT].min_bpw, MAX_BPW, value=4.0, step=0.05,
+                            label="Target bits per weight", elem_id="ql-bpw", info=bpw_range_info(DEFAULT_FORMAT))
+            head_bits = gr.Dropdown(choices=head_choices(DEFAULT_FORMAT), value=ConversionSettings.head_bits,
+                                    label="Output layer bits", elem_id="ql-head-bits")
             with gr.Accordion("Calibration and advanced settings", open=False, elem_id="ql-advanced"):
                 calibration_kind = gr.Radio([CALIBRATION_SELF, CALIBRATION_FILE, CALIBRATION_HUB], value=CALIBRATION_SELF,
                                             label="Calibration text", elem_id="ql-calibration")
